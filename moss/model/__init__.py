@@ -1,0 +1,6 @@
+"""The MOSS-TTSD model in plain PyTorch + transformers (no Lightning, no Hydra)."""
+
+from moss.model.config import ConfigError, MossTTSDConfig
+from moss.model.modeling import ATTN_IMPLEMENTATIONS, MossTTSD, MossTTSDOutput
+
+__all__ = ["ATTN_IMPLEMENTATIONS", "ConfigError", "MossTTSD", "MossTTSDConfig", "MossTTSDOutput"]

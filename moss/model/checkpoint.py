@@ -1,0 +1,129 @@
+"""Reading and writing MOSS-TTSD weight folders in the layout of the original (and the transformers port).
+
+Readable: `model.safetensors`, sharded `model.safetensors.index.json`, `pytorch_model.bin` and its sharded
+index; `.bin` files are opened with `torch.load(weights_only=True)` only, never as arbitrary pickle.
+Written: `config.json` + `model.safetensors` (or shards + index), keys `model.embedding_list.*`,
+`model.language_model.*`; tied `lm_heads.*` are omitted, as the original's `save_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Parameters a checkpoint may lack: the unused Qwen3 token table (we keep a zero table) and the tied heads.
+OPTIONAL_PREFIXES = ("model.language_model.embed_tokens.",)
+TIED_PREFIX = "lm_heads."
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in loading order.
+
+    Raises:
+        FileNotFoundError: none of the known layouts is present; lists what the folder holds.
+    """
+    for name in WEIGHT_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = json.loads(file.read_text())
+            shards = sorted(set(index["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{file} lists shards that are missing: {missing}")
+            return [path / s for s in shards]
+        return [file]
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise FileNotFoundError(
+        f"no weights in {path}: expected one of {WEIGHT_FILES}, found {present or 'nothing'}; "
+        f"set model.path to a complete MOSS-TTSD checkpoint folder"
+    )
+
+
+def _read(file: Path):
+    """Yield (key, tensor) pairs of one weight file without unpickling anything but tensors."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def load_state_dict_into(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """Copy a checkpoint folder into `model` (a `MossTTSD`), casting to `dtype`; strict on names and shapes.
+
+    Raises:
+        KeyError: parameters missing from the checkpoint or names the model does not have.
+        ValueError: a tensor of the wrong shape.
+    """
+    model.to(dtype)
+    params = dict(model.state_dict(keep_vars=True))
+    seen, unexpected, wrong_shape = set(), [], []
+    for file in weight_files(path):
+        for key, value in _read(file):
+            if key.startswith(TIED_PREFIX):
+                continue  # heads are tied to the embeddings; the original ignores stored copies too
+            target = params.get(key)
+            if target is None:
+                unexpected.append(key)
+                continue
+            if tuple(target.shape) != tuple(value.shape):
+                wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+                continue
+            with torch.no_grad():
+                target.copy_(value.to(dtype))
+            seen.add(key)
+    missing = [k for k in params if k not in seen and not k.startswith(TIED_PREFIX)]
+    for key in [k for k in missing if k.startswith(OPTIONAL_PREFIXES)]:
+        with torch.no_grad():
+            params[key].zero_()
+        missing.remove(key)
+    if wrong_shape:
+        raise ValueError(f"{path}: tensors of the wrong shape (config.json does not match the weights): {wrong_shape}")
+    if missing or unexpected:
+        raise KeyError(
+            f"{path} does not match the MOSS-TTSD layout: missing {missing[:8]}{'...' if len(missing) > 8 else ''} "
+            f"({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    model.tie_weights()
+
+
+def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", max_shard_size: int = 5 * 2**30):
+    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size` bytes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir, layout=layout)
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(TIED_PREFIX)
+    }
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+    for stale in WEIGHT_FILES:
+        (out_dir / stale).unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,276 @@
+"""MossTTSD: 8 summed channel embeddings -> transformers `Qwen3Model` -> 8 heads tied to the embeddings.
+
+Module names mirror the original `AsteroidTTSInstruct` so that checkpoints load key for key:
+`model.embedding_list.{c}`, `model.language_model.*` (a stock Qwen3Model), `lm_heads.{c}`.
+
+Layout everywhere: `input_ids`, `labels` `[B, T, C]` with `C = config.channels = 8`; channel 0 holds a text
+token or (codebook-0 code + speech offset), channels 1..7 codebooks 1..7 (1024 = audio pad); labels use -100.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Qwen3Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+from moss.model.config import MossTTSDConfig
+from moss.model.loss import DEFAULT_CHUNK_ROWS, channel_cross_entropy, normalized_weights, weighted_loss
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> str:
+    """Validate an attention implementation name, with the fix in the message."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {name!r}; choose one of {ATTN_IMPLEMENTATIONS} "
+            f"(e.g. model.attn_implementation=sdpa)"
+        )
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package (pip install 'moss-lightning[gpu]' "
+            "on a CUDA machine); use model.attn_implementation=sdpa otherwise"
+        )
+    return name
+
+
+@dataclass
+class MossTTSDOutput:
+    """Model outputs.
+
+    Attributes:
+        loss: weighted sum of `channel_losses` (None without labels).
+        channel_losses: `[C]` mean CE per channel over its valid shifted labels.
+        channel_loss_sums: `[C]` summed CE per channel (for step-level normalisation).
+        channel_label_counts: `[C]` valid shifted labels per channel.
+        logits: tuple of C tensors `[B, T, V_c]`, or None when not requested.
+        hidden_states: tuple of per-layer hidden states when requested.
+        cache: the KV cache when `use_cache=True`.
+        last_hidden_state: `[B, T, H]` final normed hidden states.
+    """
+
+    loss: torch.Tensor | None = None
+    channel_losses: torch.Tensor | None = None
+    channel_loss_sums: torch.Tensor | None = None
+    channel_label_counts: torch.Tensor | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    cache: object | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class MossTTSDBackbone(nn.Module):
+    """Channel embeddings summed, then the Qwen3 decoder (`AsteroidTTSModel` in the original)."""
+
+    def __init__(self, config: MossTTSDConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        embeddings = [nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)]
+        embeddings += [
+            nn.Embedding(config.speech_vocab_size, config.hidden_size, padding_idx=config.speech_pad_token)
+            for _ in range(1, config.channels)
+        ]
+        self.embedding_list = nn.ModuleList(embeddings)
+        # `language_model.embed_tokens` exists in real checkpoints but is never used: inputs arrive as embeddings.
+        self.language_model = Qwen3Model(config.qwen3_config(check_attn_implementation(attn_implementation)))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Sum of channel embeddings. input_ids `[B, T, C]` -> `[B, T, H]`."""
+        channels = self.config.channels
+        if input_ids.ndim != 3 or input_ids.shape[-1] != channels:
+            raise ValueError(
+                f"expected input_ids [B, T, {channels}] (channels={channels}: text/codebook-0 + "
+                f"{channels - 1} codebooks), got {tuple(input_ids.shape)}"
+            )
+        embeds = self.embedding_list[0](input_ids[..., 0])
+        for c in range(1, channels):
+            embeds = embeds + self.embedding_list[c](input_ids[..., c])
+        return embeds
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        return self.language_model(
+            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+
+
+class MossTTSD(nn.Module):
+    """MOSS-TTSD language model with tied multichannel heads and a chunked per-channel loss."""
+
+    def __init__(
+        self,
+        config: MossTTSDConfig,
+        attn_implementation: str = "sdpa",
+        channel_weights: Sequence[float] | None = None,
+        ce_chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ):
+        super().__init__()
+        self.config = config
+        self.model = MossTTSDBackbone(config, attn_implementation)
+        self.lm_heads = nn.ModuleList(
+            nn.Linear(config.hidden_size, v, bias=False) for v in config.channel_vocab_sizes
+        )
+        self._init_embeddings()
+        self.tie_weights()
+        self.ce_chunk_rows = ce_chunk_rows
+        self.set_channel_weights(channel_weights if channel_weights is not None else [1.0] * config.channels)
+
+    # ------------------------------------------------------------------ structure
+    def _init_embeddings(self) -> None:
+        # Same scale as transformers' init of the backbone (the original runs post_init over all modules);
+        # nn.Embedding's N(0, 1) default would swamp the 0.02-scaled residual stream of a fresh model.
+        std = float(self.config.backbone.get("initializer_range", 0.02))
+        for emb in self.model.embedding_list:
+            nn.init.normal_(emb.weight, std=std)
+            if emb.padding_idx is not None:
+                with torch.no_grad():
+                    emb.weight[emb.padding_idx].zero_()
+
+    def tie_weights(self) -> None:
+        """Heads share the input embeddings, unconditionally, as in the original."""
+        for head, emb in zip(self.lm_heads, self.model.embedding_list, strict=True):
+            head.weight = emb.weight
+
+    def set_channel_weights(self, weights: Sequence[float]) -> None:
+        """Loss weights per channel; normalised to sum 1 (original default [1]*8, fine-tuning [8,2,1,...])."""
+        if len(weights) != self.config.channels:
+            raise ValueError(f"expected {self.config.channels} channel weights, got {len(weights)}: {list(weights)}")
+        self.channel_weights = [float(w) for w in weights]
+        self._normalized_weights = normalized_weights(self.channel_weights)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.language_model.config._attn_implementation
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA)."""
+        self.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        output_logits: bool | None = None,
+        output_hidden_states: bool = False,
+        use_cache: bool = False,
+        cache=None,
+        **attn_kwargs,
+    ) -> MossTTSDOutput:
+        """Run the model.
+
+        Args:
+            input_ids: `[B, T, C]` token grid (delayed).
+            attention_mask: `[B, T]` 1 = real row; leave None for packed rows (boundaries come from
+                `position_ids` or explicit varlen kwargs; a mask would make samples attend to each other).
+            position_ids: `[B, T]`; restart at 0 per packed sample.
+            labels: `[B, T, C]`, -100 = ignore; shifted internally (row t predicts label t+1).
+            output_logits: return the C logit tensors; defaults to `labels is None`.
+            output_hidden_states: return per-layer hidden states.
+            use_cache: keep a KV cache (generation only; packed training must not use one).
+            cache: a previous KV cache.
+            **attn_kwargs: passed to the attention layers (e.g. `cu_seq_lens_q` for varlen attention).
+        """
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        out = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            cache=cache,
+            output_hidden_states=output_hidden_states,
+            **attn_kwargs,
+        )
+        hidden = out.last_hidden_state
+        result = MossTTSDOutput(
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            cache=getattr(out, "cache", None) if use_cache else None,
+            last_hidden_state=hidden,
+        )
+        if labels is not None:
+            ce = channel_cross_entropy(hidden, [h.weight for h in self.lm_heads], labels, self.ce_chunk_rows)
+            result.loss, result.channel_losses = weighted_loss(ce.sums, ce.counts, self._normalized_weights)
+            result.channel_loss_sums, result.channel_label_counts = ce.sums, ce.counts
+        if output_logits if output_logits is not None else labels is None:
+            result.logits = tuple(head(hidden) for head in self.lm_heads)
+        return result
+
+    # ------------------------------------------------------------------ construction and I/O
+    @classmethod
+    def from_config(
+        cls,
+        config: MossTTSDConfig | dict | None = None,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        attn_implementation: str = "sdpa",
+        seed: int | None = None,
+        **kwargs,
+    ) -> MossTTSD:
+        """A randomly initialised model (tests, the tiny default). `config=None` gives `MossTTSDConfig.tiny()`."""
+        if config is None:
+            config = MossTTSDConfig.tiny()
+        elif isinstance(config, dict):
+            config = MossTTSDConfig.from_dict(dict(config), source="model.config")
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config, attn_implementation=attn_implementation, **kwargs)
+        return model.to(_as_dtype(dtype))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        attn_implementation: str = "sdpa",
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ) -> MossTTSD:
+        """Load a checkpoint folder of the original or the port layout (safetensors, sharded, or .bin).
+
+        Raises:
+            FileNotFoundError: no config.json or no weights in `path`.
+            ConfigError: config.json of another model.
+            KeyError: weights with missing or unexpected parameters.
+        """
+        from moss.model.checkpoint import load_state_dict_into
+
+        config = MossTTSDConfig.from_pretrained(path)
+        check_attn_implementation(attn_implementation)
+        with torch.device("meta"):
+            model = cls(config, attn_implementation=attn_implementation, **kwargs)
+        model.to_empty(device=device)
+        load_state_dict_into(model, Path(path), dtype=_as_dtype(dtype))
+        model._reset_non_persistent_buffers(device)
+        return model
+
+    def _reset_non_persistent_buffers(self, device) -> None:
+        lm = self.model.language_model
+        # RoPE frequencies are computed, not stored: rebuild them on a real device after meta construction.
+        with torch.device(device):
+            lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
+
+    def save_pretrained(self, out_dir: str | Path, layout: str = "original", max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json + safetensors in the original key layout (tied heads omitted)."""
+        from moss.model.checkpoint import save_model
+
+        save_model(self, Path(out_dir), layout=layout, max_shard_size=max_shard_size)
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
