@@ -233,9 +233,12 @@ class MossTTSD(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
+        config: MossTTSDConfig | None = None,
         **kwargs,
     ) -> MossTTSD:
         """Load a checkpoint folder of the original or the port layout (safetensors, sharded, or .bin).
+
+        `config` (default: read from `path/config.json`) lets a caller that already parsed it pass it in.
 
         Raises:
             FileNotFoundError: no config.json or no weights in `path`.
@@ -244,7 +247,7 @@ class MossTTSD(nn.Module):
         """
         from moss.model.checkpoint import load_state_dict_into
 
-        config = MossTTSDConfig.from_pretrained(path)
+        config = config if config is not None else MossTTSDConfig.from_pretrained(path)
         check_attn_implementation(attn_implementation)
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, **kwargs)

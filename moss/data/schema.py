@@ -1,0 +1,134 @@
+"""The shard contract shared by `data_pipelines/` (writers) and the training loaders (readers).
+
+One WebDataset sample per utterance or dialogue:
+
+* `__key__`: stable id derived from the source (path + line), so reruns are idempotent;
+* `codes.npy`: int16 `[A, 8]` codec codes (0..1023) of the target audio at 12.5 frames/s;
+* `ref_codes.npy` (optional): int16 `[R, 8]` codes of the reference (voice-cloning) audio;
+* `json`: `{"text", "ref_text"?, "source", "duration_s", "frames", "codec", "codec_sample_rate"}` with raw
+  transcripts (normalisation and the prompt template run at training time).
+
+Every shard set has `manifest.json` (per shard: name, samples, audio frames) so training knows its size
+without opening tars.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+CODES = "codes.npy"
+REF_CODES = "ref_codes.npy"
+META = "json"
+MANIFEST = "manifest.json"
+FRAME_RATE = 12.5
+CODEBOOKS = 8
+CODEBOOK_SIZE = 1024
+
+
+class SampleError(ValueError):
+    """A shard sample that breaks the schema; the message names the sample key and the problem."""
+
+
+@dataclass
+class ShardSample:
+    """One training sample as stored in a shard (codes `[A, 8]`, raw transcripts)."""
+
+    key: str
+    codes: np.ndarray
+    text: str
+    source: str
+    codec: str = "xy_tokenizer"
+    codec_sample_rate: int = 16000
+    ref_codes: np.ndarray | None = None
+    ref_text: str | None = None
+
+    @property
+    def frames(self) -> int:
+        """Audio frames of target plus reference."""
+        return int(self.codes.shape[0]) + (0 if self.ref_codes is None else int(self.ref_codes.shape[0]))
+
+    def validate(self) -> ShardSample:
+        """Check shapes, dtypes and ranges; returns self.
+
+        Raises:
+            SampleError: naming the key and what is wrong.
+        """
+        for name, codes in ((CODES, self.codes), (REF_CODES, self.ref_codes)):
+            if codes is None:
+                continue
+            if codes.ndim != 2 or codes.shape[1] != CODEBOOKS or codes.shape[0] == 0:
+                raise SampleError(f"{self.key}: {name} must be [frames>0, {CODEBOOKS}], got {codes.shape}")
+            if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
+                raise SampleError(f"{self.key}: {name} has codes outside [0, {CODEBOOK_SIZE})")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise SampleError(f"{self.key}: empty transcript")
+        if (self.ref_codes is None) != (self.ref_text is None):
+            raise SampleError(f"{self.key}: ref_codes and ref_text must be given together")
+        return self
+
+    def to_wds(self) -> dict:
+        """The dict a `webdataset.TarWriter` writes (bytes values, no pickle)."""
+        self.validate()
+        meta = {
+            "text": self.text,
+            "source": self.source,
+            "duration_s": self.codes.shape[0] / FRAME_RATE,
+            "frames": int(self.codes.shape[0]),
+            "codec": self.codec,
+            "codec_sample_rate": self.codec_sample_rate,
+        }
+        out = {"__key__": self.key, CODES: _npy_bytes(self.codes)}
+        if self.ref_codes is not None:
+            meta["ref_text"] = self.ref_text
+            out[REF_CODES] = _npy_bytes(self.ref_codes)
+        out[META] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        return out
+
+    @classmethod
+    def from_wds(cls, raw: dict) -> ShardSample:
+        """Parse a raw WebDataset sample (bytes values).
+
+        Raises:
+            SampleError: missing fields, unreadable arrays or JSON, schema violations.
+        """
+        key = raw.get("__key__", "<no key>")
+        where = f"{raw.get('__url__', '?')}:{key}"
+        missing = [k for k in (CODES, META) if k not in raw]
+        if missing:
+            raise SampleError(f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})")
+        try:
+            meta = json.loads(raw[META])
+            codes = _npy_load(raw[CODES])
+            ref_codes = _npy_load(raw[REF_CODES]) if REF_CODES in raw else None
+        except (ValueError, json.JSONDecodeError, OSError) as err:
+            raise SampleError(f"{where}: unreadable field ({err})") from err
+        if "text" not in meta:
+            raise SampleError(f"{where}: json has no 'text'")
+        sample = cls(
+            key=key,
+            codes=codes,
+            text=meta["text"],
+            source=meta.get("source", ""),
+            codec=meta.get("codec", "xy_tokenizer"),
+            codec_sample_rate=meta.get("codec_sample_rate", 16000),
+            ref_codes=ref_codes,
+            ref_text=meta.get("ref_text"),
+        )
+        try:
+            return sample.validate()
+        except SampleError as err:
+            raise SampleError(f"{raw.get('__url__', '?')}:{err}") from None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.int16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

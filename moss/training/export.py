@@ -1,0 +1,43 @@
+"""Exporting trained models: merged HF-format folders and peft adapters.
+
+The merged folder has the original layout (config.json + safetensors, tied heads omitted) plus the tokenizer
+files, so `MossTTSD.from_pretrained` and the original OpenMOSS loader both read it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from moss.model import MossTTSD
+
+
+def merged_model(model: torch.nn.Module) -> MossTTSD:
+    """A MossTTSD with LoRA weights folded in (a copy; the training model is left untouched)."""
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, layout: str = "original",
+              dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (LoRA merged) as an HF-format folder; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    merged = merged_model(model)
+    if dtype is not None:
+        merged = copy.deepcopy(merged).to(dtype) if merged is model else merged.to(dtype)
+    merged.save_pretrained(out_dir, layout=layout)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path | None:
+    """Save the LoRA adapter in peft's format (`adapter_config.json` + `adapter_model.safetensors`)."""
+    if not isinstance(model, PeftModel):
+        return None
+    model.save_pretrained(str(out_dir))
+    return Path(out_dir)

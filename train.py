@@ -1,0 +1,79 @@
+"""Fine-tune MOSS-TTSD. Usage: python train.py [+experiment=NAME] [key=value ...] (see conf/train.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from moss.config_checks import validate
+from moss.training.export import export_hf, save_adapter
+
+log = logging.getLogger("train")
+
+
+def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`resume`: null -> fresh run; auto -> this run's last checkpoint if any; a path is used as given."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    return str(cfg.resume)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Build data, model, callbacks, loggers and trainer from `cfg`, fit, export; return what tests check."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    tokenizer = instantiate(cfg.tokenizer)
+    module = instantiate(cfg.model)
+    # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
+    datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
+    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
+
+    exported = {}
+    if cfg.export.enabled and trainer.is_global_zero:
+        exported["export"] = export_hf(module.model, output_dir / "export", tokenizer, layout=cfg.export.layout)
+        OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
+        exported["adapter"] = save_adapter(module.model, output_dir / "adapter")
+    summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
+    if trainer.is_global_zero:
+        _report(trainer, output_dir, exported, summary)
+    return {"trainer": trainer, "module": module, "output_dir": output_dir, "exported": exported, "summary": summary}
+
+
+def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict) -> None:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+    lines = [f"run directory: {output_dir}", f"checkpoints:   {output_dir / 'checkpoints'}"]
+    lines += [f"{name + ':':<14} {path}" for name, path in exported.items() if path]
+    if trainer.loggers:
+        lines.append(f"logs:          {trainer.loggers[0].log_dir}")
+    if summary:
+        lines.append(
+            f"throughput:    {summary['real_rows_per_s']:.0f} real rows/s, padding efficiency "
+            f"{summary['padding_efficiency']:.1%}, {summary['wall_s']:.1f} s of training"
+        )
+    lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    print("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    logging.getLogger("moss").setLevel(logging.INFO)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
