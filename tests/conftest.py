@@ -1,0 +1,67 @@
+"""Shared fixtures: golden vectors, tiny model/tokenizer/shards, composed configs; hygiene."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moss.data.synthetic import generate_samples
+from moss.data.writer import write_shards
+from moss.model import MossTTSD, MossTTSDConfig
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("MOSS_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+requires_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden vectors not found at {GOLDEN}")
+
+
+@pytest.fixture(autouse=True)
+def _hygiene():
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from moss.text.tiny_tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_config() -> MossTTSDConfig:
+    return MossTTSDConfig.tiny(hidden_size=32, intermediate_size=64, head_dim=8)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> MossTTSD:
+    return MossTTSD.from_config(tiny_config, seed=0).eval()
+
+
+@pytest.fixture
+def tiny_shards(tmp_path) -> Path:
+    """A shard set of 48 synthetic samples in 6 shards, written through the production writer."""
+    out = tmp_path / "shards"
+    write_shards(generate_samples(48, seed=3), out, prefix="tiny", max_samples=8)
+    return out
+
+
+def random_batch(config: MossTTSDConfig, batch: int = 2, length: int = 12, seed: int = 0):
+    """Random valid input_ids/labels `[B, T, C]` for a config (labels with some -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack(
+        [torch.randint(0, v, (batch, length), generator=g) for v in config.channel_vocab_sizes], dim=-1
+    )
+    labels = ids.clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.3] = -100
+    return ids, labels

@@ -1,0 +1,94 @@
+"""Checkpoint I/O: our saved folders reload to the same logits in every layout; bad folders fail clearly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moss.model import MossTTSD
+from moss.model.checkpoint import weight_files
+from tests.conftest import random_batch, requires_golden
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids, output_logits=True).logits
+
+
+@pytest.mark.parametrize("layout", ["original", "moss_ttsd"])
+def test_save_load_round_trip(tiny_model, tmp_path, layout):
+    tiny_model.save_pretrained(tmp_path, layout=layout)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert not any(k.startswith("lm_heads") for k in keys)  # tied heads are not stored, like the original
+    assert "model.language_model.embed_tokens.weight" in keys  # kept for the original loader
+    again = MossTTSD.from_pretrained(tmp_path)
+    ids, _ = random_batch(tiny_model.config)
+    for a, b in zip(logits_of(tiny_model, ids), logits_of(again, ids), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_sharded_and_bin_checkpoints_load(tiny_model, tmp_path):
+    ids, _ = random_batch(tiny_model.config)
+    reference = logits_of(tiny_model, ids)
+    sharded = tmp_path / "sharded"
+    tiny_model.save_pretrained(sharded, max_shard_size=200_000)
+    assert len(weight_files(sharded)) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    binary = tmp_path / "bin"
+    tiny_model.config.save_pretrained(binary)
+    torch.save(tiny_model.state_dict(), binary / "pytorch_model.bin")  # includes tied lm_heads copies
+    for folder in (sharded, binary):
+        for a, b in zip(reference, logits_of(MossTTSD.from_pretrained(folder), ids), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@requires_golden
+def test_resaving_the_original_checkpoint_keeps_its_key_set(golden, tmp_path):
+    model = MossTTSD.from_pretrained(golden / "backbone" / "model")
+    model.save_pretrained(tmp_path)
+    original = json.loads((golden / "backbone" / "summary.json").read_text())["saved_keys"]
+    assert sorted(load_file(tmp_path / "model.safetensors")) == sorted(original)
+
+
+def test_bf16_load(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    model = MossTTSD.from_pretrained(tmp_path, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_missing_weights_are_named(tiny_model, tmp_path):
+    tiny_model.config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights in .*expected one of"):
+        MossTTSD.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_named(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_size=200_000)
+    next(tmp_path.glob("model-00001-*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="shards that are missing"):
+        MossTTSD.from_pretrained(tmp_path)
+
+
+def test_foreign_or_mismatched_weights_fail(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.extra.weight"] = torch.zeros(2)
+    del state["model.language_model.norm.weight"]
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"missing \['model.language_model.norm.weight'\].*unexpected \['model.extra"):
+        MossTTSD.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="wrong shape"):
+        MossTTSD.from_pretrained(tmp_path)
+
+
+def test_wrong_channel_count_and_unknown_attention(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"expected input_ids \[B, T, 8\].*got \(2, 5, 9\)"):
+        tiny_model(torch.zeros(2, 5, 9, dtype=torch.long))
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash3'.*model.attn_implementation"):
+        MossTTSD.from_pretrained(tmp_path, attn_implementation="flash3")
