@@ -70,6 +70,7 @@ def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    """Process-level settings, then `train`."""
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     logging.getLogger("moss").setLevel(logging.INFO)
     train(cfg)

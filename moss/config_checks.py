@@ -25,7 +25,7 @@ def validate(cfg: DictConfig) -> None:
         parent = OmegaConf.select(cfg, node) if node else cfg
         return parent is None or leaf not in parent or OmegaConf.is_missing(parent, leaf)
 
-    if "path" in cfg.model and OmegaConf.is_missing(cfg.model, "path"):
+    if OmegaConf.is_missing(cfg.model, "path"):
         problems.append("model.path is required for this model; set model.path=/path/to/MOSS-TTSD-v0.5")
     elif OmegaConf.select(cfg, "model.path") is not None:
         path = Path(str(cfg.model.path))

@@ -59,9 +59,27 @@ def tiny_shards(tmp_path) -> Path:
 def random_batch(config: MossTTSDConfig, batch: int = 2, length: int = 12, seed: int = 0):
     """Random valid input_ids/labels `[B, T, C]` for a config (labels with some -100)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack(
-        [torch.randint(0, v, (batch, length), generator=g) for v in config.channel_vocab_sizes], dim=-1
-    )
+    ids = torch.stack([torch.randint(0, v, (batch, length), generator=g) for v in config.channel_vocab_sizes], dim=-1)
     labels = ids.clone()
     labels[torch.rand(labels.shape, generator=g) < 0.3] = -100
     return ids, labels
+
+
+def compose_train(tmp_path: Path, overrides: list[str] = ()):
+    """The real conf/train.yaml composed with test paths (no Hydra runtime needed)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[f"paths.root={tmp_path / 'runs'}", f"paths.output_dir={tmp_path / 'out'}", *overrides],
+        )
+
+
+@pytest.fixture
+def real_layout_checkpoint(tmp_path, tiny_tokenizer) -> Path:
+    """A tiny random model saved in the original layout, with its tokenizer: stands in for model.path."""
+    folder = tmp_path / "tiny-checkpoint"
+    MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -92,8 +92,9 @@ class MossDataModule(L.LightningDataModule):
         _, world = rank_and_world()
         # Validation is one exact pass: never start more readers than there are shards to split.
         workers = self.num_workers if train else min(self.num_workers, len(urls) // world)
-        stream = ShardStream(urls, self.builder, repeat=train, shuffle=train, seed=self.seed,
-                             shuffle_buffer=self.shuffle_buffer)
+        stream = ShardStream(
+            urls, self.builder, repeat=train, shuffle=train, seed=self.seed, shuffle_buffer=self.shuffle_buffer
+        )
         return DataLoader(
             stream,
             batch_size=self.batch_size,

@@ -49,7 +49,9 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
             else:
                 urls.extend(sorted(glob.glob(url)))
     if not urls:
-        raise FileNotFoundError(f"no shards match {name}={spec!r}; set {name}=/path/to/shards or a glob like '.../*.tar'")
+        raise FileNotFoundError(
+            f"no shards match {name}={spec!r}; set {name}=/path/to/shards or a glob like '.../*.tar'"
+        )
     return sorted(set(urls))
 
 
@@ -68,6 +70,7 @@ def manifest_samples(urls: list[str]) -> int | None:
 
 
 def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, else from the launcher's environment, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -87,7 +90,11 @@ class ExampleBuilder:
         if self.max_rows is not None and rows > self.max_rows:
             raise SampleError(f"{sample.key}: {rows} rows exceed data.max_rows={self.max_rows}")
         input_ids = apply_delay_pattern(torch.from_numpy(grid), self.text_pad_id, self.prompt.speech_pad)
-        return {"key": sample.key, "input_ids": input_ids, "labels": apply_delay_pattern_labels(torch.from_numpy(labels))}
+        return {
+            "key": sample.key,
+            "input_ids": input_ids,
+            "labels": apply_delay_pattern_labels(torch.from_numpy(labels)),
+        }
 
 
 class ShardStream(IterableDataset):
@@ -101,8 +108,15 @@ class ShardStream(IterableDataset):
         seed: base seed; the pass number and the worker's slot are mixed in.
     """
 
-    def __init__(self, urls: list[str], builder: ExampleBuilder, repeat: bool, shuffle: bool, seed: int = 0,
-                 shuffle_buffer: int = 256):
+    def __init__(
+        self,
+        urls: list[str],
+        builder: ExampleBuilder,
+        repeat: bool,
+        shuffle: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+    ):
         super().__init__()
         self.urls, self.builder = list(urls), builder
         self.repeat, self.shuffle, self.seed, self.shuffle_buffer = repeat, shuffle, seed, shuffle_buffer

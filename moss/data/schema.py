@@ -99,7 +99,9 @@ class ShardSample:
         where = f"{raw.get('__url__', '?')}:{key}"
         missing = [k for k in (CODES, META) if k not in raw]
         if missing:
-            raise SampleError(f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})")
+            raise SampleError(
+                f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})"
+            )
         try:
             meta = json.loads(raw[META])
             codes = _npy_load(raw[CODES])

@@ -15,7 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 # Parameters a checkpoint may lack: the unused Qwen3 token table (we keep a zero table) and the tied heads.
 OPTIONAL_PREFIXES = ("model.language_model.embed_tokens.",)
 TIED_PREFIX = "lm_heads."
@@ -100,9 +105,7 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir, layout=layout)
     state = {
-        k: v.detach().to("cpu").contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith(TIED_PREFIX)
+        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)
     }
     shards, current, size = [], {}, 0
     for key in sorted(state):

@@ -62,7 +62,9 @@ class MossTTSDConfig:
         if self.channels < 2:
             problems.append(f"channels must be >= 2, got {self.channels}")
         if len(self.speech_token_range) != 2 or self.speech_token_range[1] <= self.speech_token_range[0]:
-            problems.append(f"speech_token_range must be [first, last) with last > first, got {self.speech_token_range}")
+            problems.append(
+                f"speech_token_range must be [first, last) with last > first, got {self.speech_token_range}"
+            )
         if not 0 <= self.speech_pad_token < self.speech_vocab_size:
             problems.append(
                 f"speech_pad_token {self.speech_pad_token} outside speech_vocab_size {self.speech_vocab_size}"

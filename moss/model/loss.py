@@ -156,9 +156,7 @@ def normalized_weights(weights: Sequence[float]) -> torch.Tensor:
     return w / w.sum()
 
 
-def weighted_loss(
-    sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_loss(sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine summed CE into `(loss, channel_losses)`.
 
     `channel_losses[c] = sums[c] / counts[c]` (0 for a channel without valid labels) and

@@ -112,9 +112,7 @@ class MossTTSD(nn.Module):
         super().__init__()
         self.config = config
         self.model = MossTTSDBackbone(config, attn_implementation)
-        self.lm_heads = nn.ModuleList(
-            nn.Linear(config.hidden_size, v, bias=False) for v in config.channel_vocab_sizes
-        )
+        self.lm_heads = nn.ModuleList(nn.Linear(config.hidden_size, v, bias=False) for v in config.channel_vocab_sizes)
         self._init_embeddings()
         self.tie_weights()
         self.ce_chunk_rows = ce_chunk_rows
@@ -149,7 +147,12 @@ class MossTTSD(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA)."""
-        self.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = self.model.language_model
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(

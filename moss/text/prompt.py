@@ -1,4 +1,4 @@
-"""The MOSS-TTSD prompt template: (text, codes, optional reference) -> un-delayed `[T, C]` grid and labels.
+r"""The MOSS-TTSD prompt template: (text, codes, optional reference) -> un-delayed `[T, C]` grid and labels.
 
 Channel-0 text of every sample (identical in inference and fine-tuning):
 

@@ -37,7 +37,10 @@ def build_tiny_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizer
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre
     trainer = trainers.BpeTrainer(
-        vocab_size=TEXT_VOCAB, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=TEXT_VOCAB,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     vocab = bpe.get_vocab()

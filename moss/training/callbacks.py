@@ -12,8 +12,9 @@ import lightning as L
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs `perf/real_rows_per_s`, `perf/padding_efficiency` (real rows / computed rows) every
-    `log_every_n_steps` optimiser steps, and keeps run totals in `summary` for the end-of-run report.
+    """Logs real rows/s and padding efficiency (real rows / computed rows) every `window` batches.
+
+    Run totals are kept in `summary` for the end-of-run report.
     """
 
     def __init__(self, window: int = 10):

@@ -22,8 +22,13 @@ def merged_model(model: torch.nn.Module) -> MossTTSD:
     return model
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None, layout: str = "original",
-              dtype: torch.dtype | None = None) -> Path:
+def export_hf(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer=None,
+    layout: str = "original",
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write `model` (LoRA merged) as an HF-format folder; returns `out_dir`."""
     out_dir = Path(out_dir)
     merged = merged_model(model)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
@@ -45,6 +46,9 @@ class MossTTSDLitModule(L.LightningModule):
         path: str | None = None,
     ):
         super().__init__()
+        # Plain containers only: Lightning checkpoints are read back with torch.load(weights_only=True).
+        peft = OmegaConf.to_container(peft, resolve=True) if isinstance(peft, DictConfig) else peft
+        channel_weights = [float(w) for w in channel_weights]
         self.save_hyperparameters(ignore=["config", "net", "optimizer", "scheduler"], logger=False)
         self.config = config
         self.net_factory, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler

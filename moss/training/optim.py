@@ -19,8 +19,10 @@ def warmup_cosine(
     warmup_steps: int | None = None,
     min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
-    """Linear warm-up over `warmup_steps` (default `ceil(warmup_ratio * total_steps)`), then cosine to
-    `min_lr_ratio * lr` at `total_steps` (the transformers `cosine` schedule when `min_lr_ratio=0`).
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `total_steps`.
+
+    Warm-up lasts `warmup_steps` (default `ceil(warmup_ratio * total_steps)`); with `min_lr_ratio=0` this is
+    the transformers `cosine` schedule the original used.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}; set trainer.max_steps")

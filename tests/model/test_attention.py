@@ -17,8 +17,15 @@ def _flex_runs_here() -> bool:
     return True
 
 
-@pytest.mark.parametrize("attn", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.skipif(
-    not _flex_runs_here(), reason="flex_attention not in this torch"))])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        "sdpa",
+        pytest.param(
+            "flex_attention", marks=pytest.mark.skipif(not _flex_runs_here(), reason="flex_attention not in this torch")
+        ),
+    ],
+)
 def test_attention_implementations_agree_with_eager(tiny_config, tmp_path, attn):
     MossTTSD.from_config(tiny_config, seed=1).save_pretrained(tmp_path)
     ids, _ = random_batch(tiny_config, batch=2, length=16)

@@ -53,11 +53,28 @@ def test_real_v05_architecture_builds_with_the_published_parameter_count():
     "data, match",
     [
         ({"model_type": "llama", "vocab_size": 10}, "not a MOSS-TTSD config"),
-        ({"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 8, "num_hidden_layers": 1,
-          "num_attention_heads": 1}, "plain language model"),
+        (
+            {
+                "model_type": "qwen3",
+                "vocab_size": 151936,
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+            },
+            "plain language model",
+        ),
         ({"model_type": "qwen3", "channels": 8, "hidden_size": 8}, "missing required key 'vocab_size'"),
-        ({"model_type": "qwen3", "channels": 8, "vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1,
-          "num_attention_heads": 1}, "exceeds vocab_size"),
+        (
+            {
+                "model_type": "qwen3",
+                "channels": 8,
+                "vocab_size": 100,
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+            },
+            "exceeds vocab_size",
+        ),
     ],
 )
 def test_other_models_are_rejected_with_the_reason(tmp_path, data, match):

@@ -16,8 +16,13 @@ def forward(golden):
         model = MossTTSD.from_pretrained(golden / "backbone" / "model", attn_implementation=attn).eval()
         inp = load_file(golden / "backbone" / "forward_inputs.safetensors")
         with torch.no_grad():
-            out = model(inp["input_ids"], attention_mask=inp["attention_mask"], labels=inp["labels"],
-                        output_logits=True, output_hidden_states=True)
+            out = model(
+                inp["input_ids"],
+                attention_mask=inp["attention_mask"],
+                labels=inp["labels"],
+                output_logits=True,
+                output_hidden_states=True,
+            )
         return model, inp, out
 
     return run
@@ -33,9 +38,14 @@ def test_hidden_states_and_logits_match_original(forward, expected, attn):
     _, inp, out = forward(attn)
     valid = inp["attention_mask"].bool()
     for i in range(3):
-        torch.testing.assert_close(out.hidden_states[i][valid], expected[f"hidden_states_{i}"][valid], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.hidden_states[i][valid], expected[f"hidden_states_{i}"][valid], atol=1e-5, rtol=0
+        )
     for c, logits in enumerate(out.logits):
-        exp = lambda k: expected[f"ch{c}_{k}"]  # noqa: E731
+
+        def exp(key, c=c):
+            return expected[f"ch{c}_{key}"]
+
         torch.testing.assert_close(logits[..., :16][valid], exp("logits_first16")[valid], atol=1e-4, rtol=0)
         torch.testing.assert_close(logits[..., -16:][valid], exp("logits_last16")[valid], atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.logsumexp(logits, -1)[valid], exp("logsumexp")[valid], atol=1e-4, rtol=0)

@@ -28,8 +28,10 @@ def test_reproduces_original_grids(golden):
 
 
 def test_tiny_tokenizer_has_the_real_layout(tiny_tokenizer):
-    ids = {t: tiny_tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|begin_of_style|>",
-                                                                 "<|end_of_speech|>", "<speaker2>")}
+    ids = {
+        t: tiny_tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|endoftext|>", "<|begin_of_style|>", "<|end_of_speech|>", "<speaker2>")
+    }
     assert ids == {"<|endoftext|>": 368, "<|begin_of_style|>": 1408, "<|end_of_speech|>": 1413, "<speaker2>": 1415}
     assert len(tiny_tokenizer) == 1416 and tiny_tokenizer.pad_token_id == 368
     text = "<speaker1>hello there<speaker2>fine"

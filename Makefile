@@ -1,0 +1,16 @@
+.PHONY: install test test-all lint smoke
+
+install:
+	pip install "torch==2.14.1" "torchaudio==2.11.0" && pip install -e ".[dev]"
+
+test:        ## the default suite: CPU, a minute or so
+	python -m pytest
+
+test-all:    ## including slow tests (gpu tests need a CUDA device)
+	python -m pytest -m "not gpu"
+
+lint:
+	ruff check . && ruff format --check .
+
+smoke:       ## a few end-to-end training steps of the tiny default
+	python train.py debug=fast_dev_run name=smoke

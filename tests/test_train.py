@@ -1,0 +1,125 @@
+"""End to end: the tiny default trains (loss falls), checkpoints, exports, resumes; every experiment composes."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from moss.config_checks import ConfigError, validate
+from moss.model import MossTTSD
+from tests.conftest import REPO, compose_train, random_batch
+from train import train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    rows = csv.DictReader(open(output_dir / "logs" / "metrics.csv"))
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            "callbacks.model_checkpoint.every_n_train_steps=20",
+            "data.num_workers=0",
+            "trainer.log_every_n_steps=1",
+        ],
+    )
+    result = train(cfg)
+    out = result["output_dir"]
+    losses = logged(out, "train/loss")
+    assert losses[0] > 6.5 and losses[-1] < losses[0] - 1.5, losses  # from ~log(1025) = 6.9, visibly down
+    assert len(logged(out, "val/loss")) == 2 and logged(out, "train/grad_norm")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_0000020.ckpt",
+        "step_0000040.ckpt",
+    ]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "training_config.yaml"} <= {
+        p.name for p in (out / "export").iterdir()
+    }
+    assert result["exported"]["adapter"] is None  # full fine-tuning: no adapter
+    exported = MossTTSD.from_pretrained(out / "export").eval()
+    trained = result["module"].moss.eval()
+    ids, _ = random_batch(exported.config)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits[0], trained(ids).logits[0], atol=0, rtol=0)
+    printed = capsys.readouterr().out
+    assert f"export:        {out / 'export'}" in printed and "real rows/s" in printed
+
+
+def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
+    overrides = ["+experiment=tiny_lora", "debug=fast_dev_run", "data.num_workers=0"]
+    first = train(compose_train(tmp_path, overrides))
+    out = first["output_dir"]
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "export" / "model.safetensors").is_file()
+    trainable = {n for n, p in first["module"].model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    second = train(compose_train(tmp_path, [*overrides, "resume=auto", "trainer.max_steps=6"]))
+    assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
+    assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_checkpoint, tiny_shards):
+    cfg = compose_train(
+        tmp_path,
+        [f"+experiment={experiment}", f"model.path={real_layout_checkpoint}", f"data.train_shards={tiny_shards}"]
+        if experiment != "tiny_lora"
+        else [f"+experiment={experiment}"],
+    )
+    validate(cfg)
+    module = instantiate(cfg.model)
+    tokenizer = instantiate(cfg.tokenizer)
+    data = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
+    module.configure_model()
+    if experiment != "tiny_lora":
+        data.setup("fit")
+        batch = next(iter(data._loader(data.train_urls[:1], train=False)))
+        with torch.no_grad():
+            out = module(batch)
+        assert torch.isfinite(out.loss)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer)
+    assert trainer_cfg["max_steps"] >= 1 and trainer_cfg["gradient_clip_val"] == 1.0
+
+
+def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
+    cfg = compose_train(
+        tmp_path, ["+experiment=lora_v05", f"model.path={real_layout_checkpoint}", "data.train_shards=/data/*.tar"]
+    )
+    assert cfg.model.peft.r == 16 and cfg.model.peft.lora_alpha == 32 and cfg.model.peft.use_rslora
+    assert cfg.model.optimizer.lr == 1e-4 and cfg.model.scheduler.warmup_ratio == 0.1
+    assert list(cfg.model.channel_weights) == [8, 2, 1, 1, 1, 1, 1, 1]
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy.static_graph
+    assert cfg.model.net.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+
+
+def test_validate_reports_every_problem_with_its_fix(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        ["+experiment=lora_v05", "trainer.max_steps=0", "model.net.attn_implementation=flash3", "resume=/nope.ckpt"],
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    for fix in (
+        "set model.path=",
+        "set data.train_shards=",
+        "trainer.max_steps must be",
+        "attn_implementation=flash3 is unknown",
+        "resume=/nope.ckpt is not a checkpoint",
+    ):
+        assert fix in message
+
+
+def test_entry_points_name_existing_configs():
+    for script, name in (("train.py", "train"),):
+        assert f'config_name="{name}"' in (REPO / script).read_text()
+        assert (REPO / "conf" / f"{name}.yaml").is_file()
