@@ -12,7 +12,7 @@ import lightning as L
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs real rows/s and padding efficiency (real rows / computed rows) every `window` batches.
+    """Logs real frames/s and padding efficiency (real rows / computed rows) every `window` batches.
 
     Run totals are kept in `summary` for the end-of-run report.
     """
@@ -37,7 +37,7 @@ class ThroughputMonitor(L.Callback):
         elapsed = time.perf_counter() - self._t0
         pl_module.log_dict(
             {
-                "perf/real_rows_per_s": self._rows / max(elapsed, 1e-9),
+                "perf/real_frames_per_s": self._rows / max(elapsed, 1e-9),
                 "perf/padding_efficiency": self._rows / max(self._computed, 1),
             },
             batch_size=1,
@@ -49,6 +49,6 @@ class ThroughputMonitor(L.Callback):
         self.summary = {
             "wall_s": wall,
             "real_rows": self._total_rows,
-            "real_rows_per_s": self._total_rows / max(wall, 1e-9),
+            "real_frames_per_s": self._total_rows / max(wall, 1e-9),
             "padding_efficiency": self._total_rows / max(self._total_computed, 1),
         }
