@@ -61,8 +61,8 @@ def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict)
         lines.append(f"logs:          {trainer.loggers[0].log_dir}")
     if summary:
         lines.append(
-            f"throughput:    {summary['real_frames_per_s']:.0f} real frames/s, padding efficiency "
-            f"{summary['padding_efficiency']:.1%}, {summary['wall_s']:.1f} s of training"
+            f"throughput:    {summary['real_frames_per_s']:.0f} real frames/s, packing efficiency "
+            f"{summary['packing_efficiency']:.1%}, {summary['wall_s']:.1f} s of training"
         )
     lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     print("\n".join(lines))

@@ -52,7 +52,7 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits[0], trained(ids).logits[0], atol=0, rtol=0)
     printed = capsys.readouterr().out
-    assert f"export:        {out / 'export'}" in printed and "real rows/s" in printed
+    assert f"export:        {out / 'export'}" in printed and "real frames/s" in printed
 
 
 def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
@@ -82,7 +82,7 @@ def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_
     module.configure_model()
     if experiment != "tiny_lora":
         data.setup("fit")
-        batch = next(iter(data._loader(data.train_urls[:1], train=False)))
+        batch = next(iter(data.stream(data.train_urls[:1], train=False)))
         with torch.no_grad():
             out = module(batch)
         assert torch.isfinite(out.loss)

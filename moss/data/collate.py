@@ -1,4 +1,4 @@
-"""The padding collator of the original fine-tuning code (right padding), for `[T, C]` examples.
+"""The padding collator of the original fine-tuning code (right padding), for delayed `[T, C]` examples.
 
 Pad rows: channel 0 = the tokenizer's pad id, channels 1..C-1 = the audio pad, labels -100,
 attention 0. Examples longer than `max_length` are cut on the right, as the original does.
@@ -6,6 +6,7 @@ attention 0. Examples longer than `max_length` are cut on the right, as the orig
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -14,7 +15,8 @@ IGNORE_INDEX = -100
 class PaddingCollator:
     """Batch delayed examples into `input_ids`/`labels` `[B, T, C]` and `attention_mask` `[B, T]`.
 
-    Also returns `real_rows` (non-padding rows in the batch) and `keys` for bookkeeping.
+    Also returns `label_counts` `[C]` (valid next-token targets per channel), `real_rows` (non-padding rows),
+    `num_samples` and `keys`.
     """
 
     def __init__(self, text_pad_id: int, speech_pad: int = 1024, max_length: int = 16000):
@@ -23,18 +25,21 @@ class PaddingCollator:
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [min(ex["input_ids"].shape[0], self.max_length) for ex in examples]
         batch, length, channels = len(examples), max(lengths), examples[0]["input_ids"].shape[1]
-        input_ids = torch.full((batch, length, channels), self.speech_pad, dtype=torch.long)
+        input_ids = np.empty((batch, length, channels), dtype=np.int64)
+        input_ids[:] = self.speech_pad
         input_ids[..., 0] = self.text_pad_id
-        labels = torch.full((batch, length, channels), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
+        labels = np.full((batch, length, channels), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((batch, length), dtype=np.int64)
         for i, (ex, n) in enumerate(zip(examples, lengths, strict=True)):
-            input_ids[i, :n] = ex["input_ids"][:n]
-            labels[i, :n] = ex["labels"][:n]
+            input_ids[i, :n] = np.asarray(ex["input_ids"])[:n]
+            labels[i, :n] = np.asarray(ex["labels"])[:n]
             attention_mask[i, :n] = 1
         return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "label_counts": torch.from_numpy((labels[:, 1:] != IGNORE_INDEX).sum(axis=(0, 1))),
             "real_rows": torch.tensor(sum(lengths)),
+            "num_samples": batch,
             "keys": [ex["key"] for ex in examples],
         }

@@ -1,7 +1,8 @@
 """MossDataModule: builds the training and validation loaders from injected parts.
 
-The tokenizer and the model's architecture are runtime dependencies passed as keyword arguments
-(`instantiate(cfg.data, tokenizer=..., model_config=...)`), never read from global config.
+The tokenizer and the model's architecture are runtime dependencies passed as keyword arguments, never read
+from global config. Training: a resumable `StatefulDataLoader` over a repeating `ShardStream`, wrapped in
+optimiser-step windows; validation: one exact pass.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from collections.abc import Callable
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from moss.data.collate import PaddingCollator
 from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards, manifest_samples, rank_and_world
+from moss.data.loader import StepWindowLoader
 from moss.data.synthetic import write_synthetic_corpus
 from moss.model.config import MossTTSDConfig
 from moss.text.prompt import PromptBuilder
@@ -22,17 +24,22 @@ log = logging.getLogger(__name__)
 
 
 class MossDataModule(L.LightningDataModule):
-    """Padded batches streamed from shard sets.
+    """Packed (or padded) micro-batches streamed from shard sets.
 
     Args:
         train_shards: shard spec of the training set (directory, glob, brace list or URLs).
         val_shards: shard spec of the validation set, or None.
-        batch_size: samples per micro-batch.
+        packing: `{"budget": rows per pack, "window": samples per packing round, "min_fill": ...,
+            "packs_per_batch": ...}`, or None for the original padded batches of `batch_size` samples.
+        batch_size: samples per micro-batch when not packing.
         num_workers: dataloader worker processes per rank.
-        max_rows: samples with more delayed rows are skipped and counted.
+        max_rows: samples with more delayed rows are skipped and counted (or cut, `overlong="truncate"`);
+            when packing, the pack budget is the limit.
+        overlong: "skip" (default) or "truncate".
         shuffle_buffer: in-worker sample shuffle buffer.
         seed: base seed of shard order and shuffling.
         normalize: optional text normaliser `str -> str` applied before the speaker-tag mapping.
+        report_dir: folder for per-reader JSONL reports of skipped samples.
         synthetic: `{"train_samples", "val_samples", "samples_per_shard"}` to generate the built-in corpus into
             `train_shards`/`val_shards` (directories) in `prepare_data`.
         tokenizer: the checkpoint's tokenizer (runtime dependency).
@@ -43,22 +50,32 @@ class MossDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str],
         val_shards: str | list[str] | None = None,
-        batch_size: int = 4,
+        packing: dict | None = None,
+        batch_size: int = 1,
         num_workers: int = 2,
         max_rows: int = 16000,
+        overlong: str = "skip",
         shuffle_buffer: int = 256,
         seed: int = 1234,
         normalize: Callable[[str], str] | None = None,
+        report_dir: str | None = None,
         synthetic: dict | None = None,
         *,
         tokenizer,
         model_config: MossTTSDConfig,
     ):
         super().__init__()
+        if overlong not in ("skip", "truncate"):
+            raise ValueError(f"data.overlong must be 'skip' or 'truncate', got {overlong!r}")
         self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.max_rows, self.shuffle_buffer, self.seed = max_rows, shuffle_buffer, seed
-        self.synthetic = synthetic
+        self.packing = dict(packing) if packing else None
+        self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = (
+            batch_size,
+            num_workers,
+            shuffle_buffer,
+            seed,
+        )
+        self.report_dir, self.synthetic = report_dir, synthetic
         self.tokenizer, self.model_config = tokenizer, model_config
         prompt = PromptBuilder(
             tokenizer,
@@ -67,8 +84,8 @@ class MossDataModule(L.LightningDataModule):
             speech_pad=model_config.speech_pad_token,
             normalize=normalize,
         )
-        self.builder = ExampleBuilder(prompt, text_pad_id=tokenizer.pad_token_id, max_rows=max_rows)
-        self.collator = PaddingCollator(tokenizer.pad_token_id, model_config.speech_pad_token, max_rows)
+        limit = self.packing["budget"] if self.packing else max_rows
+        self.builder = ExampleBuilder(prompt, tokenizer.pad_token_id, max_rows=limit, truncate=overlong == "truncate")
 
     def prepare_data(self) -> None:
         if not self.synthetic:
@@ -81,31 +98,61 @@ class MossDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = expand_shards(self.train_shards, "data.train_shards")
         self.val_urls = expand_shards(self.val_shards, "data.val_shards") if self.val_shards else []
+        _, world = rank_and_world()
+        readers = world * max(1, self.num_workers)
+        if len(self.train_urls) < readers:
+            raise ValueError(
+                f"data.train_shards has {len(self.train_urls)} shards but {world} ranks x "
+                f"{max(1, self.num_workers)} workers = {readers} readers need one each; lower data.num_workers "
+                f"or write the set in more shards (4x readers or more keeps them evenly loaded)"
+            )
         log.info(
-            "train: %d shards (%s samples by manifest), val: %d shards",
+            "train: %d shards (%s samples by manifest); val: %d shards; %s",
             len(self.train_urls),
             manifest_samples(self.train_urls),
             len(self.val_urls),
+            f"packing into {self.packing['budget']} rows" if self.packing else f"padded batches of {self.batch_size}",
         )
 
-    def _loader(self, urls: list[str], train: bool) -> DataLoader:
-        _, world = rank_and_world()
-        # Validation is one exact pass: never start more readers than there are shards to split.
-        workers = self.num_workers if train else min(self.num_workers, len(urls) // world)
-        stream = ShardStream(
-            urls, self.builder, repeat=train, shuffle=train, seed=self.seed, shuffle_buffer=self.shuffle_buffer
-        )
-        return DataLoader(
-            stream,
+    def stream(self, urls: list[str], train: bool) -> ShardStream:
+        """The stream of micro-batches of a shard set (training: repeating and shuffled)."""
+        packer = {k: v for k, v in (self.packing or {}).items() if k != "packs_per_batch"} or None
+        return ShardStream(
+            urls,
+            self.builder,
+            repeat=train,
+            shuffle=train,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            packer=packer,
+            packs_per_batch=(self.packing or {}).get("packs_per_batch", 1),
             batch_size=self.batch_size,
-            collate_fn=self.collator,
-            num_workers=workers,
-            persistent_workers=train and workers > 0,
-            pin_memory=False,
+            report_dir=self.report_dir,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, train=True)
+    def train_dataloader(self) -> StepWindowLoader:
+        loader = StatefulDataLoader(
+            self.stream(self.train_urls, train=True),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory,
+        )
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
+        return StepWindowLoader(loader, accumulate=accumulate, length=max_steps * accumulate)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_urls, train=False) if self.val_urls else []
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        _, world = rank_and_world()
+        # One exact pass: never more readers than shards (a reader without a shard would have nothing to read).
+        workers = min(self.num_workers, len(self.val_urls) // world)
+        return DataLoader(
+            self.stream(self.val_urls, train=False), batch_size=None, num_workers=workers, pin_memory=self._pin_memory
+        )
+
+    @property
+    def _pin_memory(self) -> bool:
+        return bool(self.trainer and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator")

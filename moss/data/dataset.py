@@ -1,9 +1,17 @@
-"""Streaming shard sets into delayed training examples.
+"""Streaming shard sets into micro-batches, with a resumable position.
 
-`ShardStream` reads WebDataset tars (local paths, globs, brace lists, or any URL WebDataset can open) and
-splits the shard list by rank and by dataloader worker in this one place. Training streams repeat with a
-fresh shard order every pass (step-based: no rank waits for another at an epoch end); validation streams
-make exactly one pass. Bad samples and unreadable shards are skipped with a reason, counted, and logged.
+`ShardStream` is the one place where shards are split by rank and dataloader worker. Each reader walks its
+shards in an order fixed by (seed, pass); training streams repeat with a new order every pass (step-based:
+no rank waits for another at an epoch end), validation streams make exactly one pass. Samples go through a
+shuffle buffer, become delayed examples, and leave as packed micro-batches (`BestFitPacker`) or padded
+batches (`PaddingCollator`), built inside the loader worker.
+
+The stream is resumable exactly: its state is the read position (pass, shard, sample), the shuffle RNG, and
+*where* the samples waiting in the shuffle buffer and the packer came from; restoring re-reads those few
+samples. `torchdata`'s `StatefulDataLoader` collects this state from every worker for the checkpoint.
+
+Bad samples and unreadable shards are skipped with a reason, counted, logged, and appended to a JSONL
+report when `report_dir` is set.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from moss.data.collate import PaddingCollator
+from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import MANIFEST, SampleError, ShardSample
 from moss.model.delay import apply_delay_pattern, apply_delay_pattern_labels
 from moss.text.prompt import PromptBuilder
@@ -40,8 +50,7 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in specs:
-        item = str(item)
-        for url in wds.shardlists.expand_urls(item):
+        for url in wds.shardlists.expand_urls(str(item)):
             if "://" in url or url.startswith("pipe:"):
                 urls.append(url)
             elif os.path.isdir(url):
@@ -71,41 +80,48 @@ def manifest_samples(urls: list[str]) -> int | None:
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) from torch.distributed, else from the launcher's environment, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class ExampleBuilder:
-    """Shard sample -> delayed example `{"input_ids", "labels"}` int64 `[T + C - 1, C]`, plus `key`."""
+    """Shard sample -> delayed example `{"key", "rows", "input_ids", "labels"}` (int32 `[T + C - 1, C]`)."""
 
-    def __init__(self, prompt: PromptBuilder, text_pad_id: int, max_rows: int | None = None):
+    def __init__(self, prompt: PromptBuilder, text_pad_id: int, max_rows: int | None = None, truncate=False):
         self.prompt = prompt
         self.text_pad_id = text_pad_id
         self.max_rows = max_rows
+        self.truncate = truncate
 
     def __call__(self, sample: ShardSample) -> dict:
         grid, labels = self.prompt(sample.text, sample.codes, sample.ref_text, sample.ref_codes)
-        rows = grid.shape[0] + grid.shape[1] - 1
+        input_ids = apply_delay_pattern(grid.astype(np.int32), self.text_pad_id, self.prompt.speech_pad)
+        labels = apply_delay_pattern_labels(labels.astype(np.int32))
+        rows = input_ids.shape[0]
         if self.max_rows is not None and rows > self.max_rows:
-            raise SampleError(f"{sample.key}: {rows} rows exceed data.max_rows={self.max_rows}")
-        input_ids = apply_delay_pattern(torch.from_numpy(grid), self.text_pad_id, self.prompt.speech_pad)
-        return {
-            "key": sample.key,
-            "input_ids": input_ids,
-            "labels": apply_delay_pattern_labels(torch.from_numpy(labels)),
-        }
+            if not self.truncate:
+                raise SampleError(f"{sample.key}: {rows} rows exceed the limit of {self.max_rows} (over-long)")
+            input_ids, labels, rows = input_ids[: self.max_rows], labels[: self.max_rows], self.max_rows
+        return {"key": sample.key, "rows": rows, "input_ids": input_ids, "labels": labels}
 
 
 class ShardStream(IterableDataset):
-    """Examples from a shard set, split by rank and worker, optionally shuffled and repeated.
+    """Micro-batches from a shard set, split by rank and worker, optionally shuffled and repeated.
 
     Args:
         urls: shard URLs (see `expand_shards`).
-        builder: turns a `ShardSample` into a training example.
+        builder: turns a `ShardSample` into a delayed example.
         repeat: loop forever with a new shard order per pass (training); False = exactly one pass.
         shuffle: shuffle shard order per pass and samples within a buffer of `shuffle_buffer`.
-        seed: base seed; the pass number and the worker's slot are mixed in.
+        seed: base seed; the pass and the reader's slot are mixed in.
+        shuffle_buffer: samples held for shuffling (raw codes, a few kB each).
+        packer: a `BestFitPacker` factory argument dict (`budget`, `window`, ...), or None for padded batches.
+        packs_per_batch: packs per micro-batch (packed mode).
+        batch_size: samples per micro-batch (padded mode).
+        report_dir: folder for the per-reader JSONL skip reports, or None.
     """
 
     def __init__(
@@ -116,12 +132,23 @@ class ShardStream(IterableDataset):
         shuffle: bool,
         seed: int = 0,
         shuffle_buffer: int = 256,
+        packer: dict | None = None,
+        packs_per_batch: int = 1,
+        batch_size: int = 1,
+        report_dir: str | None = None,
     ):
         super().__init__()
         self.urls, self.builder = list(urls), builder
         self.repeat, self.shuffle, self.seed, self.shuffle_buffer = repeat, shuffle, seed, shuffle_buffer
+        self.packer_args, self.packs_per_batch, self.batch_size = packer, packs_per_batch, batch_size
+        self.report_dir = report_dir
+        pad = builder.text_pad_id
+        self.padder = PaddingCollator(pad, builder.prompt.speech_pad, max_length=builder.max_rows or 10**9)
         self.skipped: Counter = Counter()
+        self._restored: dict | None = None
+        self._state: dict = {}
 
+    # ------------------------------------------------------------------ reader slot and shard order
     def _slot(self) -> tuple[int, int]:
         rank, world = rank_and_world()
         info = get_worker_info()
@@ -134,22 +161,58 @@ class ShardStream(IterableDataset):
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order[slot::slots]
 
+    # ------------------------------------------------------------------ skip accounting
     def _skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
         if self.skipped[reason] <= 10 or self.skipped[reason] % 1000 == 0:
-            log.warning("skipped sample (%s, %d so far): %s", reason, self.skipped[reason], detail)
+            log.warning("skipped (%s, %d so far): %s", reason, self.skipped[reason], detail)
+        if self.report_dir:
+            slot, _ = self._slot()
+            os.makedirs(self.report_dir, exist_ok=True)
+            with open(os.path.join(self.report_dir, f"skipped-reader{slot:04d}.jsonl"), "a") as f:
+                f.write(json.dumps({"reason": reason, "detail": detail}) + "\n")
 
-    def _samples(self, shards: list[str]) -> Iterator[dict]:
+    # ------------------------------------------------------------------ reading
+    def _read_shard(self, url: str, start: int = 0) -> Iterator[tuple[int, ShardSample | None]]:
+        """(index, sample or None if bad) for every sample of one shard from `start` on."""
+
         def handler(err: Exception) -> bool:
-            self._skip("unreadable shard", repr(err))
+            self._skip("unreadable shard", f"{url}: {err!r}")
             return True
 
-        for raw in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler)):
+        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler))
+        for index, raw in enumerate(pipeline):
+            if index < start:
+                continue
             try:
-                yield self.builder(ShardSample.from_wds(raw))
+                yield index, ShardSample.from_wds(raw)
             except SampleError as err:
                 self._skip("bad sample", str(err))
+                yield index, None
 
+    def _fetch(self, locations: list[list[int]], slot: int, slots: int) -> dict[tuple, ShardSample]:
+        """Re-read the samples at `[pass, shard position, index]` locations (restoring buffers)."""
+        wanted: dict[tuple[int, int], set[int]] = {}
+        for epoch, pos, index in locations:
+            wanted.setdefault((epoch, pos), set()).add(index)
+        found = {}
+        for (epoch, pos), indices in wanted.items():
+            url = self._shards(epoch, slot, slots)[pos]
+            for index, sample in _read_plain(url):
+                if index in indices:
+                    found[(epoch, pos, index)] = sample
+        return found
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Position, RNG and the origins of buffered samples (called in the worker after every batch)."""
+        return {**self._state, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state
+        self.skipped = Counter(state.get("skipped", {}))
+
+    # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._slot()
         if slots > len(self.urls):
@@ -157,24 +220,123 @@ class ShardStream(IterableDataset):
                 f"{len(self.urls)} shards cannot feed {slots} readers (ranks x dataloader workers); "
                 f"lower data.num_workers or write more shards (at least {slots})"
             )
+        state = self._restored or {
+            "epoch": 0,
+            "shard": 0,
+            "index": 0,
+            "rng": None,
+            "buffer": [],
+            "pending": [],
+            "ages": [],
+            "ready": [],
+        }
+        self._restored = None
         rng = random.Random(self.seed * 7919 + slot)
-        epoch = 0
+        if state["rng"] is not None:
+            rng.setstate(_as_rng_state(state["rng"]))
+        ready_locs = [loc for group in state["ready"] for loc in group]
+        refetched = self._fetch(state["buffer"] + state["pending"] + ready_locs, slot, slots)
+        buffer = [(tuple(loc), refetched[tuple(loc)]) for loc in state["buffer"]]
+        packer = BestFitPacker(**self.packer_args) if self.packer_args else None
+        pending = [self._example(refetched[tuple(loc)], tuple(loc)) for loc in state["pending"]]
+        # `ready` holds packs (packed mode) or examples (padded mode) that wait for a full micro-batch.
+        ready: list = [[self._example(refetched[tuple(loc)], tuple(loc)) for loc in group] for group in state["ready"]]
+        if packer is not None:
+            packer.pending, packer.ages = pending, list(state["ages"])
+        else:
+            ready = pending
+        epoch, shard, index = state["epoch"], state["shard"], state["index"]
+
+        def snapshot(next_epoch, next_shard, next_index):
+            self._state = {
+                "epoch": next_epoch,
+                "shard": next_shard,
+                "index": next_index,
+                "rng": rng.getstate(),
+                "buffer": [list(loc) for loc, _ in buffer],
+                "pending": [list(ex["loc"]) for ex in (packer.pending if packer is not None else ready)],
+                "ages": list(packer.ages) if packer is not None else [],
+                "ready": [[list(ex["loc"]) for ex in pack] for pack in ready] if packer is not None else [],
+            }
+
         while True:
-            stream = self._samples(self._shards(epoch, slot, slots))
-            yield from _buffered_shuffle(stream, self.shuffle_buffer, rng) if self.shuffle else stream
+            shards = self._shards(epoch, slot, slots)
+            for pos in range(shard, len(shards)):
+                for i, sample in self._read_shard(shards[pos], start=index if pos == shard else 0):
+                    if sample is None:
+                        continue
+                    item = (epoch, pos, i), sample
+                    if self.shuffle:
+                        buffer.append(item)
+                        if len(buffer) <= self.shuffle_buffer:
+                            continue
+                        item = buffer.pop(rng.randrange(len(buffer)))
+                    yield from self._emit([item], packer, ready, snapshot, (epoch, pos, i + 1))
+                index = 0
+                snapshot(epoch, pos + 1, 0)
+            shard = 0
             if not self.repeat:
+                rng.shuffle(buffer)
+                rest, buffer[:] = list(buffer), []
+                yield from self._emit(rest, packer, ready, snapshot, (epoch + 1, 0, 0), final=True)
                 return
             epoch += 1
 
+    def _example(self, sample: ShardSample, loc: tuple) -> dict:
+        example = self.builder(sample)
+        example["loc"] = loc
+        return example
 
-def _buffered_shuffle(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for item in stream:
-        if len(buffer) < size:
-            buffer.append(item)
+    def _emit(self, items, packer, ready, snapshot, position, final=False) -> Iterator[dict]:
+        """Turn samples into micro-batches; `ready` collects packs (or samples, padded mode) not yet batched."""
+        for loc, sample in items:
+            try:
+                example = self._example(sample, loc)
+            except SampleError as err:
+                self._skip("over-long sample" if "over-long" in str(err) else "bad sample", str(err))
+                continue
+            if packer is not None:
+                ready.extend(packer.add(example))
+            else:
+                ready.append(example)
+            while len(ready) >= self._group:
+                group, ready[:] = ready[: self._group], ready[self._group :]
+                snapshot(*position)
+                yield self._collate(group)
+        if final:
+            if packer is not None:
+                ready.extend(packer.flush())
+            while ready:
+                group, ready[:] = ready[: self._group], ready[self._group :]
+                snapshot(*position)
+                yield self._collate(group)
+
+    @property
+    def _group(self) -> int:
+        return self.packs_per_batch if self.packer_args else self.batch_size
+
+    def _collate(self, group: list) -> dict:
+        if self.packer_args:
+            prompt = self.builder.prompt
+            batch = collate_packs(
+                group, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
+            )
+        else:
+            batch = self.padder(group)
+        batch["skipped"] = dict(self.skipped)
+        batch["reader"] = self._slot()[0]
+        return batch
+
+
+def _read_plain(url: str) -> Iterator[tuple[int, ShardSample]]:
+    for index, raw in enumerate(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())):
+        try:
+            yield index, ShardSample.from_wds(raw)
+        except SampleError:
             continue
-        i = rng.randrange(size)
-        buffer[i], item = item, buffer[i]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
+
+
+def _as_rng_state(state) -> tuple:
+    """random.Random state from its checkpointed form (lists after a round trip through some serialisers)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

@@ -11,13 +11,17 @@ labels are filled with -100 everywhere outside the shifted data.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
 
 
 def apply_delay_pattern(grid: torch.Tensor, text_pad_id: int, speech_pad: int = 1024) -> torch.Tensor:
-    """Delay an input grid `[..., T, C]` -> `[..., T + C - 1, C]` (channel c shifted down c rows)."""
+    """Delay an input grid `[..., T, C]` -> `[..., T + C - 1, C]` (channel c shifted down c rows).
+
+    Accepts a tensor or a numpy array and returns the same kind.
+    """
     return _shift(grid, fill=[text_pad_id] + [speech_pad] * (grid.shape[-1] - 1))
 
 
@@ -26,7 +30,14 @@ def apply_delay_pattern_labels(labels: torch.Tensor, ignore_index: int = IGNORE_
     return _shift(labels, fill=[ignore_index] * labels.shape[-1])
 
 
-def _shift(grid: torch.Tensor, fill: list[int]) -> torch.Tensor:
+def _shift(grid, fill: list[int]):
+    if isinstance(grid, np.ndarray):  # the data loader's path: no per-op torch overhead
+        *lead, length, channels = grid.shape
+        out = np.empty((*lead, length + channels - 1, channels), dtype=grid.dtype)
+        out[:] = np.asarray(fill, dtype=grid.dtype)
+        for c in range(channels):
+            out[..., c : c + length, c] = grid[..., c]
+        return out
     grid = torch.as_tensor(grid)
     *lead, length, channels = grid.shape
     out = torch.empty(*lead, length + channels - 1, channels, dtype=grid.dtype, device=grid.device)

@@ -53,6 +53,10 @@ class MossTTSDLitModule(L.LightningModule):
         self.config = config
         self.net_factory, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
         self.model: torch.nn.Module | None = None
+        self._step_counts: torch.Tensor | None = None
+        self._window_sums: torch.Tensor | None = None
+        self._val_sums: torch.Tensor | None = None
+        self._val_counts: torch.Tensor | None = None
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -73,26 +77,76 @@ class MossTTSDLitModule(L.LightningModule):
         return unwrap(self.model)
 
     def forward(self, batch: dict):
+        kwargs = {}
+        input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch.get("position_ids")
+        if "cu_seqlens" in batch and self.moss.attn_implementation == "flash_attention_2":
+            # Varlen kernels take explicit boundaries over one flattened row (pitfall P2: never inferred).
+            input_ids, labels = input_ids.reshape(1, -1, input_ids.shape[-1]), labels.reshape(1, -1, labels.shape[-1])
+            position_ids = position_ids.reshape(1, -1)
+            cu = batch["cu_seqlens"]
+            kwargs = dict(
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]
+            )
         return self.model(
-            batch["input_ids"],
+            input_ids,
             attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            labels=batch["labels"],
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,  # with a cache, transformers would let packed samples attend to each other
+            **kwargs,
         )
 
-    def _log_losses(self, stage: str, out, batch_size: int) -> None:
-        metrics = {f"{stage}/loss_ch{c}": loss for c, loss in enumerate(out.channel_losses.detach())}
-        self.log_dict(metrics, batch_size=batch_size, sync_dist=stage == "val")
-        self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=stage == "val")
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Loss of this micro-batch, normalised by the label counts of the whole optimiser step.
+
+        Each channel's summed CE is divided by its valid-label count over all micro-batches of the step and
+        all ranks (DESIGN invariant 3). Lightning divides by `accumulate_grad_batches` and DDP averages over
+        ranks; both are undone by the returned scale, so the step's gradient is exactly that of
+        `sum_c w_c * CE_sum_c(step) / N_c(step)`, however the step is split.
+        """
         out = self(batch)
-        self._log_losses("train", out, batch["input_ids"].shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
-        return out.loss
+        accumulate, first = self.trainer.accumulate_grad_batches, batch_idx % self.trainer.accumulate_grad_batches
+        if first == 0 or self._step_counts is None:
+            local = batch.get("step_label_counts", out.channel_label_counts)
+            self._step_counts = self.trainer.strategy.reduce(local.to(out.channel_loss_sums.device), reduce_op="sum")
+            self._window_sums = torch.zeros_like(out.channel_loss_sums)
+        weights = self.moss._normalized_weights.to(out.channel_loss_sums.device)
+        loss = (weights * out.channel_loss_sums / self._step_counts.clamp(min=1)).sum()
+        self._window_sums += out.channel_loss_sums.detach()
+        if first == accumulate - 1:
+            sums = self.trainer.strategy.reduce(self._window_sums, reduce_op="sum")
+            channel = sums / self._step_counts.clamp(min=1)
+            self._log_losses("train", channel, (weights * channel).sum())
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        return loss * accumulate * self.trainer.world_size
+
+    def _log_losses(self, stage: str, channel_losses: torch.Tensor, loss: torch.Tensor) -> None:
+        metrics = {f"{stage}/loss_ch{c}": value for c, value in enumerate(channel_losses)}
+        self.log_dict(metrics, batch_size=1)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums, self._val_counts = None, None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._log_losses("val", self(batch), batch["input_ids"].shape[0])
+        out = self(batch)
+        if self._val_sums is None:
+            self._val_sums, self._val_counts = (
+                torch.zeros_like(out.channel_loss_sums),
+                torch.zeros_like(out.channel_label_counts),
+            )
+        self._val_sums += out.channel_loss_sums
+        self._val_counts += out.channel_label_counts
+
+    def on_validation_epoch_end(self) -> None:
+        """Validation loss over the whole set: summed CE / label counts over every batch and rank."""
+        if self._val_sums is None:
+            return
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        channel = sums / counts.clamp(min=1)
+        weights = self.moss._normalized_weights.to(channel.device)
+        self._log_losses("val", channel, (weights * channel).sum())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # One norm computation serves both clipping and the `train/grad_norm` metric (pre-clip norm).

@@ -1,0 +1,72 @@
+"""Optimiser-step windows over a resumable loader, for an exactly normalised loss.
+
+The loss of one optimiser step divides each channel's summed cross-entropy by that channel's valid-label
+count over the *whole step*: every micro-batch of gradient accumulation (and, in the module, every rank).
+`StepWindowLoader` reads the `k` micro-batches of a step ahead, sums their `label_counts`, and hands them
+out one by one with the window total attached as `step_label_counts`. Lightning's own accumulation then
+applies unchanged.
+
+It has a length (`max_steps * k`), so Lightning does not pre-fetch a batch beyond the one it trains on, and
+a `state_dict`, so the checkpoint records the position of the wrapped `StatefulDataLoader` at the start of
+the current window plus how far into the window training got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class StepWindowLoader:
+    """Yields micro-batches with `step_label_counts` = the summed `label_counts` of their step window.
+
+    Args:
+        loader: a `torchdata.stateful_dataloader.StatefulDataLoader` yielding micro-batches.
+        accumulate: micro-batches per optimiser step (`trainer.accumulate_grad_batches`).
+        length: micro-batches in the whole run (`trainer.max_steps * accumulate`).
+    """
+
+    def __init__(self, loader, accumulate: int, length: int):
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.loader, self.accumulate, self.length = loader, accumulate, length
+        self._window_start: dict | None = None
+        self._offset = 0
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        iterator = iter(self.loader)
+        while True:
+            self._window_start = self.loader.state_dict()
+            window = []
+            for _ in range(self.accumulate):
+                try:
+                    window.append(next(iterator))
+                except StopIteration:
+                    break
+            if not window:
+                return
+            total = torch.stack([b["label_counts"] for b in window]).sum(0)
+            skip, self._skip = self._skip, 0
+            for i, batch in enumerate(window):
+                self._offset = i + 1
+                if i < skip:
+                    continue  # already trained on before the checkpoint this run resumed from
+                batch["step_label_counts"] = total
+                yield batch
+            self._offset = 0
+            if len(window) < self.accumulate:
+                return
+
+    def state_dict(self) -> dict:
+        if self._offset in (0, self.accumulate) or self._window_start is None:
+            return {"loader": self.loader.state_dict(), "skip": 0}
+        return {"loader": self._window_start, "skip": self._offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._skip = state["skip"]
