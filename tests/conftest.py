@@ -83,3 +83,28 @@ def real_layout_checkpoint(tmp_path, tiny_tokenizer) -> Path:
     MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+class BatchRecorder(__import__("lightning").Callback):
+    """Test helper: appends (step, keys, loss) of every training micro-batch to a JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": batch["keys"], "loss": float(outputs["loss"])}))
+            f.write("\n")
+
+
+class StopAtStep(__import__("lightning").Callback):
+    """Test helper: stops training after `step` optimiser steps, as a preempted job would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -138,6 +138,7 @@ class MossDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory,
         )
+        self._train_loader = loader
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
@@ -152,6 +153,14 @@ class MossDataModule(L.LightningDataModule):
         return DataLoader(
             self.stream(self.val_urls, train=False), batch_size=None, num_workers=workers, pin_memory=self._pin_memory
         )
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the persistent loader workers now, rather than whenever the loader is garbage-collected."""
+        loader = getattr(self, "_train_loader", None)
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._train_loader = None
 
     @property
     def _pin_memory(self) -> bool:
