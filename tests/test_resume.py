@@ -27,8 +27,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, accumulate):
 
     def run(name, extra):
         log = tmp_path / f"{name}.jsonl"
-        overrides = [*common, f"paths.output_dir={tmp_path / name}", *extra,
-                     f"+callbacks.recorder={{_target_: tests.conftest.BatchRecorder, path: '{log}'}}"]
+        overrides = [
+            *common,
+            f"paths.output_dir={tmp_path / name}",
+            *extra,
+            f"+callbacks.recorder={{_target_: tests.conftest.BatchRecorder, path: '{log}'}}",
+        ]
         train(compose_train(tmp_path, overrides))
         return log
 
@@ -36,7 +40,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, accumulate):
     stop = "+callbacks.stop={_target_: tests.conftest.StopAtStep, step: 4}"
     first = records(run("resumed", [stop]))
     assert max(r["step"] for r in first) == 4
-    second = records(run("resumed", ["resume=auto"]))[len(first):]
+    second = records(run("resumed", ["resume=auto"]))[len(first) :]
     assert [r["keys"] for r in first + second] == [r["keys"] for r in straight]
     for a, b in zip(first + second, straight, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)

@@ -1,5 +1,6 @@
-"""Text side of MOSS-TTSD: the prompt template (and text normalisation)."""
+"""Text side of MOSS-TTSD: normalisation and the prompt template."""
 
+from moss.text.normalize import normalize_text
 from moss.text.prompt import SYSTEM_PROMPT, PromptBuilder, map_speaker_tags
 
-__all__ = ["SYSTEM_PROMPT", "PromptBuilder", "map_speaker_tags"]
+__all__ = ["SYSTEM_PROMPT", "PromptBuilder", "map_speaker_tags", "normalize_text"]

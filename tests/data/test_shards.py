@@ -141,8 +141,16 @@ def test_shard_specs(tiny_shards):
 
 
 def packed_stream(urls, builder, repeat, **kwargs):
-    return ShardStream(urls, builder, repeat=repeat, shuffle=repeat, seed=7, shuffle_buffer=8,
-                       packer={"budget": 1024, "window": 8, "min_fill": 0.97}, **kwargs)
+    return ShardStream(
+        urls,
+        builder,
+        repeat=repeat,
+        shuffle=repeat,
+        seed=7,
+        shuffle_buffer=8,
+        packer={"budget": 1024, "window": 8, "min_fill": 0.97},
+        **kwargs,
+    )
 
 
 def test_packed_pass_over_two_ranks_and_two_workers_is_exactly_once(tiny_shards, builder, monkeypatch):
@@ -150,8 +158,9 @@ def test_packed_pass_over_two_ranks_and_two_workers_is_exactly_once(tiny_shards,
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        for batch in DataLoader(packed_stream(expand_shards(str(tiny_shards)), builder, False), batch_size=None,
-                                num_workers=2):
+        for batch in DataLoader(
+            packed_stream(expand_shards(str(tiny_shards)), builder, False), batch_size=None, num_workers=2
+        ):
             assert batch["input_ids"].shape == (1, 1024, 8) and int(batch["real_rows"]) <= 1024
             keys.extend(batch["keys"])
     assert sorted(keys) == sorted(s.key for s in generate_samples(48, seed=3))
@@ -181,8 +190,9 @@ def test_skip_report_is_written(tmp_path, builder):
     long = ShardSample("too-long", np.zeros((5000, 8), np.int16), "[S1]hello", "test")
     write_shards([long, *generate_samples(2, seed=4)], tmp_path / "s", prefix="s")
     report = tmp_path / "report"
-    stream = ShardStream(expand_shards(str(tmp_path / "s")), builder, repeat=False, shuffle=False,
-                         report_dir=str(report))
+    stream = ShardStream(
+        expand_shards(str(tmp_path / "s")), builder, repeat=False, shuffle=False, report_dir=str(report)
+    )
     batches = list(stream)
     assert batches[-1]["skipped"] == {"over-long sample": 1}
     (line,) = (report / "skipped-reader0000.jsonl").read_text().splitlines()
