@@ -43,6 +43,12 @@ def validate(cfg: DictConfig) -> None:
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
         problems.append(f"model.net.attn_implementation={attn} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}")
 
+    if attn in ("varlen_sdpa", "flash_attention_2") and OmegaConf.select(cfg, "data.packing") is None:
+        problems.append(
+            f"model.net.attn_implementation={attn} needs packed batches; set data.packing (see conf/data/) "
+            f"or use model.net.attn_implementation=sdpa with data.packing=null"
+        )
+
     weights = OmegaConf.select(cfg, "model.channel_weights")
     if weights is not None and len(weights) != 8:
         problems.append(f"model.channel_weights needs 8 values (one per channel), got {list(weights)}")

@@ -119,6 +119,20 @@ def test_validate_reports_every_problem_with_its_fix(tmp_path):
         assert fix in message
 
 
+def test_varlen_attention_requires_packing(tmp_path):
+    with pytest.raises(ConfigError, match="varlen_sdpa needs packed batches"):
+        validate(compose_train(tmp_path, ["data.packing=null"]))
+    validate(compose_train(tmp_path, ["data.packing=null", "model.net.attn_implementation=sdpa"]))
+
+
+def test_padded_mode_trains(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        ["data.packing=null", "model.net.attn_implementation=sdpa", "debug=fast_dev_run", "data.num_workers=0"],
+    )
+    assert train(cfg)["trainer"].global_step == 4
+
+
 def test_entry_points_name_existing_configs():
     for script, name in (("train.py", "train"),):
         assert f'config_name="{name}"' in (REPO / script).read_text()

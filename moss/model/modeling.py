@@ -19,10 +19,11 @@ from torch import nn
 from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from moss.model import varlen  # noqa: F401  (registers the varlen_sdpa attention with transformers)
 from moss.model.config import MossTTSDConfig
 from moss.model.loss import DEFAULT_CHUNK_ROWS, channel_cross_entropy, normalized_weights, weighted_loss
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", varlen.NAME)
 
 
 def check_attn_implementation(name: str) -> str:
@@ -182,6 +183,11 @@ class MossTTSD(nn.Module):
             cache: a previous KV cache.
             **attn_kwargs: passed to the attention layers (e.g. `cu_seq_lens_q` for varlen attention).
         """
+        if self.attn_implementation == varlen.NAME and (attention_mask is not None or use_cache):
+            raise ValueError(
+                "varlen_sdpa attention takes packed batches (position_ids + varlen_bounds) without a mask or cache; "
+                "use attn_implementation=sdpa for padded batches and generation"
+            )
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         out = self.model(

@@ -79,7 +79,12 @@ class MossTTSDLitModule(L.LightningModule):
     def forward(self, batch: dict):
         kwargs = {}
         input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch.get("position_ids")
-        if "cu_seqlens" in batch and self.moss.attn_implementation == "flash_attention_2":
+        attn = self.moss.attn_implementation
+        if attn == "varlen_sdpa":
+            if "cu_seqlens" not in batch:
+                raise ValueError("attn_implementation=varlen_sdpa needs packed batches: set data.packing (or use sdpa)")
+            kwargs = {"varlen_bounds": batch["cu_seqlens"].tolist()}
+        elif "cu_seqlens" in batch and attn == "flash_attention_2":
             # Varlen kernels take explicit boundaries over one flattened row (pitfall P2: never inferred).
             input_ids, labels = input_ids.reshape(1, -1, input_ids.shape[-1]), labels.reshape(1, -1, labels.shape[-1])
             position_ids = position_ids.reshape(1, -1)

@@ -53,10 +53,10 @@ def examples():
     return [builder(s) for s in generate_samples(4, seed=21)]
 
 
-def step_gradients(tmp_path, per_rank, accumulate=1, devices=1):
+def step_gradients(tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa"):
     module = MossTTSDLitModule(
         config=MossTTSDConfig.tiny(**CONFIG),
-        net=functools.partial(MossTTSD.from_config, seed=0),
+        net=functools.partial(MossTTSD.from_config, seed=0, attn_implementation=attn),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         channel_weights=[8, 2, 1, 1, 1, 1, 1, 1],
     )
@@ -116,8 +116,9 @@ def test_padded_batch(tmp_path, exs, reference):
     assert_same(step_gradients(tmp_path, [[batch]]), reference)
 
 
-def test_packed_batch(tmp_path, exs, reference):
-    assert_same(step_gradients(tmp_path, [[pack([0, 1], [2, 3], exs=exs)]]), reference)
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_sdpa"])
+def test_packed_batch(tmp_path, exs, reference, attn):
+    assert_same(step_gradients(tmp_path, [[pack([0, 1], [2, 3], exs=exs)]], attn=attn), reference)
 
 
 def test_packed_with_gradient_accumulation(tmp_path, exs, reference):
