@@ -48,7 +48,7 @@ class BestFitPacker:
     Items are dicts with an int `rows`; the packer does not look at anything else.
     """
 
-    def __init__(self, budget: int, window: int = 128, min_fill: float = 0.995, max_rounds: int = 4):
+    def __init__(self, budget: int, window: int = 256, min_fill: float = 0.995, max_rounds: int = 16):
         if budget < 1 or window < 1:
             raise ValueError(f"budget and window must be positive, got budget={budget}, window={window}")
         self.budget, self.window, self.min_fill, self.max_rounds = budget, window, min_fill, max_rounds
