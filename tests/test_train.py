@@ -148,8 +148,16 @@ def test_corrupt_shard_is_skipped_and_reported_while_training_continues(tmp_path
     good = (data / "synthetic-000000.tar").read_bytes()
     (data / "synthetic-000000.tar").write_bytes(good[: len(good) // 3])  # truncated mid-sample
     (data / "zz-garbage.tar").write_bytes(b"not a tar file at all" * 100)
-    cfg = compose_train(tmp_path, ["debug=fast_dev_run", "trainer.max_steps=40", "data.num_workers=0",
-                                   "data.shuffle_buffer=4", "data.synthetic.train_samples=96"])
+    cfg = compose_train(
+        tmp_path,
+        [
+            "debug=fast_dev_run",
+            "trainer.max_steps=40",
+            "data.num_workers=0",
+            "data.shuffle_buffer=4",
+            "data.synthetic.train_samples=96",
+        ],
+    )
     result = train(cfg)
     assert result["trainer"].global_step == 40
     reports = list((result["output_dir"] / "data_report").glob("skipped-*.jsonl"))
@@ -159,8 +167,15 @@ def test_corrupt_shard_is_skipped_and_reported_while_training_continues(tmp_path
 
 
 def test_too_few_shards_for_the_readers_fails_at_start_up(tmp_path, tiny_shards, real_layout_checkpoint):
-    cfg = compose_train(tmp_path, ["+experiment=lora_v05", f"model.path={real_layout_checkpoint}",
-                                   f"data.train_shards={tiny_shards}", "data.num_workers=8"])
+    cfg = compose_train(
+        tmp_path,
+        [
+            "+experiment=lora_v05",
+            f"model.path={real_layout_checkpoint}",
+            f"data.train_shards={tiny_shards}",
+            "data.num_workers=8",
+        ],
+    )
     module = instantiate(cfg.model)
     data = instantiate(cfg.data, _partial_=True)(tokenizer=instantiate(cfg.tokenizer), model_config=module.config)
     with pytest.raises(ValueError, match="has 6 shards but 1 ranks x 8 workers = 8 readers.*lower data.num_workers"):
