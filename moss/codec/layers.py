@@ -1,5 +1,4 @@
-"""XY-Tokenizer building blocks: Whisper-style transformer layers, audio encoder/decoder, adapters, the
-residual down-convolution and the up-convolution.
+"""XY-Tokenizer building blocks: Whisper-style transformers, encoders, decoder, adapters, re-sampling convs.
 
 Attribute names follow the original modules so `xy_tokenizer.ckpt` loads key for key. Layout: features are
 `[B, D, T]` between blocks (channels first), `[B, T, D]` inside transformers; every block takes per-clip

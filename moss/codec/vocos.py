@@ -30,6 +30,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 class VocosBackbone(nn.Module):
+    """Embedding conv -> LayerNorm -> ConvNeXt blocks -> LayerNorm, at the mel frame rate."""
+
     def __init__(self, input_channels: int, dim: int, intermediate_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Conv1d(input_channels, dim, kernel_size=7, padding=3)
@@ -38,7 +40,7 @@ class VocosBackbone(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """mel `[B, C, T]` -> `[B, T, dim]`."""
+        """Mel `[B, C, T]` -> `[B, T, dim]`."""
         mask = (torch.arange(mel.shape[2], device=mel.device)[None, :] < lengths[:, None]).unsqueeze(1).to(mel.dtype)
         x = self.norm(self.embed(mel * mask).transpose(1, 2)).transpose(1, 2)
         for block in self.convnext:
@@ -78,13 +80,15 @@ class ISTFTHead(nn.Module):
         self.istft = InverseSTFT(n_fft, hop_length)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """x `[B, T, dim]` -> one waveform per clip, over its own `lengths[b]` frames."""
+        """Hidden `[B, T, dim]` -> one waveform per clip, over its own `lengths[b]` frames."""
         magnitude, phase = self.out(x).transpose(1, 2).float().chunk(2, dim=1)
         spec = torch.clip(torch.exp(magnitude), max=1e2) * torch.exp(1j * phase)
         return [self.istft(spec[b : b + 1, :, : int(n)])[0] for b, n in enumerate(lengths)]
 
 
 class Vocos(nn.Module):
+    """Mel frames -> waveform (`hop_size` samples per frame)."""
+
     def __init__(
         self,
         input_channels=80,
