@@ -97,6 +97,28 @@ class XYTokenizerConfig:
     @classmethod
     def tiny(cls, output_sample_rate: int = 32000) -> XYTokenizerConfig:
         """Real rates and frame geometry with tiny widths (for tests; the golden tiny codec's layout)."""
+        return cls.sized(8, 2, 16, 1, 1, 8, 8, 16, 2, output_sample_rate)
+
+    @classmethod
+    def real(cls, output_sample_rate: int = 32000) -> XYTokenizerConfig:
+        """The published architecture (widths of xy_tokenizer_32k_config.yaml / the 24 kHz variant)."""
+        return cls.sized(768, 12, 3072, 12, 4, 512, 512, 4096, 30, output_sample_rate)
+
+    @classmethod
+    def sized(
+        cls,
+        d_model: int,
+        heads: int,
+        ffn: int,
+        layers: int,
+        adapter_layers: int,
+        rvq_dim: int,
+        vocos_dim: int,
+        vocos_intermediate: int,
+        vocos_layers: int,
+        output_sample_rate: int = 32000,
+    ):
+        """The XY-Tokenizer layout with the given widths and depths (24 or 32 kHz output)."""
         hop = {32000: 320, 24000: 240}[output_sample_rate]
         enc = dict(
             num_mel_bins=80,
@@ -104,25 +126,26 @@ class XYTokenizerConfig:
             hop_length=160,
             stride_size=2,
             kernel_size=3,
-            d_model=8,
+            d_model=d_model,
             scale_embedding=False,
             max_audio_seconds=30,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=16,
+            encoder_layers=layers,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
             activation_function="gelu",
         )
         adapter = dict(
-            input_dim=8,
-            output_dim=8,
-            d_model=8,
+            input_dim=d_model,
+            output_dim=d_model,
+            d_model=d_model,
             max_source_positions=1500,
-            encoder_layers=1,
-            encoder_attention_heads=2,
-            encoder_ffn_dim=16,
+            encoder_layers=adapter_layers,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=ffn,
         )
         dec = {k: v for k, v in enc.items() if not k.startswith("encoder_")}
-        dec.update(decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=16)
+        dec.update(decoder_layers=layers, decoder_attention_heads=heads, decoder_ffn_dim=ffn)
+        wide = 4 * d_model
         return cls(
             dict(
                 input_sample_rate=16000,
@@ -133,19 +156,24 @@ class XYTokenizerConfig:
                 semantic_encoder_kwargs=enc,
                 semantic_encoder_adapter_kwargs=adapter,
                 acoustic_encoder_kwargs=dict(enc),
-                pre_rvq_adapter_kwargs={**adapter, "input_dim": 16},
-                downsample_kwargs=dict(d_model=8, avg_pooler=4),
+                pre_rvq_adapter_kwargs={**adapter, "input_dim": 2 * d_model},
+                downsample_kwargs=dict(d_model=d_model, avg_pooler=4),
                 quantizer_kwargs=dict(
-                    input_dim=32, rvq_dim=8, output_dim=32, num_quantizers=8, codebook_size=1024, codebook_dim=8
+                    input_dim=wide,
+                    rvq_dim=rvq_dim,
+                    output_dim=wide,
+                    num_quantizers=8,
+                    codebook_size=1024,
+                    codebook_dim=rvq_dim,
                 ),
-                post_rvq_adapter_kwargs={**adapter, "input_dim": 32, "output_dim": 32, "max_source_positions": 375},
-                upsample_kwargs=dict(d_model=8, stride=4),
+                post_rvq_adapter_kwargs={**adapter, "input_dim": wide, "output_dim": wide, "max_source_positions": 375},
+                upsample_kwargs=dict(d_model=d_model, stride=4),
                 acoustic_decoder_kwargs=dec,
                 vocos_kwargs=dict(
                     input_channels=80,
-                    dim=8,
-                    intermediate_dim=16,
-                    num_layers=2,
+                    dim=vocos_dim,
+                    intermediate_dim=vocos_intermediate,
+                    num_layers=vocos_layers,
                     n_fft=hop * 4,
                     hop_size=hop,
                     padding="same",

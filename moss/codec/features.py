@@ -43,6 +43,8 @@ class LogMel(torch.nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(
         self, waveforms: torch.Tensor, lengths: torch.Tensor, full_window: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,13 +129,17 @@ class XYTokenizer(nn.Module):
         return wave
 
     @torch.inference_mode()
-    def encode(self, waveforms: Sequence, sample_rate: int = 16000, batch_size: int = 16) -> list[torch.Tensor]:
+    def encode(
+        self, waveforms: Sequence, sample_rate: int = 16000, batch_size: int = 16, dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
         """Encode clips of any length and channel count.
 
         Args:
             waveforms: clips as tensors or arrays (`[N]`, `[C, N]`, `[N, C]`).
             sample_rate: their sample rate (resampled to 16 kHz inside).
             batch_size: clips per forward call (sorted by length to limit padding).
+            dtype: autocast dtype of the transformer stacks (e.g. torch.bfloat16); features and the quantiser
+                stay float32. None = float32 throughout (the reference).
 
         Returns:
             One LongTensor `[N_16k // 1280, 8]` per clip, in input order, on the codec's device.
@@ -143,10 +147,11 @@ class XYTokenizer(nn.Module):
         clips = [self.prepare(w, sample_rate, i) for i, w in enumerate(waveforms)]
         order = sorted(range(len(clips)), key=lambda i: -clips[i].numel())
         out: list[torch.Tensor | None] = [None] * len(clips)
-        for start in range(0, len(order), batch_size):
-            group = order[start : start + batch_size]
-            for i, codes in zip(group, self._encode_batch([clips[i] for i in group]), strict=True):
-                out[i] = codes
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            for start in range(0, len(order), batch_size):
+                group = order[start : start + batch_size]
+                for i, codes in zip(group, self._encode_batch([clips[i] for i in group]), strict=True):
+                    out[i] = codes
         return out
 
     def _encode_batch(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -169,8 +174,12 @@ class XYTokenizer(nn.Module):
         return [codes[:, b, : int(n) // self.encoder_downsample_rate].T.contiguous() for b, n in enumerate(lengths)]
 
     @torch.inference_mode()
-    def decode(self, codes_list: Sequence[torch.Tensor], batch_size: int = 16) -> list[torch.Tensor]:
-        """Decode code grids `[frames, Q]` (any length) to waveforms `[frames * decoder_upsample_rate]`.
+    def decode(
+        self, codes_list: Sequence[torch.Tensor], batch_size: int = 16, dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
+        """Decode code grids `[frames, Q]` (any length) to float32 waveforms `[frames * decoder_upsample_rate]`.
+
+        `dtype` is the autocast dtype of the network (None = float32, the reference); the inverse STFT is float32.
 
         Raises:
             ValueError: a grid of the wrong shape or with codes outside the codebooks.
@@ -185,10 +194,11 @@ class XYTokenizer(nn.Module):
             grids.append(codes)
         order = sorted(range(len(grids)), key=lambda i: -grids[i].shape[0])
         out: list[torch.Tensor | None] = [None] * len(grids)
-        for start in range(0, len(order), batch_size):
-            group = order[start : start + batch_size]
-            for i, wave in zip(group, self._decode_batch([grids[i] for i in group]), strict=True):
-                out[i] = wave
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            for start in range(0, len(order), batch_size):
+                group = order[start : start + batch_size]
+                for i, wave in zip(group, self._decode_batch([grids[i] for i in group]), strict=True):
+                    out[i] = wave.float()
         return out
 
     def _decode_batch(self, grids: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -61,8 +61,11 @@ class ResidualVQ(nn.Module):
         self.output_proj = WeightNormConv1d(rvq_dim, output_dim) if rvq_dim != output_dim else nn.Identity()
         self.quantizers = nn.ModuleList(Codebook(codebook_size, codebook_dim) for _ in range(num_quantizers))
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(self, z: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        residual = self.input_proj(z).float()
+        """Always float32: nearest-code decisions must not depend on the compute dtype of the encoders."""
+        residual = self.input_proj(z.float()).float()
         batch, dim, length = residual.shape
         mask = (torch.arange(length, device=z.device)[None, :] < lengths[:, None]).unsqueeze(1)
         quantized = torch.zeros_like(residual)
@@ -76,6 +79,8 @@ class ResidualVQ(nn.Module):
             codes.append(index)
         return self.output_proj(quantized), torch.stack(codes)
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes `[Q, B, T]` -> `[B, D_out, T]` (sum of the chosen codes, projected)."""
         emb = sum(
