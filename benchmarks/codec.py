@@ -56,7 +56,7 @@ def main() -> None:
     rows, result = [], {"device": args.device, "params": params, "audio_seconds": total_seconds}
     for batch in (1, args.batch):
         codes, enc_s = timed(lambda b=batch: codec.encode(audio, batch_size=b), args.device)
-        _, dec_s = timed(lambda b=batch: codec.decode(codes, batch_size=b), args.device)
+        _, dec_s = timed(lambda b=batch, c=codes: codec.decode(c, batch_size=b), args.device)
         rows.append((batch, total_seconds / enc_s, total_seconds / dec_s))
         result[f"encode_audio_s_per_s_batch{batch}"] = total_seconds / enc_s
         result[f"decode_audio_s_per_s_batch{batch}"] = total_seconds / dec_s
