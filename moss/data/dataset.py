@@ -65,12 +65,14 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
 
 
 def manifest_samples(urls: list[str]) -> int | None:
-    """Samples of a local shard set according to its manifest(s), or None when no manifest covers it."""
+    """Samples of a local shard set according to its manifest(s), or None when no manifest covers it.
+
+    A folder may hold one `manifest.json` or one `manifest-<slot>.json` per preprocessing rank.
+    """
     names = {Path(u).name for u in urls}
     total, covered = 0, set()
     for folder in {Path(u).parent for u in urls if "://" not in u}:
-        file = folder / MANIFEST
-        if file.is_file():
+        for file in sorted(folder.glob(MANIFEST.replace(".json", "*.json"))):
             for entry in json.loads(file.read_text())["shards"]:
                 if entry["shard"] in names:
                     total += entry["samples"]
@@ -97,7 +99,10 @@ class ExampleBuilder:
         self.truncate = truncate
 
     def __call__(self, sample: ShardSample) -> dict:
-        grid, labels = self.prompt(sample.text, sample.codes, sample.ref_text, sample.ref_codes)
+        if sample.grid is not None:  # imported from the original preprocessing: the grid as stored
+            grid, labels = sample.grid, sample.grid_labels
+        else:
+            grid, labels = self.prompt(sample.text, sample.codes, sample.ref_text, sample.ref_codes)
         input_ids = apply_delay_pattern(grid.astype(np.int32), self.text_pad_id, self.prompt.speech_pad)
         labels = apply_delay_pattern_labels(labels.astype(np.int32))
         rows = input_ids.shape[0]

@@ -8,6 +8,9 @@ One WebDataset sample per utterance or dialogue:
 * `json`: `{"text", "ref_text"?, "source", "duration_s", "frames", "codec", "codec_sample_rate"}` with raw
   transcripts (normalisation and the prompt template run at training time).
 
+Samples imported from the original `.pkl` preprocessing carry the finished grid instead of codes and text:
+`input_ids.npy` and `labels.npy` (int32 `[T, 8]`, un-delayed, as stored) and a `json` with `"grid": true`.
+
 Every shard set has `manifest.json` (per shard: name, samples, audio frames) so training knows its size
 without opening tars.
 """
@@ -22,6 +25,8 @@ import numpy as np
 
 CODES = "codes.npy"
 REF_CODES = "ref_codes.npy"
+GRID = "input_ids.npy"
+GRID_LABELS = "labels.npy"
 META = "json"
 MANIFEST = "manifest.json"
 FRAME_RATE = 12.5
@@ -45,10 +50,15 @@ class ShardSample:
     codec_sample_rate: int = 16000
     ref_codes: np.ndarray | None = None
     ref_text: str | None = None
+    grid: np.ndarray | None = None
+    grid_labels: np.ndarray | None = None
+    audio_frames: int | None = None
 
     @property
     def frames(self) -> int:
         """Audio frames of target plus reference."""
+        if self.grid is not None:
+            return int(self.audio_frames or 0)
         return int(self.codes.shape[0]) + (0 if self.ref_codes is None else int(self.ref_codes.shape[0]))
 
     def validate(self) -> ShardSample:
@@ -57,6 +67,10 @@ class ShardSample:
         Raises:
             SampleError: naming the key and what is wrong.
         """
+        if self.grid is not None:
+            if self.grid_labels is None or self.grid.shape != self.grid_labels.shape or self.grid.ndim != 2:
+                raise SampleError(f"{self.key}: grid and labels must be two [T, C] arrays of one shape")
+            return self
         for name, codes in ((CODES, self.codes), (REF_CODES, self.ref_codes)):
             if codes is None:
                 continue
@@ -73,6 +87,14 @@ class ShardSample:
     def to_wds(self) -> dict:
         """The dict a `webdataset.TarWriter` writes (bytes values, no pickle)."""
         self.validate()
+        if self.grid is not None:
+            meta = {"grid": True, "source": self.source, "frames": self.frames, "duration_s": self.frames / FRAME_RATE}
+            return {
+                "__key__": self.key,
+                GRID: _npy_bytes(self.grid, np.int32),
+                GRID_LABELS: _npy_bytes(self.grid_labels, np.int32),
+                META: json.dumps(meta).encode("utf-8"),
+            }
         meta = {
             "text": self.text,
             "source": self.source,
@@ -97,6 +119,8 @@ class ShardSample:
         """
         key = raw.get("__key__", "<no key>")
         where = f"{raw.get('__url__', '?')}:{key}"
+        if GRID in raw or GRID_LABELS in raw:
+            return cls._grid_from_wds(raw, where)
         missing = [k for k in (CODES, META) if k not in raw]
         if missing:
             raise SampleError(
@@ -125,10 +149,34 @@ class ShardSample:
         except SampleError as err:
             raise SampleError(f"{raw.get('__url__', '?')}:{err}") from None
 
+    @classmethod
+    def _grid_from_wds(cls, raw: dict, where: str) -> ShardSample:
+        missing = [k for k in (GRID, GRID_LABELS, META) if k not in raw]
+        if missing:
+            raise SampleError(f"{where}: missing fields {missing} of an imported grid sample")
+        try:
+            meta = json.loads(raw[META])
+            grid, labels = _npy_load(raw[GRID]), _npy_load(raw[GRID_LABELS])
+        except (ValueError, json.JSONDecodeError, OSError) as err:
+            raise SampleError(f"{where}: unreadable field ({err})") from err
+        sample = cls(
+            key=raw["__key__"],
+            codes=np.zeros((0, CODEBOOKS), np.int16),
+            text="",
+            source=meta.get("source", ""),
+            grid=grid,
+            grid_labels=labels,
+            audio_frames=meta.get("frames"),
+        )
+        try:
+            return sample.validate()
+        except SampleError as err:
+            raise SampleError(f"{raw.get('__url__', '?')}:{err}") from None
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+
+def _npy_bytes(array: np.ndarray, dtype=np.int16) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.asarray(array, dtype=np.int16), allow_pickle=False)
+    np.save(buf, np.asarray(array, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 

@@ -16,60 +16,68 @@ import webdataset as wds
 from moss.data.schema import MANIFEST, ShardSample
 
 
-class ShardSetWriter:
-    """Write samples into `{prefix}-{index:06d}.tar` shards of at most `max_samples` samples / `max_bytes`.
+def write_shard(path: str | Path, samples: Iterable[ShardSample]) -> dict:
+    """Write one tar shard atomically (`<path>.tmp`, then rename); returns its manifest entry.
 
-    A shard is written to `<name>.tmp` and renamed when closed, so a crash never leaves a truncated shard
-    under a final name. `close()` writes `manifest.json` listing every shard with its sample and frame counts.
+    The entry is `{"shard", "samples", "frames", "sample_frames"}` (per-sample audio frames, for statistics).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    frames = []
+    with open(tmp, "wb") as stream:
+        tar = wds.TarWriter(stream, encoder=False, mtime=0.0)
+        for sample in samples:
+            tar.write(sample.to_wds())
+            frames.append(sample.frames)
+        tar.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    return {"shard": path.name, "samples": len(frames), "frames": sum(frames), "sample_frames": frames}
+
+
+def write_manifest(path: str | Path, entries: list[dict]) -> Path:
+    """Write a manifest listing `entries` (atomically), with totals."""
+    path = Path(path)
+    manifest = {
+        "shards": entries,
+        "samples": sum(e["samples"] for e in entries),
+        "frames": sum(e["frames"] for e in entries),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class ShardSetWriter:
+    """Write samples into `{prefix}-{index:06d}.tar` shards of at most `max_samples` samples.
+
+    `close()` writes `manifest.json` listing every shard with its sample and frame counts.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_samples: int = 1000, max_bytes: int = 2**30):
+    def __init__(self, out_dir: str | Path, prefix: str = "shard", max_samples: int = 1000):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
+        self.prefix, self.max_samples = prefix, max_samples
         self.shards: list[dict] = []
-        self._tar = None
-        self._index = 0
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{self._index:06d}.tar"
-        self._path = self.out_dir / name
-        self._stream = open(str(self._path) + ".tmp", "wb")
-        self._tar = wds.TarWriter(self._stream, encoder=False, mtime=0.0)
-        self._entry = {"shard": name, "samples": 0, "frames": 0}
-        self._bytes = 0
-
-    def _finish(self) -> None:
-        self._tar.close()
-        self._stream.close()  # TarWriter leaves file objects it did not open to the caller
-        os.replace(str(self._path) + ".tmp", self._path)
-        self.shards.append(self._entry)
-        self._tar = None
-        self._index += 1
+        self._pending: list[ShardSample] = []
 
     def write(self, sample: ShardSample) -> None:
-        record = sample.to_wds()
-        if self._tar is None:
-            self._open()
-        self._tar.write(record)
-        self._entry["samples"] += 1
-        self._entry["frames"] += sample.frames
-        self._bytes += sum(len(v) for k, v in record.items() if not k.startswith("__"))
-        if self._entry["samples"] >= self.max_samples or self._bytes >= self.max_bytes:
-            self._finish()
+        self._pending.append(sample.validate())
+        if len(self._pending) >= self.max_samples:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            name = f"{self.prefix}-{len(self.shards):06d}.tar"
+            self.shards.append(write_shard(self.out_dir / name, self._pending))
+            self._pending = []
 
     def close(self) -> Path:
         """Finish the open shard and write the manifest; returns the manifest path."""
-        if self._tar is not None:
-            self._finish()
-        manifest = {
-            "shards": self.shards,
-            "samples": sum(s["samples"] for s in self.shards),
-            "frames": sum(s["frames"] for s in self.shards),
-        }
-        path = self.out_dir / MANIFEST
-        path.write_text(json.dumps(manifest, indent=2) + "\n")
-        return path
+        self._flush()
+        return write_manifest(self.out_dir / MANIFEST, self.shards)
 
     def __enter__(self) -> ShardSetWriter:
         return self

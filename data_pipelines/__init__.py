@@ -1,0 +1,1 @@
+"""Offline data preparation: raw JSONL + audio -> WebDataset shards; legacy import; shard statistics."""

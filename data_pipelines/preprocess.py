@@ -1,0 +1,304 @@
+r"""Raw dialogue JSONL + audio -> WebDataset shards of XY-Tokenizer codes, in parallel and resumably.
+
+    python -m data_pipelines.preprocess inputs=[train.jsonl] output_dir=shards/ \\
+        codec.config=xy_tokenizer_32k_config.yaml codec.checkpoint=xy_tokenizer.ckpt
+
+Work is split into *slots*: slot s owns records s, s + S, s + 2S, ... (S slots, fixed at the first run in
+`plan.json`) and writes shards `{s:05d}-{k:06d}.tar`, shard k holding its records k*R .. (k+1)*R - 1.
+A shard is written to a temporary name and renamed, then its metadata `<shard>.json` (counts and skips) is
+written the same way; a shard counts as done only when that file exists. So a rerun after a crash anywhere
+redoes exactly the unfinished shards and the final set has the samples of an uninterrupted run.
+
+Processes: every launched process (torchrun/SLURM ranks, times local devices) takes slots round-robin; on
+one machine without a launcher, one process per GPU is spawned (or one CPU process). Each has a pool of CPU
+workers that validate records and read, down-mix and resample audio, while it encodes length-sorted batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data_pipelines.records import Limits, Loaded, Record, Skip, load, read_records
+from moss.data.schema import ShardSample
+from moss.data.writer import write_manifest, write_shard
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def launcher_rank() -> tuple[int, int, int | None]:
+    """(global rank, world size, local rank) from torchrun or SLURM; (0, 1, None) when run directly."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in env:
+        return int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, None
+
+
+def local_devices(setting, local_rank: int | None) -> list[str]:
+    """`auto`: one device per process under a launcher, else every local GPU, else the CPU."""
+    if setting == "cpu" or not torch.cuda.is_available():
+        return ["cpu"]
+    if setting == "auto":
+        if local_rank is not None:
+            return [f"cuda:{local_rank}"]
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [f"cuda:{int(i)}" for i in setting]
+
+
+def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_shard: int) -> dict:
+    """The partition of the work, fixed at the first run so reruns with other device counts agree."""
+    path = output_dir / "plan.json"
+    plan = {
+        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "records_per_shard": records_per_shard,
+        "num_slots": processes,
+    }
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["inputs"] != plan["inputs"] or saved["records_per_shard"] != records_per_shard:
+            raise ValueError(
+                f"{output_dir} holds a run over other inputs or shard size ({path}); use a new output_dir or the "
+                f"same inputs and records_per_shard={saved['records_per_shard']}"
+            )
+        return saved
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, path)
+    return plan
+
+
+def shard_name(slot: int, index: int) -> str:
+    """`{slot:05d}-{index:06d}.tar`: the rank-style name of a slot's index-th shard."""
+    return f"{slot:05d}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _init_loader() -> None:
+    torch.set_num_threads(1)
+
+
+def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
+    return load(*args)
+
+
+def _bounded(items, in_flight: threading.BoundedSemaphore):
+    for item in items:
+        in_flight.acquire()
+        yield item
+
+
+class ShardEncoder:
+    """Encodes the records of shards: CPU pool for loading, the codec for length-sorted batches."""
+
+    def __init__(self, cfg: DictConfig, device: str, workers: int):
+        # Fork is cheap and safe while this process has not touched CUDA (the codec is loaded afterwards).
+        ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+        self.pool = ctx.Pool(workers, initializer=_init_loader) if workers > 0 else None
+        from moss.codec import XYTokenizer
+
+        self.codec = XYTokenizer.from_pretrained(cfg.codec.config, cfg.codec.checkpoint, device=device)
+        self.cfg, self.limits = cfg, Limits(**cfg.limits)
+        self.in_flight = threading.BoundedSemaphore(max(2, 4 * workers))
+        self.audio_seconds = 0.0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+    def _loaded(self, records: list[Record]):
+        tasks = [(r, self.limits) for r in records]
+        if self.pool is None:
+            yield from map(_load, tasks)
+            return
+        for result in self.pool.imap(_load, _bounded(tasks, self.in_flight), chunksize=1):
+            self.in_flight.release()
+            yield result
+
+    def _encode(self, batch: list[Loaded], codes: dict[int, tuple]) -> None:
+        clips = [x.audio for x in batch] + [x.ref_audio for x in batch if x.ref_audio is not None]
+        encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch)
+        refs = iter(encoded[len(batch) :])
+        for item, main in zip(batch, encoded[: len(batch)], strict=True):
+            ref = next(refs) if item.ref_audio is not None else None
+            codes[item.record.line, item.record.source] = (main, ref)
+        self.audio_seconds += sum(len(c) for c in clips) / 16000
+
+    def shard(self, records: list[Record], progress) -> tuple[list[ShardSample], list[Skip]]:
+        """Samples (in record order) and skips of one shard."""
+        budget = int(self.cfg.batch_seconds * 16000)
+        results, batch, codes = [], [], {}
+        for result in self._loaded(records):
+            results.append(result)
+            if isinstance(result, Loaded):
+                batch.append(result)
+                if sum(x.samples for x in batch) >= budget:
+                    self._encode(batch, codes)
+                    batch = []
+            progress.update(1)
+        if batch:
+            self._encode(batch, codes)
+        samples, skips = [], []
+        for result in results:
+            if isinstance(result, Skip):
+                skips.append(result)
+                continue
+            main, ref = codes[result.record.line, result.record.source]
+            samples.append(
+                ShardSample(
+                    key=result.record.key,
+                    codes=main.cpu().numpy().astype(np.int16),
+                    text=result.text,
+                    source=f"{result.record.source}:{result.record.line}",
+                    codec=self.cfg.codec.name,
+                    codec_sample_rate=self.codec.input_sample_rate,
+                    ref_codes=None if ref is None else ref.cpu().numpy().astype(np.int16),
+                    ref_text=result.ref_text,
+                )
+            )
+        return samples, skips
+
+
+def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan: dict, position: int = 0) -> None:
+    """Encode every unfinished shard of `slots` on `device`, then write their manifests."""
+    output_dir = Path(cfg.output_dir)
+    records = read_records(plan["inputs"], cfg.base_path)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    per = plan["records_per_shard"]
+    todo = []
+    for slot in slots:
+        mine = records[slot :: plan["num_slots"]]
+        for index in range(0, (len(mine) + per - 1) // per):
+            if not (output_dir / f"{shard_name(slot, index)}.json").is_file():
+                todo.append((slot, index, mine[index * per : (index + 1) * per]))
+    if todo:
+        encoder = ShardEncoder(cfg, device, workers)
+        start = time.perf_counter()
+        bar = tqdm(
+            total=sum(len(t[2]) for t in todo),
+            unit="rec",
+            position=position,
+            disable=not cfg.progress,
+            desc=f"{device} slots {slots[0]}..{slots[-1]}",
+        )
+        try:
+            for slot, index, chunk in todo:
+                samples, skips = encoder.shard(chunk, bar)
+                name = shard_name(slot, index)
+                entry = write_shard(output_dir / name, samples)
+                entry["skipped"] = [s.to_json() for s in skips]
+                meta = output_dir / f"{name}.json"
+                tmp = meta.with_suffix(".tmp")
+                tmp.write_text(json.dumps(entry) + "\n")
+                os.replace(tmp, meta)  # the shard is done only from here on
+                hours = encoder.audio_seconds / 3600
+                bar.set_postfix(audio_h=f"{hours:.2f}", h_per_h=f"{hours / ((time.perf_counter() - start) / 3600):.0f}")
+        finally:
+            bar.close()
+            encoder.close()
+    for slot in slots:
+        write_slot_manifest(output_dir, slot, len(records[slot :: plan["num_slots"]]), per)
+
+
+def write_slot_manifest(output_dir: Path, slot: int, records: int, per: int) -> None:
+    """`manifest-<slot>.json` and `skipped-<slot>.jsonl` from the finished shards of a slot."""
+    entries, skipped = [], []
+    for index in range((records + per - 1) // per):
+        meta = output_dir / f"{shard_name(slot, index)}.json"
+        if not meta.is_file():
+            return  # unfinished: the rerun writes the manifest
+        entry = json.loads(meta.read_text())
+        skipped += entry.pop("skipped")
+        entries.append(entry)
+    write_manifest(output_dir / f"manifest-{slot:05d}.json", entries)
+    tmp = output_dir / f"skipped-{slot:05d}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
+    os.replace(tmp, output_dir / f"skipped-{slot:05d}.jsonl")
+
+
+def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], plan: dict, position: int) -> None:
+    run_slots(OmegaConf.create(cfg_yaml), device, workers, slots, plan, position)
+
+
+def preprocess(cfg: DictConfig) -> dict:
+    """Run (or resume) the pipeline for this process; returns counts for this process's slots."""
+    rank, world, local_rank = launcher_rank()
+    devices = local_devices(cfg.devices, local_rank)
+    cores = os.cpu_count() or 1
+    workers = int(cfg.cpu_workers) if cfg.cpu_workers != "auto" else max(1, cores // len(devices) - 1)
+    output_dir = Path(cfg.output_dir)
+    plan = load_plan(output_dir, list(cfg.inputs), world * len(devices), int(cfg.records_per_shard))
+    processes = world * len(devices)
+    assignments = [
+        (d, list(range(rank * len(devices) + i, plan["num_slots"], processes))) for i, d in enumerate(devices)
+    ]
+    assignments = [(d, s) for d, s in assignments if s]
+    if len(assignments) == 1:
+        run_slots(cfg, assignments[0][0], workers, assignments[0][1], plan)
+    elif assignments:
+        ctx = mp.get_context("spawn")
+        jobs = [
+            ctx.Process(target=_device_main, args=(OmegaConf.to_yaml(cfg), d, workers, s, plan, i))
+            for i, (d, s) in enumerate(assignments)
+        ]
+        for job in jobs:
+            job.start()
+        for job in jobs:
+            job.join()
+        failed = [j.exitcode for j in jobs if j.exitcode]
+        if failed:
+            raise RuntimeError(f"{len(failed)} encoder processes failed (exit codes {failed}); rerun to resume")
+    return summarize(output_dir, [s for _, slots in assignments for s in slots])
+
+
+def summarize(output_dir: Path, slots: list[int]) -> dict:
+    """Samples, frames and skip reasons over the manifests of `slots`; printed as the run's last lines."""
+    samples = frames = 0
+    reasons: Counter = Counter()
+    for slot in slots:
+        manifest = output_dir / f"manifest-{slot:05d}.json"
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            samples, frames = samples + data["samples"], frames + data["frames"]
+        skipped = output_dir / f"skipped-{slot:05d}.jsonl"
+        if skipped.is_file():
+            for line in skipped.read_text().splitlines():
+                reasons[json.loads(line)["reason"].split(" (")[0]] += 1
+    summary = {
+        "samples": samples,
+        "hours": frames / 12.5 / 3600,
+        "skipped": sum(reasons.values()),
+        "skip_reasons": dict(reasons),
+    }
+    print(
+        f"encoded {samples} samples ({summary['hours']:.2f} h of audio) into {output_dir}; "
+        f"skipped {summary['skipped']}: " + ", ".join(f"{r}: {n}" for r, n in reasons.most_common())
+    )
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: `python -m data_pipelines.preprocess key=value ...`."""
+    preprocess(cfg)
+
+
+if __name__ == "__main__":
+    main()
