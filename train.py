@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.config_checks import validate
 from moss.training.export import export_hf, save_adapter
+from moss.training.launch import relaunch_as_job, restored_environment
 
 log = logging.getLogger("train")
 
@@ -50,6 +51,8 @@ def train(cfg: DictConfig) -> dict:
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
         _report(trainer, output_dir, exported, summary)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the next job of a multirun starts its own group
     return {"trainer": trainer, "module": module, "output_dir": output_dir, "exported": exported, "summary": summary}
 
 
@@ -71,9 +74,11 @@ def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict)
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     """Process-level settings, then `train`."""
+    relaunch_as_job()  # DDP ranks > 0 re-run this job, not the whole multirun sweep
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     logging.getLogger("moss").setLevel(logging.INFO)
-    train(cfg)
+    with restored_environment():  # Lightning's rank variables must not leak into the next multirun job
+        train(cfg)
 
 
 if __name__ == "__main__":

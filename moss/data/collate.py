@@ -16,7 +16,7 @@ class PaddingCollator:
     """Batch delayed examples into `input_ids`/`labels` `[B, T, C]` and `attention_mask` `[B, T]`.
 
     Also returns `label_counts` `[C]` (valid next-token targets per channel), `real_rows` (non-padding rows),
-    `num_samples` and `keys`.
+    `sum_sq_rows` (sum of squared lengths), `num_samples` and `keys`.
     """
 
     def __init__(self, text_pad_id: int, speech_pad: int = 1024, max_length: int = 16000):
@@ -40,6 +40,7 @@ class PaddingCollator:
             "attention_mask": torch.from_numpy(attention_mask),
             "label_counts": torch.from_numpy((labels[:, 1:] != IGNORE_INDEX).sum(axis=(0, 1))),
             "real_rows": torch.tensor(sum(lengths)),
+            "sum_sq_rows": torch.tensor(sum(n * n for n in lengths)),
             "num_samples": batch,
             "keys": [ex["key"] for ex in examples],
         }

@@ -108,7 +108,8 @@ def collate_packs(
 
     Returns a dict with `input_ids`, `labels` (int64 `[B, budget, C]`), `position_ids` (int64 `[B, budget]`),
     `cu_seqlens` (int32, boundaries of all segments of all rows, as if the B rows were one sequence),
-    `max_seqlen`, `label_counts` (int64 `[C]`), `real_rows`, `num_samples`, `keys`.
+    `max_seqlen`, `label_counts` (int64 `[C]`), `real_rows`, `sum_sq_rows` (sum of squared sample lengths, for
+    attention FLOPs), `num_samples`, `keys`.
     """
     batch = len(packs)
     input_ids = np.empty((batch, budget, channels), dtype=np.int64)
@@ -140,6 +141,7 @@ def collate_packs(
         "max_seqlen": int(max(lengths)),
         "label_counts": torch.from_numpy(label_counts),
         "real_rows": torch.tensor(real_rows),
+        "sum_sq_rows": torch.tensor(sum(item["rows"] ** 2 for pack in packs for item in pack)),
         "num_samples": len(keys),
         "keys": keys,
     }

@@ -1,62 +1,113 @@
-"""Training callbacks: throughput in real frames per second, packing efficiency, skipped samples.
+"""Training callbacks: throughput (real frames/s per device and in total), packing efficiency, MFU, memory.
 
 A frame is one row of the token grid: one text token or one 80 ms audio frame (12.5 frames/s) across all 8
 channels. Padding rows cost compute but teach nothing, so throughput counts real rows only.
+
+MFU (model FLOPs utilisation) = useful FLOPs per second / peak FLOPs of the devices, with the FLOP model
+    per real row:  k * N          (k = 6 for full fine-tuning: forward 2N + backward 4N;
+                                   k = 4 with LoRA: frozen weights need no weight gradients)
+    per sample:    12 * layers * d_attn * s^2 / 2  (causal attention, forward + backward; d_attn = heads x head_dim)
+where N counts the decoder layers and the 8 output heads (the heads' matmuls are real compute; embedding
+lookups are not). Peak FLOPs: `peak_tflops` per device, or a table of known GPUs (dense bf16); without it
+MFU is not logged.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 
 import lightning as L
+import torch
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a known GPU, by name; None otherwise (CPU, unknown cards)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flop_model(moss) -> dict:
+    """Counts for the FLOP model of a MossTTSD: compute parameters, layers and attention width."""
+    lm = moss.model.language_model
+    layer_params = sum(p.numel() for n, p in lm.named_parameters() if n.startswith("layers.") and "lora_" not in n)
+    head_params = sum(h.weight.numel() for h in moss.lm_heads)
+    cfg = lm.config
+    return {"params": layer_params + head_params, "layers": cfg.num_hidden_layers,
+            "d_attn": cfg.num_attention_heads * cfg.head_dim}
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs every `window` micro-batches, per rank.
+    """Logs every `window` micro-batches.
 
-    * `perf/real_frames_per_s`: real (non-padding) rows per second;
+    * `perf/real_frames_per_s` (this device, in the progress bar) and `perf/real_frames_per_s_total` (all ranks);
     * `perf/packing_efficiency`: real rows / computed rows (1.0 = no compute spent on padding);
     * `perf/samples_per_batch`: samples per micro-batch (per pack when packing one pack per batch);
+    * `perf/mfu` (when the device's peak is known or `peak_tflops` is given) and `perf/tflops_per_device`;
+    * `perf/peak_memory_gb`: peak allocated accelerator memory (peak RSS on CPU);
     * `data/skipped_<reason>`: samples skipped so far by this rank's readers (see the skip report).
 
     Run totals are kept in `summary` for the end-of-run report.
     """
 
-    def __init__(self, window: int = 10):
-        self.window = window
+    def __init__(self, window: int = 10, peak_tflops: float | None = None):
+        self.window, self.peak_override = window, peak_tflops
         self.summary: dict = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._t0 = time.perf_counter()
-        self._rows = self._computed = self._samples = self._batches = 0
-        self._total_rows = self._total_computed = 0
+        self._rows = self._computed = self._samples = self._batches = self._sq = 0
+        self._total_rows = self._total_computed = self._total_flops = 0
         self._skipped: dict[int, dict] = {}
+        self._flops = flop_model(pl_module.moss)
+        self._lora = any(not p.requires_grad for p in pl_module.moss.model.language_model.layers.parameters())
+        self._peak = self.peak_override or peak_tflops(pl_module.device)
+
+    def _step_flops(self, rows: int, sum_sq: int) -> float:
+        per_row = (4 if self._lora else 6) * self._flops["params"]
+        return per_row * rows + 6 * self._flops["layers"] * self._flops["d_attn"] * sum_sq
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         real = int(batch["real_rows"])
         computed = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
-        self._rows, self._computed = self._rows + real, self._computed + computed
+        sq = int(batch.get("sum_sq_rows", real * real))
+        self._rows, self._computed, self._sq = self._rows + real, self._computed + computed, self._sq + sq
         self._total_rows, self._total_computed = self._total_rows + real, self._total_computed + computed
+        self._total_flops += self._step_flops(real, sq)
         self._samples, self._batches = self._samples + batch.get("num_samples", 0), self._batches + 1
         self._skipped[batch.get("reader", 0)] = batch.get("skipped", {})
         if (batch_idx + 1) % self.window:
             return
-        elapsed = time.perf_counter() - self._t0
-        skipped = {}
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        rate = self._rows / elapsed
+        total = trainer.strategy.reduce(torch.tensor(rate, device=pl_module.device), reduce_op="sum")
+        tflops = self._step_flops(self._rows, self._sq) / elapsed / 1e12
+        metrics = {
+            "perf/real_frames_per_s_total": float(total),
+            "perf/packing_efficiency": self._rows / max(self._computed, 1),
+            "perf/samples_per_batch": self._samples / max(self._batches, 1),
+            "perf/tflops_per_device": tflops,
+            "perf/peak_memory_gb": self._peak_memory(pl_module.device),
+        }
         for counts in self._skipped.values():
             for reason, n in counts.items():
                 key = "data/skipped_" + reason.replace(" ", "_").replace("-", "_")
-                skipped[key] = skipped.get(key, 0) + n
-        pl_module.log_dict(
-            {
-                "perf/real_frames_per_s": self._rows / max(elapsed, 1e-9),
-                "perf/packing_efficiency": self._rows / max(self._computed, 1),
-                "perf/samples_per_batch": self._samples / max(self._batches, 1),
-                **{k: float(v) for k, v in skipped.items()},
-            },
-            batch_size=1,
-        )
-        self._t0, self._rows, self._computed, self._samples, self._batches = time.perf_counter(), 0, 0, 0, 0
+                metrics[key] = metrics.get(key, 0.0) + float(n)
+        pl_module.log_dict(metrics, batch_size=1)
+        pl_module.log("perf/real_frames_per_s", rate, prog_bar=True, batch_size=1)
+        if self._peak:
+            pl_module.log("perf/mfu", tflops / self._peak, prog_bar=True, batch_size=1)
+        self._t0, self._rows, self._computed, self._samples, self._batches, self._sq = time.perf_counter(), 0, 0, 0, 0, 0
+
+    @staticmethod
+    def _peak_memory(device: torch.device) -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB (Linux)
 
     def on_train_end(self, trainer, pl_module) -> None:
         wall = time.perf_counter() - self._start
@@ -65,5 +116,7 @@ class ThroughputMonitor(L.Callback):
             "real_rows": self._total_rows,
             "real_frames_per_s": self._total_rows / max(wall, 1e-9),
             "packing_efficiency": self._total_rows / max(self._total_computed, 1),
+            "tflops_per_device": self._total_flops / max(wall, 1e-9) / 1e12,
+            "mfu": (self._total_flops / max(wall, 1e-9) / 1e12 / self._peak) if self._peak else None,
             "skipped": {r: n for counts in self._skipped.values() for r, n in counts.items()},
         }

@@ -1,0 +1,57 @@
+"""Process launching details that Lightning leaves to the user.
+
+Hydra multirun + Lightning DDP: Lightning starts ranks > 0 by re-running the command line with
+`hydra.run.dir` added. Under `-m` that command is the whole sweep, so every extra rank would start the sweep
+again and write stray run directories (pitfall P10; Lightning and Hydra issues still open). `relaunch_as_job`
+replaces that command with a single run of *this* job: its own overrides, its output directory, no config
+copy. It works for plain runs too, so it is installed unconditionally by `train.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+
+def job_command(local_rank: int) -> tuple[Sequence[str], str]:
+    """The command and working directory that start rank `local_rank` of the current Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hydra_cfg = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += list(hydra_cfg.overrides.task)
+    command += [
+        f"hydra.run.dir={hydra_cfg.runtime.output_dir}",
+        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+def relaunch_as_job() -> None:
+    """Make Lightning's subprocess launcher start ranks > 0 as single runs of the current Hydra job."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+
+    fabric_launcher._hydra_subprocess_cmd = job_command
+    trainer_launcher._hydra_subprocess_cmd = job_command
+
+
+@contextlib.contextmanager
+def restored_environment() -> Iterator[None]:
+    """Restore `os.environ` afterwards: a launcher's LOCAL_RANK/MASTER_PORT would make the next job of the same
+    process believe it was started by torchrun and wait for ranks that never come."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
