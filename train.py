@@ -19,12 +19,15 @@ log = logging.getLogger("train")
 
 
 def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume`: null -> fresh run; auto -> this run's last checkpoint if any; a path is used as given."""
+    """`resume`: null -> fresh run; auto -> this run's newest checkpoint if any; a path is used as given.
+
+    Checkpoints are written atomically, so the most recently written one is the newest complete one.
+    """
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        found = sorted((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        return str(found[-1]) if found else None
     return str(cfg.resume)
 
 

@@ -94,7 +94,8 @@ class BatchRecorder(__import__("lightning").Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import json
 
-        with open(self.path, "a") as f:
+        path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": batch["keys"], "loss": float(outputs["loss"])}))
             f.write("\n")
 

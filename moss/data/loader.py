@@ -8,7 +8,8 @@ applies unchanged.
 
 It has a length (`max_steps * k`), so Lightning does not pre-fetch a batch beyond the one it trains on, and
 a `state_dict`, so the checkpoint records the position of the wrapped `StatefulDataLoader` at the start of
-the current window plus how far into the window training got.
+the current window plus how far into the window training got. Under DDP only rank 0 writes the checkpoint,
+so the state of *every* rank's stream is gathered into it, and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 
 class StepWindowLoader:
@@ -62,11 +64,34 @@ class StepWindowLoader:
             if len(window) < self.accumulate:
                 return
 
-    def state_dict(self) -> dict:
+    def _local_state(self) -> dict:
         if self._offset in (0, self.accumulate) or self._window_start is None:
             return {"loader": self.loader.state_dict(), "skip": 0}
         return {"loader": self._window_start, "skip": self._offset}
 
+    def state_dict(self) -> dict:
+        """`{"ranks": [state of rank 0, rank 1, ...]}`; a collective call under torch.distributed."""
+        local = self._local_state()
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"ranks": [local]}
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, local)
+        return {"ranks": states}
+
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
-        self._skip = state["skip"]
+        """Restore this rank's stream.
+
+        Raises:
+            ValueError: the checkpoint was written by a different number of ranks.
+        """
+        ranks = state["ranks"]
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        )
+        if len(ranks) != world:
+            raise ValueError(
+                f"the checkpoint's data streams come from {len(ranks)} ranks, this run has {world}; resume with "
+                f"the same trainer.devices x trainer.num_nodes (and data.num_workers) to continue the data exactly"
+            )
+        self.loader.load_state_dict(ranks[rank]["loader"])
+        self._skip = ranks[rank]["skip"]

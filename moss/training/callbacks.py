@@ -37,8 +37,11 @@ def flop_model(moss) -> dict:
     layer_params = sum(p.numel() for n, p in lm.named_parameters() if n.startswith("layers.") and "lora_" not in n)
     head_params = sum(h.weight.numel() for h in moss.lm_heads)
     cfg = lm.config
-    return {"params": layer_params + head_params, "layers": cfg.num_hidden_layers,
-            "d_attn": cfg.num_attention_heads * cfg.head_dim}
+    return {
+        "params": layer_params + head_params,
+        "layers": cfg.num_hidden_layers,
+        "d_attn": cfg.num_attention_heads * cfg.head_dim,
+    }
 
 
 class ThroughputMonitor(L.Callback):
@@ -101,7 +104,14 @@ class ThroughputMonitor(L.Callback):
         pl_module.log("perf/real_frames_per_s", rate, prog_bar=True, batch_size=1)
         if self._peak:
             pl_module.log("perf/mfu", tflops / self._peak, prog_bar=True, batch_size=1)
-        self._t0, self._rows, self._computed, self._samples, self._batches, self._sq = time.perf_counter(), 0, 0, 0, 0, 0
+        self._t0, self._rows, self._computed, self._samples, self._batches, self._sq = (
+            time.perf_counter(),
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
 
     @staticmethod
     def _peak_memory(device: torch.device) -> float:

@@ -1,0 +1,62 @@
+"""Preemption: a SIGTERM (schedulers, `kill`) or SIGUSR1 (SLURM's `--signal=USR1@120`) makes the run save a
+checkpoint at the next optimiser-step boundary and stop cleanly; `resume=auto` continues it exactly.
+
+The handler only sets a flag (nothing unsafe happens inside a signal handler); at each step boundary the
+ranks agree on it with one tiny all-reduce, so every rank saves and stops at the same step even when only
+one of them was signalled. Under SLURM with `requeue: true` the job is requeued after the save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Save `<dirpath>/last.ckpt` and stop when one of `signals` arrives."""
+
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
+        self.dirpath, self.signals, self.requeue = Path(dirpath), tuple(signals), requeue
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed after Lightning's own handlers (registered when fit starts), so this one decides.
+        for name in self.signals:
+            self._previous[name] = signal.signal(getattr(signal, name), self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # only at optimiser-step boundaries: the resumed run starts a fresh step
+        flag = torch.tensor(1.0 if self.received else 0.0, device=pl_module.device)
+        if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.warning(
+                "preempted (%s): saved %s at step %d; rerun with resume=auto",
+                self.received or "peer",
+                path,
+                trainer.global_step,
+            )
+            job = os.environ.get("SLURM_JOB_ID")
+            if self.requeue and job and self.received == "SIGUSR1":
+                subprocess.run(["scontrol", "requeue", job], check=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for name, previous in self._previous.items():
+            signal.signal(getattr(signal, name), previous)
+        self._previous = {}

@@ -1,0 +1,137 @@
+"""Scale-out on CPU: 2-rank DDP runs killed and resumed, preemption, multirun x DDP, uneven shards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def cli(args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+def wait_for(proc, path, timeout=240):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() - start < timeout, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def records(path):
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def recorder(path):
+    return f"+callbacks.recorder={{_target_: tests.conftest.BatchRecorder, path: '{path}'}}"
+
+
+COMMON = [
+    "trainer.max_steps=8",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=1000",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "data.shuffle_buffer=16",
+    "export.enabled=false",
+]
+
+
+def test_two_rank_run_killed_and_resumed_continues_like_an_uninterrupted_one(tmp_path):
+    ddp = ["trainer.devices=2", "strategy=ddp", "data.num_workers=1", f"paths.root={tmp_path}"]
+    straight = cli([*COMMON, *ddp, "name=straight", recorder(tmp_path / "straight.jsonl")])
+    assert straight.wait() == 0, straight.stderr.read().decode()[-3000:]
+    killed = cli([*COMMON, *ddp, "name=killed", recorder(tmp_path / "killed.jsonl")])
+    wait_for(killed, tmp_path / "killed" / "checkpoints" / "step_0000004.ckpt")
+    os.killpg(killed.pid, signal.SIGKILL)  # every rank and loader worker, no chance to clean up
+    killed.wait()
+    resumed = cli([*COMMON, *ddp, "name=killed", "resume=auto", recorder(tmp_path / "resumed.jsonl")])
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
+    for rank in (0, 1):
+        reference = records(tmp_path / f"straight.jsonl.rank{rank}")
+        after = records(tmp_path / f"resumed.jsonl.rank{rank}")
+        assert min(after) >= 5 and max(after) == 8
+        for step, record in after.items():
+            assert record["keys"] == reference[step]["keys"]
+            assert record["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_finishes(tmp_path):
+    run = ["data.num_workers=0", f"paths.root={tmp_path}", "name=preempted"]
+    proc = cli([*COMMON, *run, "trainer.max_steps=400", recorder(tmp_path / "a.jsonl")])
+    wait_for(proc, tmp_path / "preempted" / "checkpoints" / "step_0000002.ckpt")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait() == 0
+    import torch
+
+    state = torch.load(tmp_path / "preempted" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    stopped = state["global_step"]
+    assert 2 <= stopped < 400 and max(records(tmp_path / "a.jsonl")) == stopped
+    resumed = cli(
+        [
+            *COMMON,
+            *run,
+            "trainer.max_steps=400",
+            "resume=auto",
+            "trainer.max_steps=" + str(stopped + 3),
+            recorder(tmp_path / "b.jsonl"),
+        ]
+    )
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
+    assert sorted(records(tmp_path / "b.jsonl")) == [stopped + 1, stopped + 2, stopped + 3]
+
+
+def test_multirun_with_ddp_writes_one_directory_per_job(tmp_path):
+    proc = cli(
+        [
+            "-m",
+            "seed=1,2",
+            "trainer.devices=2",
+            "strategy=ddp",
+            "debug=fast_dev_run",
+            f"paths.root={tmp_path}",
+            "name=sweep",
+            "data.num_workers=0",
+        ]
+    )
+    assert proc.wait() == 0, proc.stderr.read().decode()[-3000:]
+    sweep = tmp_path / "sweep-multirun"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "sweep-multirun"]  # no stray run directories
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "step_0000004.ckpt").is_file()
+        assert (sweep / job / "train_rank1.log").is_file()  # rank 1 ran this job, inside its directory
+
+
+def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
+    from moss.data.synthetic import write_synthetic_corpus
+
+    data = tmp_path / "data" / "tiny" / "train"
+    write_synthetic_corpus(data, 96, seed=0, samples_per_shard=32)  # 3 shards: rank 0 reads 2, rank 1 reads 1
+    proc = cli(
+        [
+            "trainer.devices=2",
+            "strategy=ddp",
+            "data.num_workers=0",
+            f"paths.root={tmp_path}",
+            "name=uneven",
+            "data.synthetic.train_samples=96",
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=1000",
+            "export.enabled=false",
+        ]
+    )
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    assert (tmp_path / "uneven" / "checkpoints" / "last.ckpt").is_file()
