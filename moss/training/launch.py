@@ -47,8 +47,11 @@ def relaunch_as_job() -> None:
 
 @contextlib.contextmanager
 def restored_environment() -> Iterator[None]:
-    """Restore `os.environ` afterwards: a launcher's LOCAL_RANK/MASTER_PORT would make the next job of the same
-    process believe it was started by torchrun and wait for ranks that never come."""
+    """Restore `os.environ` afterwards.
+
+    A launcher's LOCAL_RANK/MASTER_PORT would make the next job of the same process believe it was started by
+    torchrun and wait for ranks that never come.
+    """
     saved = dict(os.environ)
     try:
         yield

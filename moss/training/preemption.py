@@ -1,5 +1,7 @@
-"""Preemption: a SIGTERM (schedulers, `kill`) or SIGUSR1 (SLURM's `--signal=USR1@120`) makes the run save a
-checkpoint at the next optimiser-step boundary and stop cleanly; `resume=auto` continues it exactly.
+"""Preemption: on SIGTERM or SIGUSR1, save a checkpoint at the next optimiser-step boundary and stop cleanly.
+
+SIGTERM comes from schedulers and `kill`, SIGUSR1 from SLURM's `--signal=USR1@120`; `resume=auto` then
+continues the run exactly.
 
 The handler only sets a flag (nothing unsafe happens inside a signal handler); at each step boundary the
 ranks agree on it with one tiny all-reduce, so every rank saves and stops at the same step even when only
