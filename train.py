@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from moss.config_checks import validate
-from moss.training.export import export_hf, save_adapter
+from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import relaunch_as_job, restored_environment
 
 log = logging.getLogger("train")
@@ -47,10 +47,12 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
 
     exported = {}
-    if cfg.export.enabled and trainer.is_global_zero:
-        exported["export"] = export_hf(module.model, output_dir / "export", tokenizer, layout=cfg.export.layout)
-        OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
-        exported["adapter"] = save_adapter(module.model, output_dir / "adapter")
+    if cfg.export.enabled:
+        model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
+        if model is not None:
+            exported["export"] = export_hf(model, output_dir / "export", tokenizer, layout=cfg.export.layout)
+            OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
+            exported["adapter"] = save_adapter(model, output_dir / "adapter")
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
         _report(trainer, output_dir, exported, summary)

@@ -109,3 +109,19 @@ class StopAtStep(__import__("lightning").Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class LogitsAtEnd(__import__("lightning").Callback):
+    """Test helper: after training, every rank runs the (possibly sharded) model on a fixed batch; rank 0 saves
+    the channel-0 and channel-1 logits to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        ids, _ = random_batch(pl_module.config, batch=1, length=24, seed=7)
+        pl_module.model.eval()
+        with torch.no_grad():
+            logits = pl_module.model(ids.to(pl_module.device), output_logits=True).logits
+        if trainer.is_global_zero:
+            torch.save({"ids": ids, "ch0": logits[0].cpu(), "ch1": logits[1].cpu()}, self.path)

@@ -135,3 +135,39 @@ def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
     )
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
     assert (tmp_path / "uneven" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_fsdp_lora_on_cpu_adapter_round_trip_and_sharded_resume(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from moss.model import MossTTSD, MossTTSDConfig
+
+    run = [
+        "strategy=fsdp",
+        "trainer.devices=2",
+        "+experiment=tiny_lora",
+        "debug=fast_dev_run",
+        "data.num_workers=0",
+        f"paths.root={tmp_path}",
+        f"+callbacks.logits={{_target_: tests.conftest.LogitsAtEnd, path: '{tmp_path}/l.pt'}}",
+    ]
+    proc = cli(run)
+    assert proc.wait() == 0, proc.stderr.read().decode()[-3000:]
+    out = tmp_path / "tiny_lora"
+    assert (out / "checkpoints" / "step_0000004.ckpt").is_dir()  # sharded (torch.distributed.checkpoint)
+    trained = torch.load(tmp_path / "l.pt", weights_only=True)
+    base = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=1234).eval()
+    with torch.no_grad():
+        plain = base(trained["ids"], output_logits=True).logits
+        adapted = (
+            PeftModel.from_pretrained(base, str(out / "adapter")).eval()(trained["ids"], output_logits=True).logits
+        )
+        merged = MossTTSD.from_pretrained(out / "export").eval()(trained["ids"], output_logits=True).logits
+    assert not torch.allclose(plain[0], trained["ch0"], atol=1e-4)  # training moved the adapters
+    for logits in (adapted, merged):
+        torch.testing.assert_close(logits[0], trained["ch0"], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[1], trained["ch1"], atol=2e-5, rtol=1e-5)
+    resumed = cli([*run[:-1], "resume=auto", "trainer.max_steps=6", "export.enabled=false"])
+    assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
+    assert (out / "checkpoints" / "step_0000006.ckpt").is_dir()

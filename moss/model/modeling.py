@@ -257,19 +257,23 @@ class MossTTSD(nn.Module):
         from moss.model.checkpoint import load_state_dict_into
 
         config = config if config is not None else MossTTSDConfig.from_pretrained(path)
+        model = cls.empty(config, attn_implementation=attn_implementation, device=device, **kwargs)
+        load_state_dict_into(model, Path(path), dtype=_as_dtype(dtype))
+        return model
+
+    @classmethod
+    def empty(cls, config: MossTTSDConfig, *, attn_implementation: str = "sdpa", device="cpu", **kwargs) -> MossTTSD:
+        """A model with allocated but uninitialised weights (to be loaded), built without a random init pass."""
         check_attn_implementation(attn_implementation)
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation, **kwargs)
         model.to_empty(device=device)
-        load_state_dict_into(model, Path(path), dtype=_as_dtype(dtype))
-        model._reset_non_persistent_buffers(device)
-        return model
-
-    def _reset_non_persistent_buffers(self, device) -> None:
-        lm = self.model.language_model
+        lm = model.model.language_model
         # RoPE frequencies are computed, not stored: rebuild them on a real device after meta construction.
         with torch.device(device):
             lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
+        model.tie_weights()
+        return model
 
     def save_pretrained(self, out_dir: str | Path, layout: str = "original", max_shard_size: int = 5 * 2**30) -> None:
         """Write config.json + safetensors in the original key layout (tied heads omitted)."""

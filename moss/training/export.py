@@ -13,6 +13,25 @@ import torch
 from peft import PeftModel
 
 from moss.model import MossTTSD
+from moss.model.lora import apply_lora, unwrap
+from moss.training.sharding import full_state_dict, is_sharded
+
+
+def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -> torch.nn.Module | None:
+    """The trained model as plain CPU modules for export: itself when not sharded; for FSDP an unsharded copy
+    on rank 0 (None elsewhere). A collective call when sharded: every rank must make it.
+    """
+    if not is_sharded(model):
+        return model if is_global_zero else None
+    state = full_state_dict(model)
+    if not is_global_zero:
+        return None
+    moss = unwrap(model)
+    copy = MossTTSD.empty(moss.config, attn_implementation=moss.attn_implementation)
+    copy.set_channel_weights(moss.channel_weights)
+    copy = apply_lora(copy, **peft) if peft else copy
+    copy.load_state_dict(state)
+    return copy.eval()
 
 
 def merged_model(model: torch.nn.Module) -> MossTTSD:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
+from moss.training.sharding import shard_model
 
 FINETUNE_CHANNEL_WEIGHTS = (8, 2, 1, 1, 1, 1, 1, 1)
 
@@ -69,7 +70,10 @@ class MossTTSDLitModule(L.LightningModule):
         model.model.language_model.embed_tokens.requires_grad_(False)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model = apply_lora(model, **self.hparams.peft) if self.hparams.peft else model
+        model = apply_lora(model, **self.hparams.peft) if self.hparams.peft else model
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel dimension
+            model = shard_model(model, self.device_mesh["data_parallel"])
+        self.model = model
 
     @property
     def moss(self) -> MossTTSD:

@@ -1,0 +1,34 @@
+"""The FLOP model behind MFU, and the prepared GPU benchmark runs (smoke, tiny model, any device)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from moss.model import MossTTSD, MossTTSDConfig
+from moss.training.callbacks import flop_model, peak_tflops
+from tests.conftest import REPO
+
+
+def test_flop_model_of_the_real_architecture():
+    with torch.device("meta"):
+        model = MossTTSD(MossTTSDConfig.v05())
+    counts = flop_model(model)
+    # 28 layers (1,409,408,000 incl. norms) + heads 152697 x 2048 + 7 x 1025 x 2048
+    assert counts == {"params": 1_409_408_000 + 312_723_456 + 14_694_400, "layers": 28, "d_attn": 2048}
+    assert peak_tflops(torch.device("cpu")) is None
+
+
+def test_gpu_benchmark_script_runs_on_the_tiny_model():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu_train.py", "--tiny", "--steps", "1", "--warmup", "0", "--samples", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    rates = {k: v["real_frames_per_s"] for k, v in result["results"].items() if "error" not in v}
+    assert {"packed varlen_sdpa ckpt=on", "padded bs4 sdpa ckpt=on"} <= set(rates)
