@@ -18,8 +18,10 @@ from moss.training.sharding import full_state_dict, is_sharded
 
 
 def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -> torch.nn.Module | None:
-    """The trained model as plain CPU modules for export: itself when not sharded; for FSDP an unsharded copy
-    on rank 0 (None elsewhere). A collective call when sharded: every rank must make it.
+    """The trained model as plain modules for export.
+
+    Itself when not sharded; under FSDP an unsharded CPU copy on rank 0 (None elsewhere). A collective call
+    when sharded: every rank must make it.
     """
     if not is_sharded(model):
         return model if is_global_zero else None
