@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
 
-SAMPLE_RATE = 16000
+from moss.audio import SAMPLE_RATE, read_audio
+
 SPEAKER_TAG = re.compile(r"\[S?[12]\]")
 
 
@@ -132,15 +131,6 @@ def parse(record: Record) -> tuple[dict, list[Path]] | Skip:
         if not path.is_file():
             return Skip(record, "missing file", str(path))
     return item, paths
-
-
-def read_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz (soundfile decodes; channels are averaged; torchaudio resamples)."""
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    wave = data.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
-    return np.ascontiguousarray(wave, dtype=np.float32)
 
 
 def load(record: Record, limits: Limits) -> Loaded | Skip:

@@ -146,6 +146,10 @@ class MossTTSD(nn.Module):
     def attn_implementation(self) -> str:
         return self.model.language_model.config._attn_implementation
 
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch the attention implementation in place (e.g. varlen_sdpa for packed training, sdpa to generate)."""
+        self.model.language_model.set_attn_implementation(check_attn_implementation(name))
+
     def gradient_checkpointing_enable(self) -> None:
         """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA)."""
         lm = self.model.language_model

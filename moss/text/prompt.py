@@ -50,6 +50,7 @@ class PromptBuilder:
         channels: token channels (8).
         speech_pad: audio pad code of channels 1..C-1 (1024).
         normalize: optional text normaliser applied before speaker-tag mapping.
+        system_prompt: the style prompt of the template (the original's `SYSTEM_PROMPT` by default).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class PromptBuilder:
         channels: int = 8,
         speech_pad: int = 1024,
         normalize: Callable[[str], str] | None = None,
+        system_prompt: str = SYSTEM_PROMPT,
     ):
         unknown = [t for t in CONTROL_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if unknown:
@@ -68,7 +70,7 @@ class PromptBuilder:
         self.channels = channels
         self.speech_pad = speech_pad
         self.normalize = normalize
-        self.head_ids = self._encode(f"<|begin_of_style|>{SYSTEM_PROMPT}<|end_of_style|>\n<|begin_of_text|>")
+        self.head_ids = self._encode(f"<|begin_of_style|>{system_prompt}<|end_of_style|>\n<|begin_of_text|>")
         self.mid_ids = self._encode("<|end_of_text|>\n<|begin_of_speech|>")
         self.end_id = tokenizer.convert_tokens_to_ids("<|end_of_speech|>")
 
@@ -110,6 +112,22 @@ class PromptBuilder:
         labels[n_text : n_text + n_audio] = audio
         labels[-1, 0] = self.end_id
         return grid, labels
+
+    def inference_grid(self, text: str, prompt_codes: np.ndarray | None = None) -> np.ndarray:
+        """Un-delayed prompt for generation `[T, C]`.
+
+        The template ends with `<|begin_of_speech|>`, followed by the prompt audio's codes if any (the model
+        continues them). `text` already includes the prompt text.
+        """
+        text_rows = self.head_ids + self.text_ids(text) + self.mid_ids
+        audio = self._audio_rows(np.asarray(prompt_codes)) if prompt_codes is not None else None
+        grid = np.full(
+            (len(text_rows) + (0 if audio is None else len(audio)), self.channels), self.speech_pad, dtype=np.int64
+        )
+        grid[: len(text_rows), 0] = text_rows
+        if audio is not None:
+            grid[len(text_rows) :] = audio
+        return grid
 
     def _audio_rows(self, codes: np.ndarray) -> np.ndarray:
         if codes.ndim != 2:

@@ -13,7 +13,7 @@ import soundfile as sf
 import webdataset as wds
 
 from data_pipelines.preprocess import preprocess
-from data_pipelines.records import read_audio
+from moss.audio import read_audio
 from moss.codec import XYTokenizer
 from moss.data.dataset import expand_shards, manifest_samples
 from moss.data.schema import ShardSample

@@ -1,0 +1,273 @@
+"""Delay-aware generation of MOSS-TTSD, with the original `_sample` mechanics, and streaming decode.
+
+Input: the delayed, left-padded prompt `[B, T0 + 7, C]` and its mask. Generation starts after the first T0
+rows (the 7-row delay tail is dropped and replayed as teacher forcing), one row of C channels per step:
+
+* steps 0..6: channels > k are teacher-forced from the prompt tail; channel 0 may not emit end-of-speech;
+* channel i >= 1 may not sample the audio pad once k >= i;
+* the first channel-0 token outside the speech range starts a countdown of 7: the row is kept, the next 6
+  rows drain the delay (channel 0 = end-of-speech, channel i = pad once the countdown < C - i), then the
+  sequence is finished and padded with (end, pad, ...);
+* sampling per channel: repetition penalty (over that channel's history), temperature, top-k, top-p, or
+  greedy; a seeded generator makes sampling reproducible.
+
+`frames_of` turns the output into frame-aligned codes (un-delay, subtract the speech offset, keep frames up to
+the last one whose channel 1 is not the pad, as the original trims). `StreamingDecoder` decodes 30 s
+windows every 20 s while rows arrive, giving the same samples as decoding at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.generation import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from moss.model.delay import revert_delay_pattern
+
+
+@dataclass
+class ChannelSampling:
+    """How one channel picks its token: greedy, or sampled after penalty/temperature/top-k/top-p."""
+
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def processors(self) -> LogitsProcessorList:
+        out = LogitsProcessorList()
+        if self.repetition_penalty not in (None, 1.0):
+            out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.temperature not in (None, 1.0):
+            out.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            out.append(TopKLogitsWarper(int(self.top_k)))
+        if self.top_p not in (None, 1.0):
+            out.append(TopPLogitsWarper(float(self.top_p)))
+        return out
+
+
+@dataclass
+class GenerationConfig:
+    """Per-channel sampling and length.
+
+    `max_new_tokens` counts from the end of the full (delayed) prompt, as the original `generate` does, so up
+    to `max_new_tokens + 7` rows are generated.
+    """
+
+    channels: list[ChannelSampling] = field(default_factory=lambda: [ChannelSampling() for _ in range(8)])
+    max_new_tokens: int = 12000
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict, channels: int = 8) -> GenerationConfig:
+        """From the original `generation_config.json` (`do_samples` + `layers`) or global sampling keys."""
+        max_new = int(data.get("max_new_tokens") or 12000)
+        if data.get("do_samples") is not None:
+            layers = data.get("layers") or [{}] * channels
+            per = [
+                ChannelSampling(bool(d), **{k: v for k, v in layer.items() if k in ChannelSampling.__annotations__})
+                for d, layer in zip(data["do_samples"], layers, strict=True)
+            ]
+            return cls(per, max_new, data.get("seed"))
+        shared = ChannelSampling(
+            bool(data.get("do_sample", False)),
+            data.get("temperature"),
+            data.get("top_k"),
+            data.get("top_p"),
+            data.get("repetition_penalty"),
+        )
+        return cls([shared] * channels, max_new, data.get("seed"))
+
+
+@dataclass
+class GenerationOutput:
+    """What `generate` returns.
+
+    `sequences` `[B, T0 + steps, C]`: the prompt without its 7-row tail, then the generated rows;
+    `prompt_rows` = T0; `logits`: per step, the C last-position logits after the pad/end masks (when requested).
+    """
+
+    sequences: torch.Tensor
+    prompt_rows: int
+    logits: list[tuple[torch.Tensor, ...]] | None = None
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: 0 at each sample's first real row (pads get 1, as transformers does)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    use_cache: bool = True,
+    output_logits: bool = False,
+    on_row: Callable[[torch.Tensor], None] | None = None,
+) -> GenerationOutput:
+    """Generate after a delayed, left-padded prompt `[B, T0 + C - 1, C]` (see the module docstring).
+
+    `use_cache=False` recomputes the whole sequence every step (the reference the cached path is tested
+    against). `on_row` receives every generated row `[B, C]` (streaming).
+    """
+    mc = model.config
+    batch, total, channels = input_ids.shape
+    tail = channels - 1
+    prompt_rows = total - tail
+    eos, pad, (lo, hi) = mc.speech_eos_token, mc.speech_pad_token, mc.speech_token_range
+    device = input_ids.device
+    processors = [c.processors() for c in config.channels]
+    generator = None
+    if any(c.do_sample for c in config.channels):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    ids, mask = input_ids[:, :prompt_rows], attention_mask[:, :prompt_rows].long()
+    cache = DynamicCache(config=model.model.language_model.config) if use_cache else None
+    needs = torch.full((batch,), -1, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    finished_row = torch.tensor([eos] + [pad] * tail, device=device)
+    all_logits = [] if output_logits else None
+    for step in range(config.max_new_tokens + tail):
+        positions = position_ids_from_mask(mask)
+        feed = ids if (step == 0 or not use_cache) else ids[:, -1:]
+        out = model(
+            feed,
+            attention_mask=mask,
+            position_ids=positions[:, -feed.shape[1] :],
+            use_cache=use_cache,
+            cache=cache,
+            output_logits=True,
+        )
+        logits = [head[:, -1].float().clone() for head in out.logits]
+        for c in range(1, channels):
+            if step >= c:
+                logits[c][:, pad] = -torch.inf
+        if step <= tail - 1:
+            logits[0][:, eos] = -torch.inf
+        if all_logits is not None:
+            all_logits.append(tuple(x.clone() for x in logits))
+        tokens = torch.stack(
+            [
+                _pick(processors[c], config.channels[c].do_sample, ids[..., c], logits[c], generator)
+                for c in range(channels)
+            ],
+            dim=-1,
+        )
+        is_speech = (tokens[:, 0] >= lo) & (tokens[:, 0] < hi)
+        needs = torch.where(~is_speech & (needs < 0), torch.full_like(needs, tail), needs)
+        if step <= tail - 1:
+            tokens[:, step + 1 :] = input_ids[:, prompt_rows + step, step + 1 :]
+        drain = (needs > 0) & (needs < tail)
+        tokens[drain, 0] = eos
+        for c in range(1, channels):
+            tokens[drain & (needs < channels - c), c] = pad
+        tokens = torch.where(unfinished[:, None], tokens, finished_row)
+        ids = torch.cat([ids, tokens[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if on_row is not None:
+            on_row(tokens)
+        needs = torch.where(needs > 0, needs - 1, needs)
+        stop = (tokens[:, 0] == eos) | (needs == 0)
+        unfinished = (unfinished & ~stop) | (needs > 0)
+        if not unfinished.any():
+            break
+    return GenerationOutput(ids, prompt_rows, all_logits)
+
+
+def _pick(processors, do_sample: bool, history: torch.Tensor, logits: torch.Tensor, generator) -> torch.Tensor:
+    scores = processors(history, logits) if len(processors) else logits
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
+def frames_of(output: GenerationOutput, speech_offset: int, speech_pad: int = 1024) -> list[torch.Tensor]:
+    """Frame-aligned generated codes per sample, `[frames, C]`, trimmed after the last valid frame.
+
+    Rows from T0 on are un-delayed; channel 0 loses the speech offset; frames are kept up to the last one
+    whose channel 1 is not the pad (the end-of-speech frame and everything after it are dropped).
+    """
+    generated = output.sequences[:, output.prompt_rows :]
+    frames = revert_delay_pattern(generated)
+    out = []
+    for sample in frames:
+        valid = (sample[:, 1] != speech_pad).nonzero()
+        last = int(valid.max()) if len(valid) else -1
+        codes = sample[: last + 1].clone()
+        codes[:, 0] -= speech_offset
+        out.append(codes)
+    return out
+
+
+class StreamingDecoder:
+    """Decodes the audio of one generating sample in the codec's windows (30 s every 20 s) as rows arrive.
+
+    `push(row)` takes each generated row `[C]` (delayed); `finish()` decodes the rest. `on_chunk(wave)` gets
+    every finished piece of waveform; the concatenation equals decoding all frames at the end.
+    """
+
+    def __init__(
+        self,
+        codec,
+        speech_offset: int,
+        on_chunk: Callable[[torch.Tensor], None],
+        channels: int = 8,
+        speech_pad: int = 1024,
+    ):
+        self.codec, self.offset, self.on_chunk = codec, speech_offset, on_chunk
+        self.channels, self.pad = channels, speech_pad
+        self.rows: list[torch.Tensor] = []
+        self.frames: list[torch.Tensor] = []
+        self.decoded = 0
+        self.window = codec.config.window_frames
+        self.keep = 20 * codec.input_sample_rate // codec.encoder_downsample_rate
+        self.ended = False
+
+    def push(self, row: torch.Tensor) -> None:
+        self.rows.append(row)
+        index = len(self.rows) - self.channels  # frame completed by this row
+        if index < 0 or self.ended:
+            return
+        frame = torch.stack([self.rows[index + c][c] for c in range(self.channels)])
+        if frame[1] == self.pad or frame[0] < self.offset or frame[0] >= self.offset + 1024:
+            self.ended = True  # the end-of-speech frame: nothing after it is audio
+            return
+        frame = frame.clone()
+        frame[0] -= self.offset
+        self.frames.append(frame)
+        while len(self.frames) >= self.decoded + self.window:
+            self._decode(self.decoded + self.window, final=False)
+
+    def _decode(self, end: int, final: bool) -> None:
+        """Decode the window starting at `self.decoded`, keep its first 20 s (all of it when it is the last)."""
+        codes = torch.stack(self.frames[self.decoded : end])
+        (wave,) = self.codec.decode([codes])
+        kept = len(codes) if final and len(codes) <= self.keep else self.keep
+        self.on_chunk(wave[: kept * self.codec.decoder_upsample_rate])
+        self.decoded += kept
+
+    def finish(self) -> None:
+        """Decode what is left with the same windows `codec.decode` uses for the whole sequence."""
+        while len(self.frames) > self.decoded:
+            self._decode(min(self.decoded + self.window, len(self.frames)), final=True)
+
+
+def sampling_config(channels: Sequence[dict] | dict, max_new_tokens: int, seed: int | None) -> GenerationConfig:
+    """A GenerationConfig from one sampling dict for every channel, or one per channel."""
+    per = [channels] * 8 if isinstance(channels, dict) else list(channels)
+    return GenerationConfig([ChannelSampling(**dict(c)) for c in per], max_new_tokens, seed)

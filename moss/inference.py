@@ -1,0 +1,281 @@
+"""Dialogue scripts -> audio: input formats, prompt batches, generation, decoding, model loading.
+
+Input items (the original inference JSONL formats):
+
+* text only: `{"text"}`;
+* per-speaker prompts: `{"text", "prompt_audio_speaker1", "prompt_text_speaker1", "prompt_audio_speaker2",
+  "prompt_text_speaker2", "base_path"?}` -> the two clips are joined (speaker 1 first) and the prompt text is
+  `[S1]t1[S2]t2`;
+* shared prompt: `{"text", "prompt_audio", "prompt_text", "base_path"?}` (prompt text already tagged).
+
+Voice cloning is continuation: prompt text + text are normalised together, the prompt audio's codes follow
+`<|begin_of_speech|>`, and the model continues. An item that cannot be prepared (missing audio, unknown
+speaker tag, empty text) is reported with its reason; the rest of the batch still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from moss.audio import SAMPLE_RATE, read_audio
+from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
+from moss.model.delay import apply_delay_pattern
+from moss.text.prompt import PromptBuilder
+
+KNOWN_TAGS = re.compile(r"\[S(\d+)\]")
+
+
+class ItemError(ValueError):
+    """An input item that cannot be synthesised; the message says why."""
+
+
+@dataclass
+class Item:
+    """One script to synthesise, resolved: full text (prompt text + text) and the prompt audio (16 kHz)."""
+
+    index: int
+    text: str
+    prompt_audio: np.ndarray | None = None
+    source: dict = field(default_factory=dict)
+
+
+def parse_item(data: dict, index: int, base_path: str | None = None, silence_seconds: float = 0.0) -> Item:
+    """Resolve one input dict of any of the three formats.
+
+    Raises:
+        ItemError: empty text, unknown speaker tags, missing or unreadable prompt audio, half a speaker pair.
+    """
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ItemError("empty text")
+    base = data.get("base_path") or base_path
+    if data.get("prompt_audio") and "prompt_text" in data:
+        prompt_text, clips = data.get("prompt_text") or "", [data["prompt_audio"]]
+    elif data.get("prompt_audio_speaker1") or data.get("prompt_audio_speaker2"):
+        clips = [data.get("prompt_audio_speaker1"), data.get("prompt_audio_speaker2")]
+        if not all(clips):
+            raise ItemError("per-speaker prompts need both prompt_audio_speaker1 and prompt_audio_speaker2")
+        t1, t2 = data.get("prompt_text_speaker1") or "", data.get("prompt_text_speaker2") or ""
+        prompt_text = ((f"[S1]{t1}" if t1 else "") + (f"[S2]{t2}" if t2 else "")).strip()
+    else:
+        prompt_text, clips = "", []
+    full = prompt_text + text
+    unknown = sorted({f"[S{n}]" for n in KNOWN_TAGS.findall(full) if n not in ("1", "2")})
+    if unknown:
+        raise ItemError(f"unknown speaker tags {unknown}: MOSS-TTSD speaks [S1] and [S2]")
+    audio = None
+    if clips:
+        waves = []
+        for clip in clips:
+            path = Path(clip) if base is None or Path(clip).is_absolute() else Path(base) / clip
+            if not path.is_file():
+                raise ItemError(f"prompt audio {path} not found")
+            try:
+                waves.append(read_audio(path))
+            except (sf.LibsndfileError, RuntimeError, OSError) as err:
+                raise ItemError(f"prompt audio {path} unreadable ({err})") from None
+        audio = np.concatenate(waves)
+        if silence_seconds > 0:
+            audio = np.concatenate([audio, np.zeros(int(silence_seconds * SAMPLE_RATE), np.float32)])
+    return Item(index, full, audio, data)
+
+
+def batch_prompts(grids: list[np.ndarray], text_pad_id: int, speech_pad: int = 1024):
+    """Delay each prompt, then left-pad to one batch: `input_ids` `[B, T + C - 1, C]`, `attention_mask` `[B, ...]`."""
+    delayed = [apply_delay_pattern(torch.from_numpy(g), text_pad_id, speech_pad) for g in grids]
+    length, channels = max(d.shape[0] for d in delayed), delayed[0].shape[1]
+    ids = torch.full((len(grids), length, channels), speech_pad, dtype=torch.long)
+    ids[..., 0] = text_pad_id
+    mask = torch.zeros(len(grids), length, dtype=torch.long)
+    for b, d in enumerate(delayed):
+        ids[b, length - d.shape[0] :] = d
+        mask[b, length - d.shape[0] :] = 1
+    return ids, mask
+
+
+@dataclass
+class Result:
+    """What happened to one item: its audio file and duration, or the error."""
+
+    index: int
+    text: str
+    normalized_text: str | None = None
+    path: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    first_audio_s: float | None = None
+
+
+class Synthesizer:
+    """Batched (or streaming) synthesis with a MossTTSD, its tokenizer and the XY-Tokenizer codec."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        codec,
+        generation: GenerationConfig,
+        normalize=None,
+        system_prompt: str | None = None,
+        batch_size: int = 4,
+    ):
+        self.model, self.codec, self.generation, self.batch_size = model.eval(), codec, generation, batch_size
+        kwargs = {} if system_prompt is None else {"system_prompt": system_prompt}
+        cfg = model.config
+        self.prompt = PromptBuilder(
+            tokenizer,
+            speech_offset=cfg.speech_offset,
+            channels=cfg.channels,
+            speech_pad=cfg.speech_pad_token,
+            normalize=normalize,
+            **kwargs,
+        )
+        self.text_pad_id = tokenizer.pad_token_id
+        self.device = next(model.parameters()).device
+
+    def grids(self, items: list[Item]) -> list[np.ndarray]:
+        """Prompt grids; the prompt audios of the batch are encoded in one codec call."""
+        with_audio = [it for it in items if it.prompt_audio is not None]
+        codes = dict(
+            zip(
+                [id(it) for it in with_audio],
+                self.codec.encode([it.prompt_audio for it in with_audio]) if with_audio else [],
+                strict=True,
+            )
+        )
+        return [
+            self.prompt.inference_grid(it.text, None if id(it) not in codes else codes[id(it)].cpu().numpy())
+            for it in items
+        ]
+
+    def synthesize(self, items: list[Item], write: Callable[[Item, torch.Tensor], Result]) -> list[Result]:
+        """Generate and decode `items` in batches; `write(item, waveform)` stores one output."""
+        results = []
+        for start in range(0, len(items), self.batch_size):
+            group = items[start : start + self.batch_size]
+            ids, mask = batch_prompts(self.grids(group), self.text_pad_id, self.model.config.speech_pad_token)
+            out = generate(self.model, ids.to(self.device), mask.to(self.device), self.generation)
+            codes = frames_of(out, self.model.config.speech_offset, self.model.config.speech_pad_token)
+            waves = self.codec.decode([c.to(self.codec.device) for c in codes])
+            results += [write(item, wave) for item, wave in zip(group, waves, strict=True)]
+        return results
+
+    def stream(self, item: Item, on_chunk: Callable[[torch.Tensor], None]) -> float | None:
+        """Generate one item, handing decoded audio chunks to `on_chunk` as soon as each window is ready.
+
+        Returns the time to the first audio chunk (seconds), or None when no audio was produced.
+        """
+        ids, mask = batch_prompts(self.grids([item]), self.text_pad_id, self.model.config.speech_pad_token)
+        start, first = time.perf_counter(), []
+
+        def chunk(wave):
+            if not first:
+                first.append(time.perf_counter() - start)
+            on_chunk(wave)
+
+        decoder = StreamingDecoder(
+            self.codec,
+            self.model.config.speech_offset,
+            chunk,
+            self.model.config.channels,
+            self.model.config.speech_pad_token,
+        )
+        generate(
+            self.model,
+            ids.to(self.device),
+            mask.to(self.device),
+            self.generation,
+            on_row=lambda row: decoder.push(row[0].cpu()),
+        )
+        decoder.finish()
+        return first[0] if first else None
+
+
+def read_items(path: str | Path) -> list[dict | Exception]:
+    """The JSON objects of an input JSONL; a line that is not JSON becomes its error (reported, not raised)."""
+    out: list[dict | Exception] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            out.append(data if isinstance(data, dict) else ItemError(f"line {number}: not a JSON object"))
+        except json.JSONDecodeError as err:
+            out.append(ItemError(f"line {number}: invalid JSON ({err.msg})"))
+    return out
+
+
+def load_model(
+    checkpoint: str | Path,
+    *,
+    base_model: str | None = None,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+):
+    """A MossTTSD (LoRA merged) and its tokenizer from any checkpoint this project or the original makes.
+
+    `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`), a peft adapter folder (its base from
+    `base_model` or the adapter's `base_model_name_or_path`), or a Lightning `.ckpt` of a run (rebuilt from the
+    run's `.hydra/config.yaml`). `tokenizer` overrides where the tokenizer is read from.
+
+    Raises:
+        FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
+    """
+    from transformers import AutoTokenizer
+
+    from moss.model import MossTTSD
+
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
+        model = MossTTSD.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        tok_path = tokenizer or base
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = MossTTSD.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        tok_path = tokenizer or path
+    elif path.is_file() and path.suffix == ".ckpt":
+        return _from_lightning(path, tokenizer, device, attn_implementation)
+    else:
+        raise FileNotFoundError(
+            f"checkpoint={path} is neither an HF-format folder (config.json), a LoRA adapter folder "
+            f"(adapter_config.json) nor a Lightning .ckpt file"
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))
+
+
+def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_implementation: str):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from moss.model.lora import unwrap
+    from moss.training.export import merged_model
+
+    run_config = path.parent.parent / ".hydra" / "config.yaml"
+    if not run_config.is_file():
+        raise FileNotFoundError(f"{run_config} not found: a Lightning checkpoint is read with its run's config")
+    cfg = OmegaConf.load(run_config)
+    cfg.model.net.attn_implementation = attn_implementation
+    module = instantiate(cfg.model)
+    module.configure_model()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    model = unwrap(merged_model(module.model)).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else instantiate(cfg.tokenizer)
+    return model, tok

@@ -1,0 +1,199 @@
+"""infer.py end to end: the original pipeline's audio (golden), streaming = batch, checkpoints of every kind,
+and bad input reported while the rest of the batch is produced."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from infer import infer
+from moss.inference import ItemError, load_model, parse_item
+from moss.model import ConfigError
+from tests.conftest import REPO, requires_golden
+
+
+def infer_cfg(tmp_path, golden, **overrides):
+    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
+    cfg.pop("hydra")
+    cfg.checkpoint = str(golden / "backbone" / "model")
+    cfg.tokenizer = str(golden / "tokenizer")
+    cfg.codec.config = str(golden / "codec" / "xy_tokenizer_tiny_config.yaml")
+    cfg.codec.checkpoint = str(golden / "codec" / "xy_tokenizer_tiny.ckpt")
+    cfg.output_dir, cfg.progress, cfg.attn_implementation = str(tmp_path / "out"), False, "eager"
+    cfg.sampling = {"do_sample": False}
+    cfg.max_seconds = 12 / 12.5  # the golden generation config: max_new_tokens 12
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture
+def pipeline_inputs(tmp_path, golden):
+    p = load_file(golden / "pipeline" / "v05final" / "pipeline.safetensors")
+    for name in ("shared", "p1", "p2"):
+        sf.write(tmp_path / f"{name}.wav", p[f"prompt_wav_{name}"].numpy(), 16000, subtype="FLOAT")
+    items = json.loads((golden / "pipeline" / "v05final" / "pipeline.json").read_text())["jsonl_items"]
+    lines = [json.dumps({k: v for k, v in item.items() if k != "base_path"}) for item in items]
+    lines.insert(1, json.dumps({"text": "[S1]hi", "prompt_audio": "absent.wav", "prompt_text": "[S1]x"}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "in.jsonl", p
+
+
+@requires_golden
+def test_reproduces_the_original_pipeline_and_reports_the_bad_line(tmp_path, golden, pipeline_inputs):
+    jsonl, p = pipeline_inputs
+    results = infer(infer_cfg(tmp_path, golden, input=str(jsonl), batch_size=4, subtype="FLOAT"))
+    assert [r.index for r in results] == [0, 1, 2] and "absent.wav not found" in results[1].error
+    for k, res in zip((0, 1), (results[0], results[2]), strict=True):
+        audio, rate = sf.read(res.path, dtype="float32")
+        assert rate == 32000 and res.duration_s == pytest.approx(len(audio) / 32000)
+        np.testing.assert_allclose(audio, p[f"audio{k}"].numpy(), atol=1e-5)  # wav float32 via soundfile
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert lines[0]["normalized_text"] == "[S1]你好。好的。[S2]OK." and "error" in lines[1]
+
+
+@requires_golden
+def test_streaming_writes_the_same_audio(tmp_path, golden, pipeline_inputs):
+    jsonl, _ = pipeline_inputs
+    batch = infer(infer_cfg(tmp_path / "a", golden, input=str(jsonl), subtype="FLOAT"))
+    stream = infer(infer_cfg(tmp_path / "b", golden, input=str(jsonl), streaming=True, format="flac"))
+    for a, b in zip(batch, stream, strict=True):
+        assert (a.error is None) == (b.error is None)
+        if a.error is None:
+            wa, _ = sf.read(a.path, dtype="float32")
+            wb, _ = sf.read(b.path, dtype="float32")
+            np.testing.assert_allclose(wa, wb, atol=1e-4)  # flac is 16-bit
+            assert b.first_audio_s is not None and b.first_audio_s > 0
+
+
+def test_item_errors(tmp_path):
+    sf.write(tmp_path / "a.wav", np.zeros(1600, np.float32), 16000)
+    with pytest.raises(ItemError, match="empty text"):
+        parse_item({"text": "  "}, 0)
+    with pytest.raises(ItemError, match=r"unknown speaker tags \['\[S3\]'\]"):
+        parse_item({"text": "[S1]a[S3]b"}, 0)
+    with pytest.raises(ItemError, match="prompt audio .*missing.wav not found"):
+        parse_item({"text": "[S1]a", "prompt_audio": "missing.wav", "prompt_text": "[S1]x"}, 0, str(tmp_path))
+    with pytest.raises(ItemError, match="need both"):
+        parse_item({"text": "[S1]a", "prompt_audio_speaker1": "a.wav"}, 0, str(tmp_path))
+    item = parse_item(
+        {
+            "text": "[S2]b",
+            "prompt_audio_speaker1": "a.wav",
+            "prompt_text_speaker1": "A",
+            "prompt_audio_speaker2": "a.wav",
+            "prompt_text_speaker2": "B",
+        },
+        3,
+        str(tmp_path),
+        0.5,
+    )
+    assert item.text == "[S1]A[S2]B[S2]b" and len(item.prompt_audio) == 3200 + 8000
+
+
+def test_checkpoint_kinds_and_foreign_models(tmp_path, tiny_tokenizer):
+    from moss.model import MossTTSD, MossTTSDConfig
+    from moss.model.lora import apply_lora
+    from moss.training.export import save_adapter
+
+    base = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    model, tok = load_model(tmp_path / "base")
+    assert tok.pad_token_id == 368 and isinstance(model, MossTTSD)
+    adapted = apply_lora(MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0), r=4)
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    save_adapter(adapted, tmp_path / "adapter")
+    merged, _ = load_model(tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    ids = torch.randint(0, 1000, (1, 6, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(ids).logits[0], adapted.eval()(ids, output_logits=True).logits[0], atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="without a recorded base model"):
+        load_model(tmp_path / "adapter")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    with pytest.raises(ConfigError, match="not a MOSS-TTSD config"):
+        load_model(tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="neither an HF-format folder"):
+        load_model(tmp_path / "nothing")
+
+
+def test_cli_from_a_lightning_checkpoint_of_a_tiny_run(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from moss.codec import XYTokenizer, XYTokenizerConfig
+
+    config = XYTokenizerConfig.tiny()
+    (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
+    torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
+    run = subprocess.run(
+        [sys.executable, "train.py", "debug=fast_dev_run", f"paths.root={tmp_path}", "name=t", "data.num_workers=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "infer.py",
+            f"checkpoint={tmp_path}/t/checkpoints/last.ckpt",
+            f"codec.config={tmp_path}/codec.yaml",
+            f"codec.checkpoint={tmp_path}/codec.ckpt",
+            "text='[S1]hello there[S2]fine'",
+            f"output_dir={tmp_path}/out",
+            "max_seconds=2",
+            "progress=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (result,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    audio, rate = sf.read(result["path"])
+    assert rate == 32000 and len(audio) == round(result["duration_s"] * 32000) and len(audio) % 2560 == 0
+    assert "wrote 1 of 1 items" in out.stdout
+
+
+def test_audio_samples_during_training(tmp_path):
+    import yaml
+
+    from moss.codec import XYTokenizer, XYTokenizerConfig
+    from tests.conftest import compose_train
+    from train import train
+
+    config = XYTokenizerConfig.tiny()
+    (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
+    torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
+    cfg = compose_train(
+        tmp_path,
+        [
+            "debug=fast_dev_run",
+            "data.num_workers=0",
+            "callbacks=audio_samples",
+            f"callbacks.audio_samples.codec_config={tmp_path / 'codec.yaml'}",
+            f"callbacks.audio_samples.codec_checkpoint={tmp_path / 'codec.ckpt'}",
+            "callbacks.audio_samples.every_n_steps=2",
+            "callbacks.audio_samples.max_seconds=1",
+            "callbacks.audio_samples.sampling.do_sample=true",
+            "logger=tensorboard",
+            "export.enabled=false",
+        ],
+    )
+    result = train(cfg)
+    samples = sorted(p.name for p in (result["output_dir"] / "samples").iterdir())
+    assert samples == ["step_0000002_0.wav", "step_0000004_0.wav"]
+    assert any(sf.info(result["output_dir"] / "samples" / s).frames > 0 for s in samples)  # audio reached the logger
+    assert list((result["output_dir"] / "tensorboard").rglob("events.out.tfevents*"))
