@@ -6,7 +6,7 @@ install:
 test:        ## the default suite: CPU, a minute or so
 	python -m pytest
 
-test-all:    ## including slow tests (gpu tests need a CUDA device)
+test-all:    ## everything that runs without a GPU, slow tests included
 	python -m pytest -m "not gpu"
 
 lint:
