@@ -220,7 +220,7 @@ class ShardStream(IterableDataset):
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._slot()
-        if slots > len(self.urls):
+        if self.repeat and slots > len(self.urls):  # a one-pass stream may leave readers idle, a training one not
             raise RuntimeError(
                 f"{len(self.urls)} shards cannot feed {slots} readers (ranks x dataloader workers); "
                 f"lower data.num_workers or write more shards (at least {slots})"

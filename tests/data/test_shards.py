@@ -197,3 +197,13 @@ def test_skip_report_is_written(tmp_path, builder):
     assert batches[-1]["skipped"] == {"over-long sample": 1}
     (line,) = (report / "skipped-reader0000.jsonl").read_text().splitlines()
     assert json.loads(line)["reason"] == "over-long sample" and "too-long" in json.loads(line)["detail"]
+
+
+def test_validation_pass_with_more_readers_than_shards_is_still_exactly_once(tmp_path, builder, monkeypatch):
+    write_shards(generate_samples(5, seed=2), tmp_path, prefix="v", max_samples=5)  # one shard, two ranks
+    keys = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        keys += keys_of(ShardStream(expand_shards(str(tmp_path)), builder, repeat=False, shuffle=False))
+    assert sorted(keys) == sorted(s.key for s in generate_samples(5, seed=2))
