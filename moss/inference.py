@@ -275,7 +275,7 @@ def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_impleme
     module = instantiate(cfg.model)
     module.configure_model()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
+    module.load_state_dict(state["state_dict"], strict=not state.get("adapter_only", False))
     model = unwrap(merged_model(module.model)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else instantiate(cfg.tokenizer)
     return model, tok

@@ -63,6 +63,8 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "export" / "model.safetensors").is_file()
     trainable = {n for n, p in first["module"].model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["adapter_only"] and {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable
     second = train(compose_train(tmp_path, [*overrides, "resume=auto", "trainer.max_steps=6"]))
     assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
     assert (out / "checkpoints" / "step_0000006.ckpt").is_file()

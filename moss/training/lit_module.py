@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
-from moss.training.sharding import shard_model
+from moss.training.sharding import is_sharded, shard_model
 
 FINETUNE_CHANNEL_WEIGHTS = (8, 2, 1, 1, 1, 1, 1, 1)
 
@@ -32,6 +32,8 @@ class MossTTSDLitModule(L.LightningModule):
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
         ce_chunk_rows: rows per logits chunk in the loss.
         path: the checkpoint folder `net` loads (recorded in the hyperparameters for provenance).
+        adapter_only_checkpoints: with LoRA, Lightning checkpoints hold only the trainable weights (tens of MB
+            instead of the 4 GB base); resuming rebuilds the base from `net` first. Not used under FSDP.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class MossTTSDLitModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         ce_chunk_rows: int = 1024,
         path: str | None = None,
+        adapter_only_checkpoints: bool = True,
     ):
         super().__init__()
         # Plain containers only: Lightning checkpoints are read back with torch.load(weights_only=True).
@@ -156,6 +159,26 @@ class MossTTSDLitModule(L.LightningModule):
         channel = sums / counts.clamp(min=1)
         weights = self.moss._normalized_weights.to(channel.device)
         self._log_losses("val", channel, (weights * channel).sum())
+
+    def _trainable_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.peft and self.hparams.adapter_only_checkpoints and not is_sharded(self.model):
+            keep = self._trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["adapter_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not checkpoint.get("adapter_only"):
+            return
+        missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(
+                f"adapter-only checkpoint lacks trainable weights {sorted(missing)[:5]} ({len(missing)}); "
+                f"was it written with the same peft settings?"
+            )
+        self.strict_loading = False  # the frozen base comes from `net`, not from the checkpoint
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # One norm computation serves both clipping and the `train/grad_norm` metric (pre-clip norm).

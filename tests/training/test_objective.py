@@ -53,12 +53,13 @@ def examples():
     return [builder(s) for s in generate_samples(4, seed=21)]
 
 
-def step_gradients(tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa"):
+def step_gradients(tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa", checkpointing=False):
     module = MossTTSDLitModule(
         config=MossTTSDConfig.tiny(**CONFIG),
         net=functools.partial(MossTTSD.from_config, seed=0, attn_implementation=attn),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         channel_weights=[8, 2, 1, 1, 1, 1, 1, 1],
+        gradient_checkpointing=checkpointing,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -119,6 +120,11 @@ def test_padded_batch(tmp_path, exs, reference):
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_sdpa"])
 def test_packed_batch(tmp_path, exs, reference, attn):
     assert_same(step_gradients(tmp_path, [[pack([0, 1], [2, 3], exs=exs)]], attn=attn), reference)
+
+
+def test_packed_batch_with_activation_checkpointing(tmp_path, exs, reference):
+    grads = step_gradients(tmp_path, [[pack([0, 1], [2, 3], exs=exs)]], attn="varlen_sdpa", checkpointing=True)
+    assert_same(grads, reference)
 
 
 def test_packed_with_gradient_accumulation(tmp_path, exs, reference):
