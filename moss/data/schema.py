@@ -120,58 +120,45 @@ class ShardSample:
         key = raw.get("__key__", "<no key>")
         where = f"{raw.get('__url__', '?')}:{key}"
         if GRID in raw or GRID_LABELS in raw:
-            return cls._grid_from_wds(raw, where)
-        missing = [k for k in (CODES, META) if k not in raw]
-        if missing:
-            raise SampleError(
-                f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})"
+            meta, arrays = _read_fields(raw, where, (GRID, GRID_LABELS))
+            sample = cls(
+                key=key,
+                codes=np.zeros((0, CODEBOOKS), np.int16),
+                text="",
+                source=meta.get("source", ""),
+                grid=arrays[GRID],
+                grid_labels=arrays[GRID_LABELS],
+                audio_frames=meta.get("frames"),
             )
-        try:
-            meta = json.loads(raw[META])
-            codes = _npy_load(raw[CODES])
-            ref_codes = _npy_load(raw[REF_CODES]) if REF_CODES in raw else None
-        except (ValueError, json.JSONDecodeError, OSError) as err:
-            raise SampleError(f"{where}: unreadable field ({err})") from err
-        if "text" not in meta:
-            raise SampleError(f"{where}: json has no 'text'")
-        sample = cls(
-            key=key,
-            codes=codes,
-            text=meta["text"],
-            source=meta.get("source", ""),
-            codec=meta.get("codec", "xy_tokenizer"),
-            codec_sample_rate=meta.get("codec_sample_rate", 16000),
-            ref_codes=ref_codes,
-            ref_text=meta.get("ref_text"),
-        )
+        else:
+            meta, arrays = _read_fields(raw, where, (CODES,), optional=(REF_CODES,))
+            if "text" not in meta:
+                raise SampleError(f"{where}: json has no 'text'")
+            sample = cls(
+                key=key,
+                codes=arrays[CODES],
+                text=meta["text"],
+                source=meta.get("source", ""),
+                codec=meta.get("codec", "xy_tokenizer"),
+                codec_sample_rate=meta.get("codec_sample_rate", 16000),
+                ref_codes=arrays.get(REF_CODES),
+                ref_text=meta.get("ref_text"),
+            )
         try:
             return sample.validate()
         except SampleError as err:
             raise SampleError(f"{raw.get('__url__', '?')}:{err}") from None
 
-    @classmethod
-    def _grid_from_wds(cls, raw: dict, where: str) -> ShardSample:
-        missing = [k for k in (GRID, GRID_LABELS, META) if k not in raw]
-        if missing:
-            raise SampleError(f"{where}: missing fields {missing} of an imported grid sample")
-        try:
-            meta = json.loads(raw[META])
-            grid, labels = _npy_load(raw[GRID]), _npy_load(raw[GRID_LABELS])
-        except (ValueError, json.JSONDecodeError, OSError) as err:
-            raise SampleError(f"{where}: unreadable field ({err})") from err
-        sample = cls(
-            key=raw["__key__"],
-            codes=np.zeros((0, CODEBOOKS), np.int16),
-            text="",
-            source=meta.get("source", ""),
-            grid=grid,
-            grid_labels=labels,
-            audio_frames=meta.get("frames"),
-        )
-        try:
-            return sample.validate()
-        except SampleError as err:
-            raise SampleError(f"{raw.get('__url__', '?')}:{err}") from None
+
+def _read_fields(raw: dict, where: str, required: tuple, optional: tuple = ()) -> tuple[dict, dict]:
+    """The json and the named arrays of a raw sample, or a SampleError naming what is missing or unreadable."""
+    missing = [k for k in (*required, META) if k not in raw]
+    if missing:
+        raise SampleError(f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        return json.loads(raw[META]), {k: _npy_load(raw[k]) for k in (*required, *optional) if k in raw}
+    except (ValueError, json.JSONDecodeError, OSError) as err:
+        raise SampleError(f"{where}: unreadable field ({err})") from err
 
 
 def _npy_bytes(array: np.ndarray, dtype=np.int16) -> bytes:
