@@ -165,6 +165,25 @@ def test_cli_from_a_lightning_checkpoint_of_a_tiny_run(tmp_path):
     audio, rate = sf.read(result["path"])
     assert rate == 32000 and len(audio) == round(result["duration_s"] * 32000) and len(audio) % 2560 == 0
     assert "wrote 1 of 1 items" in out.stdout
+    # the same checkpoint exported as an HF folder gives the run's exported weights
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moss.training.export",
+            f"checkpoint={tmp_path}/t/checkpoints/last.ckpt",
+            f"output_dir={tmp_path}/exported",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    ours, run_export = (
+        load_file(tmp_path / "exported" / "model.safetensors"),
+        load_file(tmp_path / "t" / "export" / "model.safetensors"),
+    )
+    assert ours.keys() == run_export.keys() and all(torch.equal(ours[k], run_export[k]) for k in ours)
 
 
 def test_audio_samples_during_training(tmp_path):

@@ -67,3 +67,37 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path | None:
         return None
     model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    layout: str = "original",
+    base_model: str | None = None,
+    tokenizer: str | None = None,
+) -> Path:
+    """Export any checkpoint `infer.py` reads as a merged HF-format folder with its tokenizer.
+
+    Accepts a run's Lightning `.ckpt`, a LoRA adapter folder or an HF folder.
+    """
+    from moss.inference import load_model
+
+    model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
+    return export_hf(model, out_dir, tok, layout=layout)
+
+
+def main() -> None:
+    """`python -m moss.training.export checkpoint=... output_dir=... [layout=moss_ttsd]` (Hydra syntax)."""
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+    def run(cfg: DictConfig) -> None:
+        path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer)
+        print(f"exported {cfg.checkpoint} to {path}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()
