@@ -27,7 +27,7 @@ from moss.data.collate import PaddingCollator
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
-from moss.training.callbacks import flop_model, peak_tflops
+from moss.training.callbacks import flop_model, peak_tflops, step_flops
 
 
 def reference_examples(n: int, config: MossTTSDConfig, rng: np.random.Generator, max_rows: int) -> list[dict]:
@@ -96,7 +96,7 @@ def run(model, data: list[dict], attn: str, checkpointing: bool, steps: int, war
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
-    achieved = (4 * flops["params"] * real + 6 * flops["layers"] * flops["d_attn"] * sum_sq) / wall / 1e12
+    achieved = step_flops(flops, real, sum_sq, lora=True) / wall / 1e12
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"real_frames_per_s": real / wall, "tflops": achieved, "peak_memory_gb": peak_mem}
 

@@ -31,7 +31,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from moss.model.delay import revert_delay_pattern
+from moss.model.delay import last_valid_frame, revert_delay_pattern
 
 
 @dataclass
@@ -202,12 +202,9 @@ def frames_of(output: GenerationOutput, speech_offset: int, speech_pad: int = 10
     Rows from T0 on are un-delayed; channel 0 loses the speech offset; frames are kept up to the last one
     whose channel 1 is not the pad (the end-of-speech frame and everything after it are dropped).
     """
-    generated = output.sequences[:, output.prompt_rows :]
-    frames = revert_delay_pattern(generated)
+    frames = revert_delay_pattern(output.sequences[:, output.prompt_rows :])
     out = []
-    for sample in frames:
-        valid = (sample[:, 1] != speech_pad).nonzero()
-        last = int(valid.max()) if len(valid) else -1
+    for sample, last in zip(frames, last_valid_frame(frames, speech_pad).tolist(), strict=True):
         codes = sample[: last + 1].clone()
         codes[:, 0] -= speech_offset
         out.append(codes)

@@ -62,6 +62,8 @@ def last_valid_frame(codes: torch.Tensor, speech_pad: int = 1024) -> torch.Tenso
 
     The original trims generated audio to frames `[0, last]`: the end-of-speech frame has channel 1 = pad.
     """
+    if codes.shape[-2] == 0:
+        return torch.full(codes.shape[:-2], -1, dtype=torch.long, device=codes.device)
     valid = codes[..., 1] != speech_pad
     idx = torch.arange(codes.shape[-2], device=codes.device)
     return torch.where(valid, idx, torch.full_like(idx, -1)).amax(dim=-1)

@@ -92,6 +92,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ignore_index: int = IGNORE_INDEX,
+    check_range: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE of `hidden @ weight.T` against `targets`, chunked over rows.
 
@@ -101,9 +102,13 @@ def linear_cross_entropy(
         targets: `[N]` class ids; `ignore_index` rows are skipped before any logit is computed.
         chunk_rows: rows per chunk; peak extra memory is about `2 * chunk_rows * V * 4` bytes.
         ignore_index: target value that contributes nothing.
+        check_range: raise on a target outside the head (one device sync; callers that checked already skip it).
 
     Returns:
         (sum of CE in float32, number of valid targets as int64).
+
+    Raises:
+        ValueError: a target outside `[0, V)`.
     """
     valid = targets != ignore_index
     idx = valid.nonzero().squeeze(1)
@@ -112,13 +117,21 @@ def linear_cross_entropy(
         # Keep the graph connected so DDP sees every parameter used, with an exact zero.
         return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float(), valid.sum()
     t = targets.index_select(0, idx)
-    out_of_range = (t < 0) | (t >= weight.shape[0])
-    if out_of_range.any():
-        bad = t[out_of_range][0].item()
-        raise ValueError(f"label {bad} outside [0, {weight.shape[0]}) for a head of {weight.shape[0]} classes")
+    if check_range:
+        _check_targets(t[:, None], [weight.shape[0]])
     h = hidden.index_select(0, idx)
     total = _LinearCrossEntropy.apply(h, weight, t, int(chunk_rows), _compute_dtype(hidden, weight))
     return total, valid.sum()
+
+
+def _check_targets(targets: torch.Tensor, classes: Sequence[int]) -> None:
+    """Raise if any non-ignored target of `targets` `[N, C]` is outside `[0, classes[c])`."""
+    limit = torch.tensor(classes, device=targets.device)
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= limit))
+    if bad.any():
+        row, channel = bad.nonzero()[0].tolist()
+        value = int(targets[row, channel])
+        raise ValueError(f"label {value} outside [0, {classes[channel]}) for a head of {classes[channel]} classes")
 
 
 def channel_cross_entropy(
@@ -139,10 +152,12 @@ def channel_cross_entropy(
         ChannelCE with `sums` [C] float32 and `counts` [C] int64.
     """
     targets = shift_labels(labels)
+    # One range check (one device sync) for all channels, instead of one per channel.
+    _check_targets(targets.reshape(-1, targets.shape[-1]), [w.shape[0] for w in head_weights])
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     sums, counts = [], []
     for c, weight in enumerate(head_weights):
-        s, n = linear_cross_entropy(flat_h, weight, targets[..., c].reshape(-1), chunk_rows)
+        s, n = linear_cross_entropy(flat_h, weight, targets[..., c].reshape(-1), chunk_rows, check_range=False)
         sums.append(s)
         counts.append(n)
     return ChannelCE(torch.stack(sums), torch.stack(counts))

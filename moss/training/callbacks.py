@@ -44,6 +44,12 @@ def flop_model(moss) -> dict:
     }
 
 
+def step_flops(counts: dict, rows: int, sum_sq_rows: int, lora: bool) -> float:
+    """Useful FLOPs of training on `rows` real rows whose samples' squared lengths sum to `sum_sq_rows`."""
+    per_row = (4 if lora else 6) * counts["params"]
+    return per_row * rows + 6 * counts["layers"] * counts["d_attn"] * sum_sq_rows
+
+
 class ThroughputMonitor(L.Callback):
     """Logs every `window` micro-batches.
 
@@ -71,8 +77,7 @@ class ThroughputMonitor(L.Callback):
         self._peak = self.peak_override or peak_tflops(pl_module.device)
 
     def _step_flops(self, rows: int, sum_sq: int) -> float:
-        per_row = (4 if self._lora else 6) * self._flops["params"]
-        return per_row * rows + 6 * self._flops["layers"] * self._flops["d_attn"] * sum_sq
+        return step_flops(self._flops, rows, sum_sq, self._lora)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         real = int(batch["real_rows"])

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
+from moss.model.loss import weighted_loss
 from moss.training.sharding import is_sharded, shard_model
 
 FINETUNE_CHANNEL_WEIGHTS = (8, 2, 1, 1, 1, 1, 1, 1)
@@ -122,13 +123,14 @@ class MossTTSDLitModule(L.LightningModule):
             local = batch.get("step_label_counts", out.channel_label_counts)
             self._step_counts = self.trainer.strategy.reduce(local.to(out.channel_loss_sums.device), reduce_op="sum")
             self._window_sums = torch.zeros_like(out.channel_loss_sums)
-        weights = self.moss._normalized_weights.to(out.channel_loss_sums.device)
-        loss = (weights * out.channel_loss_sums / self._step_counts.clamp(min=1)).sum()
+        weights = self.moss._normalized_weights
+        loss, _ = weighted_loss(out.channel_loss_sums, self._step_counts, weights)
         self._window_sums += out.channel_loss_sums.detach()
         if first == accumulate - 1:
-            sums = self.trainer.strategy.reduce(self._window_sums, reduce_op="sum")
-            channel = sums / self._step_counts.clamp(min=1)
-            self._log_losses("train", channel, (weights * channel).sum())
+            step_loss, channel = weighted_loss(
+                self.trainer.strategy.reduce(self._window_sums, reduce_op="sum"), self._step_counts, weights
+            )
+            self._log_losses("train", channel, step_loss)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss * accumulate * self.trainer.world_size
 
@@ -156,9 +158,8 @@ class MossTTSDLitModule(L.LightningModule):
             return
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
-        channel = sums / counts.clamp(min=1)
-        weights = self.moss._normalized_weights.to(channel.device)
-        self._log_losses("val", channel, (weights * channel).sum())
+        loss, channel = weighted_loss(sums, counts, self.moss._normalized_weights)
+        self._log_losses("val", channel, loss)
 
     def _trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

@@ -27,3 +27,7 @@ def test_round_trip_and_fills(channels, length):
     for c in range(channels):
         fill = -1 if c == 0 else -2
         assert (delayed[:, :c, c] == fill).all() and (delayed[:, c + length :, c] == fill).all()
+
+
+def test_last_valid_frame_of_nothing_is_minus_one():
+    assert last_valid_frame(torch.zeros(3, 0, 8, dtype=torch.long)).tolist() == [-1, -1, -1]
