@@ -145,14 +145,8 @@ class XYTokenizer(nn.Module):
             One LongTensor `[N_16k // 1280, 8]` per clip, in input order, on the codec's device.
         """
         clips = [self.prepare(w, sample_rate, i) for i, w in enumerate(waveforms)]
-        order = sorted(range(len(clips)), key=lambda i: -clips[i].numel())
-        out: list[torch.Tensor | None] = [None] * len(clips)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            for start in range(0, len(order), batch_size):
-                group = order[start : start + batch_size]
-                for i, codes in zip(group, self._encode_batch([clips[i] for i in group]), strict=True):
-                    out[i] = codes
-        return out
+        lengths = [c.numel() for c in clips]
+        return self._by_length(clips, lengths, batch_size, dtype, self._encode_batch)
 
     def _encode_batch(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         device, window = self.device, self.config.window_samples
@@ -192,13 +186,18 @@ class XYTokenizer(nn.Module):
             if codes.numel() and (codes.min() < 0 or codes.max() >= self.quantizer.quantizers[0].codebook.shape[0]):
                 raise ValueError(f"clip {i}: codes outside [0, {self.quantizer.quantizers[0].codebook.shape[0]})")
             grids.append(codes)
-        order = sorted(range(len(grids)), key=lambda i: -grids[i].shape[0])
-        out: list[torch.Tensor | None] = [None] * len(grids)
+        waves = self._by_length(grids, [g.shape[0] for g in grids], batch_size, dtype, self._decode_batch)
+        return [w.float() for w in waves]
+
+    def _by_length(self, items: list, lengths: list[int], batch_size: int, dtype, run) -> list[torch.Tensor]:
+        """`run` over batches of items of similar length (longest first, to limit padding), results in input order."""
+        order = sorted(range(len(items)), key=lambda i: -lengths[i])
+        out: list[torch.Tensor | None] = [None] * len(items)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             for start in range(0, len(order), batch_size):
                 group = order[start : start + batch_size]
-                for i, wave in zip(group, self._decode_batch([grids[i] for i in group]), strict=True):
-                    out[i] = wave.float()
+                for i, result in zip(group, run([items[i] for i in group]), strict=True):
+                    out[i] = result
         return out
 
     def _decode_batch(self, grids: list[torch.Tensor]) -> list[torch.Tensor]:
