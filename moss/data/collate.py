@@ -39,8 +39,8 @@ class PaddingCollator:
             "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(attention_mask),
             "label_counts": torch.from_numpy((labels[:, 1:] != IGNORE_INDEX).sum(axis=(0, 1))),
-            "real_rows": torch.tensor(sum(lengths)),
-            "sum_sq_rows": torch.tensor(sum(n * n for n in lengths)),
+            "real_rows": sum(lengths),  # plain ints: they stay on the CPU, reading them never syncs the GPU
+            "sum_sq_rows": sum(n * n for n in lengths),
             "num_samples": batch,
             "keys": [ex["key"] for ex in examples],
         }

@@ -140,8 +140,8 @@ def collate_packs(
         "cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
         "max_seqlen": int(max(lengths)),
         "label_counts": torch.from_numpy(label_counts),
-        "real_rows": torch.tensor(real_rows),
-        "sum_sq_rows": torch.tensor(sum(item["rows"] ** 2 for pack in packs for item in pack)),
+        "real_rows": real_rows,  # plain ints: they stay on the CPU, reading them never syncs the GPU
+        "sum_sq_rows": sum(item["rows"] ** 2 for pack in packs for item in pack),
         "num_samples": len(keys),
         "keys": keys,
     }
