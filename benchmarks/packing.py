@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from moss.data.collate import PaddingCollator
+from moss.data.collate import PaddingCollator, model_inputs
 from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import ShardSample
@@ -95,14 +95,7 @@ def train_throughput(examples: list[dict], budget: int) -> dict:
         real = computed = 0
         start = time.perf_counter()
         for batch in batches:
-            kwargs = {"varlen_bounds": batch["cu_seqlens"].tolist()} if attn == "varlen_sdpa" else {}
-            out = model(
-                batch["input_ids"],
-                attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"),
-                labels=batch["labels"],
-                **kwargs,
-            )
+            out = model(**model_inputs(batch))
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,20 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+# What `MossTTSD.forward` takes from a batch, and which of those it reads on the host (never moved to a device:
+# packed boundaries and per-channel label counts, read without a device sync).
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen", "label_counts")
+HOST_KEYS = ("cu_seqlens", "label_counts")
+
+
+def model_inputs(batch: dict, device: torch.device | str | None = None) -> dict:
+    """Keyword arguments of `MossTTSD.forward` from a padded or packed batch, moved to `device` (host keys stay)."""
+    out = {key: batch[key] for key in MODEL_KEYS if batch.get(key) is not None}
+    if device is not None:
+        for key, value in out.items():
+            if torch.is_tensor(value) and key not in HOST_KEYS:
+                out[key] = value.to(device, non_blocking=True)
+    return out
 
 
 class PaddingCollator:

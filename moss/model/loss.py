@@ -15,6 +15,7 @@ as the original `ForCausalLMLoss` does.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,8 +46,8 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_n CE(hidden[n] @ weight.T, target[n]) over rows whose targets are all valid, chunked."""
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The reference: sum_n CE(hidden[n] @ weight.T, target[n]), chunked; logits recomputed in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype):
@@ -54,8 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
-                h = hidden[start : start + chunk_rows].to(compute_dtype)
-                logits = (h @ w.T).float()
+                logits = (hidden[start : start + chunk_rows].to(compute_dtype) @ w.T).float()
                 t = targets[start : start + chunk_rows]
                 total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
         ctx.save_for_backward(hidden, weight, targets)
@@ -66,24 +66,77 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         hidden, weight, targets = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dt = ctx.compute_dtype
-        w = weight.to(dt)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        rows = torch.arange(min(ctx.chunk_rows, hidden.shape[0]), device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], ctx.chunk_rows):
-                h = hidden[start : start + ctx.chunk_rows].to(dt)
-                t = targets[start : start + ctx.chunk_rows]
-                probs = torch.softmax((h @ w.T).float(), dim=-1)
-                probs[rows[: t.shape[0]], t] -= 1.0
-                g = (probs * grad_total).to(dt)
-                if need_h:
-                    grad_h[start : start + ctx.chunk_rows] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w += (g.T @ h).float()
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+        grads = _chunk_gradients(
+            hidden, weight, targets, ctx.chunk_rows, ctx.compute_dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )[1:]
+        return *(None if g is None else (g * grad_total).to(g.dtype) for g in grads), None, None, None
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Same sum, with the gradient computed during the forward pass, chunk by chunk (no recompute).
+
+    The loss is a plain sum, so its gradient for an upstream gradient of 1 is known in forward; backward
+    only scales it. This saves the second `hidden @ weight.T` of the reference: one matmul over the
+    152,697-class head per channel-0 row.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype, need_h, need_w):
+        total, grad_h, grad_w = _chunk_gradients(hidden, weight, targets, chunk_rows, compute_dtype, need_h, need_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        scaled = [None if g is None else (g * grad_total).to(g.dtype) for g in (grad_h, grad_w)]
+        return *scaled, None, None, None, None, None
+
+
+def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
+    """(sum of CE, d sum / d hidden or None, d sum / d weight or None), one chunk of logits at a time."""
+    w = weight.to(dt)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    rows = torch.arange(min(chunk_rows, hidden.shape[0]), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].to(dt)
+            t = targets[start : start + chunk_rows]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one chunk of logits in memory
+            probs[rows[: t.shape[0]], t] -= 1.0
+            g = probs.to(dt)
+            if need_h:
+                grad_h[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.T @ h).float()
+    return total, grad_h, (grad_w.to(weight.dtype) if need_w else None)
+
+
+def _liger_sum(hidden, weight, targets, chunk_rows, compute_dtype):
+    """Liger-Kernel's fused linear CE (Triton, CUDA), summed; it reads one count back to the host per call."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    dt = compute_dtype
+    return liger_fused_linear_cross_entropy(hidden.to(dt), weight.to(dt), targets, reduction="sum").float()
+
+
+CE_IMPLEMENTATIONS = ("fused", "chunked", "liger")
+
+
+def check_ce_impl(name: str) -> str:
+    """Validate a loss implementation name, with the fix in the message."""
+    if name not in CE_IMPLEMENTATIONS:
+        raise ValueError(f"unknown cross-entropy implementation {name!r}; choose one of {CE_IMPLEMENTATIONS}")
+    if name == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("ce_impl='liger' needs the liger-kernel package (CUDA + Triton); use model.ce_impl=fused")
+    return name
 
 
 def linear_cross_entropy(
@@ -93,45 +146,66 @@ def linear_cross_entropy(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     ignore_index: int = IGNORE_INDEX,
     check_range: bool = True,
+    num_valid: int | None = None,
+    impl: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE of `hidden @ weight.T` against `targets`, chunked over rows.
 
     Args:
         hidden: `[N, H]` final hidden states.
         weight: `[V, H]` output head (tied embedding) of one channel.
-        targets: `[N]` class ids; `ignore_index` rows are skipped before any logit is computed.
+        targets: `[N]` class ids; `ignore_index` rows are dropped before any logit is computed.
         chunk_rows: rows per chunk; peak extra memory is about `2 * chunk_rows * V * 4` bytes.
         ignore_index: target value that contributes nothing.
-        check_range: raise on a target outside the head (one device sync; callers that checked already skip it).
+        check_range: assert that targets lie in `[0, V)` (asynchronously: no device sync).
+        num_valid: the number of valid targets when the caller knows it on the host (the collators count
+            labels): the valid rows are then selected without reading anything back from the device.
+        impl: `fused` (gradient computed in the forward pass, the default), `chunked` (the reference: logits
+            recomputed in backward) or `liger` (Liger-Kernel's Triton kernel, CUDA only).
 
     Returns:
-        (sum of CE in float32, number of valid targets as int64).
+        (sum of CE in float32, number of valid targets as an int64 tensor).
 
     Raises:
-        ValueError: a target outside `[0, V)`.
+        RuntimeError: (on CPU at once, on an accelerator at its next sync) a target outside `[0, V)`, or
+            `num_valid` that does not match the targets.
     """
     valid = targets != ignore_index
-    idx = valid.nonzero().squeeze(1)
-    count = idx.numel()
-    if count == 0:
+    if check_range:
+        _check_targets(targets[:, None], [weight.shape[0]])
+    if num_valid is None:
+        idx = valid.nonzero().squeeze(1)  # reads the count back: one device sync
+    else:
+        idx = torch.nonzero_static(valid, size=int(num_valid)).squeeze(1)
+        torch._assert_async(valid.sum() == int(num_valid), f"num_valid={int(num_valid)} does not match the targets")
+    if idx.numel() == 0:
         # Keep the graph connected so DDP sees every parameter used, with an exact zero.
         return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float(), valid.sum()
     t = targets.index_select(0, idx)
-    if check_range:
-        _check_targets(t[:, None], [weight.shape[0]])
     h = hidden.index_select(0, idx)
-    total = _LinearCrossEntropy.apply(h, weight, t, int(chunk_rows), _compute_dtype(hidden, weight))
+    dt = _compute_dtype(hidden, weight)
+    if impl == "fused":
+        grad = torch.is_grad_enabled()
+        total = _FusedLinearCrossEntropy.apply(
+            h, weight, t, int(chunk_rows), dt, grad and h.requires_grad, grad and weight.requires_grad
+        )
+    elif impl == "chunked":
+        total = _ChunkedLinearCrossEntropy.apply(h, weight, t, int(chunk_rows), dt)
+    else:
+        total = _liger_sum(h, weight, t, int(chunk_rows), dt)
     return total, valid.sum()
 
 
 def _check_targets(targets: torch.Tensor, classes: Sequence[int]) -> None:
-    """Raise if any non-ignored target of `targets` `[N, C]` is outside `[0, classes[c])`."""
-    limit = torch.tensor(classes, device=targets.device)
+    """Targets `[N, C]`: every non-ignored one must lie in `[0, classes[c])`.
+
+    An asynchronous device assertion: it never reads anything back to the host (on CPU it raises at once; on
+    an accelerator a violation fails the next synchronising call instead of indexing out of range).
+    """
+    limit = torch.tensor(classes).to(targets.device, non_blocking=True)
     bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= limit))
-    if bad.any():
-        row, channel = bad.nonzero()[0].tolist()
-        value = int(targets[row, channel])
-        raise ValueError(f"label {value} outside [0, {classes[channel]}) for a head of {classes[channel]} classes")
+    ranges = ", ".join(f"channel {c}: [0, {v})" for c, v in enumerate(classes))
+    torch._assert_async(~bad.any(), f"a label lies outside its channel's head ({ranges}); check the data's codes")
 
 
 def channel_cross_entropy(
@@ -139,6 +213,8 @@ def channel_cross_entropy(
     head_weights: Sequence[torch.Tensor],
     labels: torch.Tensor,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    label_counts: Sequence[int] | None = None,
+    impl: str = "fused",
 ) -> ChannelCE:
     """Per-channel summed CE of next-token prediction.
 
@@ -147,17 +223,29 @@ def channel_cross_entropy(
         head_weights: C weights `[V_c, H]` (channel 0 = text + codebook 0, 1..C-1 = codebooks).
         labels: `[B, T, C]` un-shifted labels, -100 = ignore.
         chunk_rows: rows per logits chunk.
+        label_counts: valid shifted labels per channel, known on the host (avoids one device sync per
+            channel); None to count on the device.
+        impl: see `linear_cross_entropy`.
 
     Returns:
         ChannelCE with `sums` [C] float32 and `counts` [C] int64.
     """
     targets = shift_labels(labels)
-    # One range check (one device sync) for all channels, instead of one per channel.
+    # One range check for all channels, instead of one per channel.
     _check_targets(targets.reshape(-1, targets.shape[-1]), [w.shape[0] for w in head_weights])
+    counts_host = [int(n) for n in label_counts.tolist()] if torch.is_tensor(label_counts) else label_counts
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     sums, counts = [], []
     for c, weight in enumerate(head_weights):
-        s, n = linear_cross_entropy(flat_h, weight, targets[..., c].reshape(-1), chunk_rows, check_range=False)
+        s, n = linear_cross_entropy(
+            flat_h,
+            weight,
+            targets[..., c].reshape(-1),
+            chunk_rows,
+            check_range=False,
+            num_valid=None if counts_host is None else counts_host[c],
+            impl=impl,
+        )
         sums.append(s)
         counts.append(n)
     return ChannelCE(torch.stack(sums), torch.stack(counts))
@@ -179,4 +267,4 @@ def weighted_loss(sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tenso
     to get the exact per-step objective of DESIGN invariant 3.
     """
     channel_losses = sums / counts.clamp(min=1).to(sums.dtype)
-    return (weights.to(sums.device) * channel_losses).sum(), channel_losses
+    return (weights.to(sums.device, non_blocking=True) * channel_losses).sum(), channel_losses

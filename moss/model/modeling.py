@@ -10,6 +10,7 @@ token or (codebook-0 code + speech offset), channels 1..7 codebooks 1..7 (1024 =
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,16 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen  # noqa: F401  (registers the varlen_sdpa attention with transformers)
 from moss.model.config import MossTTSDConfig
-from moss.model.loss import DEFAULT_CHUNK_ROWS, channel_cross_entropy, normalized_weights, weighted_loss
+from moss.model.loss import (
+    DEFAULT_CHUNK_ROWS,
+    channel_cross_entropy,
+    check_ce_impl,
+    normalized_weights,
+    weighted_loss,
+)
+
+# transformers renamed `past_key_values` to `cache` (5.2x); both the keyword and the output attribute follow it.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", varlen.NAME)
 
@@ -109,6 +119,7 @@ class MossTTSD(nn.Module):
         attn_implementation: str = "sdpa",
         channel_weights: Sequence[float] | None = None,
         ce_chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        ce_impl: str = "fused",
     ):
         super().__init__()
         self.config = config
@@ -117,6 +128,7 @@ class MossTTSD(nn.Module):
         self._init_embeddings()
         self.tie_weights()
         self.ce_chunk_rows = ce_chunk_rows
+        self.ce_impl = check_ce_impl(ce_impl)
         self.set_channel_weights(channel_weights if channel_weights is not None else [1.0] * config.channels)
 
     # ------------------------------------------------------------------ structure
@@ -167,55 +179,106 @@ class MossTTSD(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         *,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        label_counts: torch.Tensor | Sequence[int] | None = None,
         output_logits: bool | None = None,
+        logits_to_keep: int = 0,
         output_hidden_states: bool = False,
         use_cache: bool = False,
         cache=None,
-        **attn_kwargs,
     ) -> MossTTSDOutput:
         """Run the model.
 
         Args:
             input_ids: `[B, T, C]` token grid (delayed).
-            attention_mask: `[B, T]` 1 = real row; leave None for packed rows (boundaries come from
-                `position_ids` or explicit varlen kwargs; a mask would make samples attend to each other).
+            attention_mask: `[B, T]` 1 = real row, for padded batches. Leave None for packed rows: a mask
+                would make packed samples attend to each other.
             position_ids: `[B, T]`; restart at 0 per packed sample.
             labels: `[B, T, C]`, -100 = ignore; shifted internally (row t predicts label t+1).
+            cu_seqlens: packed sample boundaries, int32 offsets over the `B * T` rows as if the B rows were one
+                sequence (the packing collator's `cu_seqlens`). Keep it on the host: the model copies it to the
+                device once per call, and reads a host copy where a kernel needs one, without a device sync.
+                Each segment attends only to itself, in every attention implementation.
+            max_seqlen: longest segment of `cu_seqlens` (computed from a host `cu_seqlens` when omitted).
+            label_counts: valid shifted labels per channel `[C]`, on the host (the collators count them): the
+                loss then selects valid rows without a device sync per channel.
             output_logits: return the C logit tensors; defaults to `labels is None`.
+            logits_to_keep: with logits, compute them for the last `logits_to_keep` positions only (0 = all);
+                generation needs the last one.
             output_hidden_states: return per-layer hidden states.
             use_cache: keep a KV cache (generation only; packed training must not use one).
             cache: a previous KV cache.
-            **attn_kwargs: passed to the attention layers (e.g. `cu_seq_lens_q` for varlen attention).
         """
-        if self.attn_implementation == varlen.NAME and (attention_mask is not None or use_cache):
-            raise ValueError(
-                "varlen_sdpa attention takes packed batches (position_ids + varlen_bounds) without a mask or cache; "
-                "use attn_implementation=sdpa for padded batches and generation"
-            )
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        out = self.model(
-            input_ids,
+        attn = self.attn_implementation
+        packed = cu_seqlens is not None
+        if (packed or attn == varlen.NAME) and (attention_mask is not None or use_cache):
+            raise ValueError(
+                "packed batches (cu_seqlens) and varlen_sdpa attention take no attention mask and no KV cache "
+                "(either would let samples attend to each other); use attn_implementation=sdpa for padded batches "
+                "and generation"
+            )
+        batch, length = input_ids.shape[:2]
+        embeds = self.model.embed(input_ids)
+        kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
+        if packed:
+            # One flattened row: transformers isolates segments from restarting position_ids only at batch 1,
+            # and varlen kernels take offsets over all rows.
+            embeds = embeds.reshape(1, batch * length, -1)
+            if position_ids is None:
+                raise ValueError("packed batches need position_ids restarting at 0 for every sample")
+            position_ids = position_ids.reshape(1, batch * length)
+            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, embeds.device))
+        out = self.model.language_model(
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            cache=cache,
             output_hidden_states=output_hidden_states,
-            **attn_kwargs,
+            **kwargs,
         )
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state.reshape(batch, length, -1)
+        states = None
+        if output_hidden_states:
+            states = tuple(h.reshape(batch, length, -1) for h in out.hidden_states)
         result = MossTTSDOutput(
-            hidden_states=out.hidden_states if output_hidden_states else None,
-            cache=getattr(out, "cache", None) if use_cache else None,
+            hidden_states=states,
+            cache=getattr(out, _CACHE_KWARG, None) if use_cache else None,
             last_hidden_state=hidden,
         )
         if labels is not None:
-            ce = channel_cross_entropy(hidden, [h.weight for h in self.lm_heads], labels, self.ce_chunk_rows)
+            ce = channel_cross_entropy(
+                hidden,
+                [h.weight for h in self.lm_heads],
+                labels,
+                self.ce_chunk_rows,
+                label_counts=label_counts,
+                impl=self.ce_impl,
+            )
             result.loss, result.channel_losses = weighted_loss(ce.sums, ce.counts, self._normalized_weights)
             result.channel_loss_sums, result.channel_label_counts = ce.sums, ce.counts
         if output_logits if output_logits is not None else labels is None:
-            result.logits = tuple(head(hidden) for head in self.lm_heads)
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            result.logits = tuple(head(kept) for head in self.lm_heads)
         return result
+
+    def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, device: torch.device) -> dict:
+        """Segment boundaries as the attention implementation takes them, with no device-to-host read."""
+        host = cu_seqlens.device.type == "cpu"
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync unless cu_seqlens is on the host
+        cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+        attn = self.attn_implementation
+        if attn == varlen.NAME:
+            kwargs = {"cu_seq_lens_q": cu, "max_length_q": int(max_seqlen)}
+            if host:
+                kwargs["varlen_bounds"] = cu_seqlens.tolist()
+            return kwargs
+        if attn == "flash_attention_2":
+            return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
+        return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod

@@ -1,23 +1,44 @@
-"""`varlen_sdpa`: packed-sequence attention from PyTorch's own SDPA kernels, no flash-attn package needed.
+"""`varlen_sdpa`: packed-sequence attention from PyTorch's own kernels, no flash-attn package needed.
 
 With packed micro-batches, `sdpa` and `eager` isolate samples through a dense block-diagonal mask: correct,
 but every row still attends over the whole pack (cost ~ L^2) and the mask disables the fused causal kernels.
-This implementation takes the pack's sample boundaries (`varlen_bounds`, cumulative row offsets over the
-flattened `[B * L]` rows, from the collator's `cu_seqlens`) and runs causal SDPA on each sample separately
-(cost ~ sum of s_i^2), using the fastest backend PyTorch has for the device (its built-in flash kernel on
-CUDA, the fused CPU kernel on CPU).
+This implementation takes the pack's sample boundaries (`cu_seqlens`: cumulative row offsets over the
+flattened `[B * L]` rows, as the collator writes them) and attends causally within each sample only
+(cost ~ sum of s_i^2):
 
-It is registered with transformers' `AttentionInterface`; transformers builds no mask for it. It refuses
-2-D masks and KV caches, so it is for training on packed batches only (use `sdpa` for generation).
+* on CUDA in bf16/fp16 (torch >= 2.10): one `torch.nn.attention.varlen.varlen_attn` call per layer over
+  the whole pack (PyTorch's flash / cuDNN varlen kernels);
+* elsewhere (CPU, float32, an older torch): causal SDPA per sample, from host-side boundaries.
+
+`MossTTSD.forward(..., cu_seqlens=, max_seqlen=)` turns the boundaries into the keyword arguments below once
+per forward pass (a device copy for the kernel, a host list for the loop), so no layer syncs the device.
+It is registered with transformers' `AttentionInterface` and has no mask function, so transformers builds no
+mask for it. It refuses masks and KV caches: it is for training and scoring packed batches (use `sdpa` to
+generate).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+try:  # torch >= 2.10, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+
 NAME = "varlen_sdpa"
+# torch 2.10/2.11 take no `enable_gqa`: there, grouped key/value heads are repeated to the query heads.
+_NATIVE_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def uses_varlen_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether attention on this device and dtype runs the one-call varlen kernel (else the per-sample loop)."""
+    return varlen_attn is not None and device.type == "cuda" and dtype in _KERNEL_DTYPES
 
 
 def varlen_sdpa_attention(
@@ -28,24 +49,70 @@ def varlen_sdpa_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
     varlen_bounds: list[int] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each segment. query `[B, H, T, D]`, key/value `[B, H_kv, T, D]` -> `[B, T, H, D]`.
 
-    Without `varlen_bounds`, every row is one sequence (an unpadded, unpacked batch).
+    Args:
+        module: the attention layer (unused; transformers' interface).
+        query: `[B, H, T, D]`.
+        key: `[B, H_kv, T, D]`.
+        value: `[B, H_kv, T, D]`.
+        attention_mask: must be None.
+        dropout: attention dropout probability (0 in training MOSS-TTSD).
+        scaling: softmax scale (None: 1/sqrt(D)).
+        cu_seq_lens_q: int32 segment offsets over the `B * T` rows, on the attention's device (kernel path).
+        max_length_q: longest segment (kernel path).
+        varlen_bounds: the same offsets as a host list (per-sample path).
+        **kwargs: other transformers attention arguments (ignored).
+
+    Without boundaries, every row of the batch is one sequence (an unpadded, unpacked batch).
 
     Raises:
         ValueError: with an attention mask or mismatched query/key lengths (a cache).
     """
     batch, heads, length, dim = query.shape
-    if varlen_bounds is None:
-        varlen_bounds = list(range(0, batch * length + 1, length))
     if attention_mask is not None or key.shape[2] != length:
         raise ValueError(
             "varlen_sdpa attention runs on packed training batches only (sample boundaries, no mask, no cache); "
             "use model.net.attn_implementation=sdpa for padded batches or generation"
         )
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if uses_varlen_kernel(query.device, dtype) and dropout == 0.0:
+        if cu_seq_lens_q is None:
+            cu_seq_lens_q = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
+            max_length_q = length
+        return _varlen_kernel(query.to(dtype), key.to(dtype), value.to(dtype), cu_seq_lens_q, max_length_q, scaling)
+    if varlen_bounds is None:
+        varlen_bounds = (
+            cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else list(range(0, batch * length + 1, length))
+        )
+    return _per_sample_sdpa(query, key, value, varlen_bounds, dropout, scaling)
+
+
+def _varlen_kernel(query, key, value, cu_seqlens, max_seqlen, scaling) -> tuple[torch.Tensor, None]:
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    extra = {}
+    if kv_heads != heads:
+        if _NATIVE_GQA:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+    out = varlen_attn(
+        q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=scaling, window_size=(-1, 0), **extra
+    )
+    return out.reshape(batch, length, heads, dim), None
+
+
+def _per_sample_sdpa(query, key, value, bounds: list[int], dropout: float, scaling) -> tuple[torch.Tensor, None]:
+    batch, heads, length, dim = query.shape
     gqa = heads != key.shape[1]
     q = query.transpose(0, 1).reshape(1, heads, batch * length, dim)
     k = key.transpose(0, 1).reshape(1, key.shape[1], batch * length, dim)
@@ -60,7 +127,7 @@ def varlen_sdpa_attention(
             scale=scaling,
             enable_gqa=gqa,
         )
-        for start, end in zip(varlen_bounds[:-1], varlen_bounds[1:], strict=True)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         if end > start
     ]
     out = torch.cat(pieces, dim=2).reshape(heads, batch, length, dim)

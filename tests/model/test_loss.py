@@ -19,14 +19,17 @@ def reference(hidden, weights, labels):
     return torch.stack(sums), torch.stack(counts)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 4096])
-def test_values_and_gradients_match_float64(chunk_rows):
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 4096])
+@pytest.mark.parametrize("host_counts", [False, True])
+def test_values_and_gradients_match_float64(chunk_rows, impl, host_counts):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
     weights = [torch.randn(v, 16, generator=g, requires_grad=True) for v in (97, 13, 13)]
     labels = torch.stack([torch.randint(0, w.shape[0], (3, 11), generator=g) for w in weights], -1)
     labels[torch.rand(labels.shape, generator=g) < 0.3] = -100
-    ce = channel_cross_entropy(hidden, weights, labels, chunk_rows=chunk_rows)
+    counts = (shift_labels(labels) != -100).sum((0, 1)) if host_counts else None
+    ce = channel_cross_entropy(hidden, weights, labels, chunk_rows=chunk_rows, label_counts=counts, impl=impl)
     leaves64 = [t.detach().double().requires_grad_() for t in (hidden, *weights)]
     ref_sums, ref_counts = reference(leaves64[0], leaves64[1:], labels)
     assert torch.equal(ce.counts, ref_counts)
@@ -58,8 +61,33 @@ def test_shift_scores_row_t_against_label_t_plus_1():
 
 
 def test_out_of_range_label_is_reported():
-    with pytest.raises(ValueError, match="label 12 outside"):
+    with pytest.raises(RuntimeError, match=r"outside its channel's head \(channel 0: \[0, 10\)\)"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 12, -100, 3]))
+
+
+def test_wrong_host_count_is_caught():
+    with pytest.raises(RuntimeError, match="num_valid=2 does not match"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 5, -100, 3]), num_valid=2)
+
+
+def test_fused_computes_no_gradients_in_no_grad_passes(monkeypatch):
+    import moss.model.loss as loss
+
+    calls = []
+    real = loss._chunk_gradients
+
+    def spy(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
+        calls.append((need_h, need_w))
+        return real(hidden, weight, targets, chunk_rows, dt, need_h, need_w)
+
+    monkeypatch.setattr(loss, "_chunk_gradients", spy)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, targets)
+    linear_cross_entropy(hidden, weight, targets)
+    assert calls == [(False, False), (True, True)]
 
 
 def test_bf16_autocast_runs_in_the_autocast_dtype_and_stays_close():
@@ -73,9 +101,10 @@ def test_bf16_autocast_runs_in_the_autocast_dtype_and_stays_close():
     torch.testing.assert_close(approx, exact, rtol=2e-2, atol=0)
 
 
-def test_frozen_head_gets_no_gradient_work():
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_frozen_head_gets_no_gradient_work(impl):
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(10, 8)  # frozen (LoRA): only the hidden-state gradient is needed
-    total, _ = linear_cross_entropy(hidden, weight, torch.randint(0, 10, (6,)))
+    total, _ = linear_cross_entropy(hidden, weight, torch.randint(0, 10, (6,)), impl=impl)
     total.backward()
     assert hidden.grad is not None and weight.grad is None
