@@ -92,10 +92,8 @@ class ThroughputMonitor(L.Callback):
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         rate = self._rows / elapsed
-        total = trainer.strategy.reduce(torch.tensor(rate, device=pl_module.device), reduce_op="sum")
         tflops = self._step_flops(self._rows, self._sq) / elapsed / 1e12
         metrics = {
-            "perf/real_frames_per_s_total": float(total),
             "perf/packing_efficiency": self._rows / max(self._computed, 1),
             "perf/samples_per_batch": self._samples / max(self._batches, 1),
             "perf/tflops_per_device": tflops,
@@ -105,18 +103,21 @@ class ThroughputMonitor(L.Callback):
             for reason, n in counts.items():
                 key = "data/skipped_" + reason.replace(" ", "_").replace("-", "_")
                 metrics[key] = metrics.get(key, 0.0) + float(n)
-        pl_module.log_dict(metrics, batch_size=1)
-        pl_module.log("perf/real_frames_per_s", rate, prog_bar=True, batch_size=1)
+        # Host values, logged as CPU tensors: a Python number would be copied to the device (a sync) by
+        # Lightning. Only the all-rank total crosses devices, and is read back only when the loggers write.
+        host = {key: torch.tensor(float(value)) for key, value in metrics.items()}
+        pl_module.log_dict(host, batch_size=1)
+        pl_module.log("perf/real_frames_per_s", torch.tensor(rate), prog_bar=True, batch_size=1)
         if self._peak:
-            pl_module.log("perf/mfu", tflops / self._peak, prog_bar=True, batch_size=1)
-        self._t0, self._rows, self._computed, self._samples, self._batches, self._sq = (
-            time.perf_counter(),
-            0,
-            0,
-            0,
-            0,
-            0,
-        )
+            pl_module.log("perf/mfu", torch.tensor(tflops / self._peak), prog_bar=True, batch_size=1)
+        if trainer.world_size > 1:
+            local = torch.tensor(rate, dtype=torch.float32).to(pl_module.device, non_blocking=True)
+            total = trainer.strategy.reduce(local, reduce_op="sum")
+        else:
+            total = torch.tensor(rate)
+        pl_module.log("perf/real_frames_per_s_total", total, batch_size=1)
+        self._t0 = time.perf_counter()
+        self._rows = self._computed = self._samples = self._batches = self._sq = 0
 
     @staticmethod
     def _peak_memory(device: torch.device) -> float:

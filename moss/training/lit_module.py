@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moss.data.collate import HOST_KEYS, model_inputs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
 from moss.model.loss import weighted_loss
@@ -85,29 +86,14 @@ class MossTTSDLitModule(L.LightningModule):
         return unwrap(self.model)
 
     def forward(self, batch: dict):
-        kwargs = {}
-        input_ids, labels, position_ids = batch["input_ids"], batch["labels"], batch.get("position_ids")
-        attn = self.moss.attn_implementation
-        if attn == "varlen_sdpa":
-            if "cu_seqlens" not in batch:
-                raise ValueError("attn_implementation=varlen_sdpa needs packed batches: set data.packing (or use sdpa)")
-            kwargs = {"varlen_bounds": batch["cu_seqlens"].tolist()}
-        elif "cu_seqlens" in batch and attn == "flash_attention_2":
-            # Varlen kernels take explicit boundaries over one flattened row (pitfall P2: never inferred).
-            input_ids, labels = input_ids.reshape(1, -1, input_ids.shape[-1]), labels.reshape(1, -1, labels.shape[-1])
-            position_ids = position_ids.reshape(1, -1)
-            cu = batch["cu_seqlens"]
-            kwargs = dict(
-                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"]
-            )
-        return self.model(
-            input_ids,
-            attention_mask=batch.get("attention_mask"),
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,  # with a cache, transformers would let packed samples attend to each other
-            **kwargs,
-        )
+        return self.model(**model_inputs(batch))
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """Move the batch, except what the model reads on the host (`HOST_KEYS`): reading those back would sync."""
+        host = {key: batch.pop(key) for key in HOST_KEYS if key in batch}
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        batch.update(host)
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Loss of this micro-batch, normalised by the label counts of the whole optimiser step.
@@ -121,23 +107,30 @@ class MossTTSDLitModule(L.LightningModule):
         accumulate, first = self.trainer.accumulate_grad_batches, batch_idx % self.trainer.accumulate_grad_batches
         if first == 0 or self._step_counts is None:
             local = batch.get("step_label_counts", out.channel_label_counts)
-            self._step_counts = self.trainer.strategy.reduce(local.to(out.channel_loss_sums.device), reduce_op="sum")
+            local = local.to(out.channel_loss_sums.device, non_blocking=True)
+            self._step_counts = self.trainer.strategy.reduce(local, reduce_op="sum")
             self._window_sums = torch.zeros_like(out.channel_loss_sums)
-        weights = self.moss._normalized_weights
-        loss, _ = weighted_loss(out.channel_loss_sums, self._step_counts, weights)
+        loss, _ = weighted_loss(out.channel_loss_sums, self._step_counts, self.moss._normalized_weights)
         self._window_sums += out.channel_loss_sums.detach()
-        if first == accumulate - 1:
-            step_loss, channel = weighted_loss(
-                self.trainer.strategy.reduce(self._window_sums, reduce_op="sum"), self._step_counts, weights
-            )
-            self._log_losses("train", channel, step_loss)
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
         return loss * accumulate * self.trainer.world_size
 
-    def _log_losses(self, stage: str, channel_losses: torch.Tensor, loss: torch.Tensor) -> None:
-        metrics = {f"{stage}/loss_ch{c}": value for c, value in enumerate(channel_losses)}
+    def _is_log_step(self) -> bool:
+        """Steps whose metrics are read back to the host: first, every `log_every_n_steps` (as loggers write), last."""
+        step, trainer = self.trainer.global_step, self.trainer
+        return step == 0 or (step + 1) % trainer.log_every_n_steps == 0 or step + 1 >= (trainer.max_steps or 0)
+
+    def _log_losses(self, stage: str, loss: torch.Tensor, channel_losses: torch.Tensor, **extra: torch.Tensor) -> None:
+        """Log one stage's losses (and `extra` scalars) from one device-to-host copy.
+
+        Lightning reads every progress-bar value back on every batch; values logged from the host cost nothing
+        there, so a step's metrics cross to the host once, here, instead of once per metric and batch.
+        """
+        values = torch.cat([loss.reshape(1), channel_losses, *(v.reshape(1).float() for v in extra.values())])
+        values = values.detach().cpu()
+        metrics = {f"{stage}/loss_ch{c}": values[1 + c] for c in range(len(channel_losses))}
+        metrics.update({key: values[1 + len(channel_losses) + i] for i, key in enumerate(extra)})
         self.log_dict(metrics, batch_size=1)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=1)
+        self.log(f"{stage}/loss", values[0], prog_bar=True, batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums, self._val_counts = None, None
@@ -159,7 +152,7 @@ class MossTTSDLitModule(L.LightningModule):
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
         loss, channel = weighted_loss(sums, counts, self.moss._normalized_weights)
-        self._log_losses("val", channel, loss)
+        self._log_losses("val", loss, channel)
 
     def _trainable_keys(self) -> set[str]:
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -182,11 +175,18 @@ class MossTTSDLitModule(L.LightningModule):
         self.strict_loading = False  # the frozen base comes from `net`, not from the checkpoint
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # One norm computation serves both clipping and the `train/grad_norm` metric (pre-clip norm).
+        # Runs after the step's last backward: one norm computation serves clipping and `train/grad_norm`
+        # (pre-clip), and on logging steps the step's metrics are read back together.
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.log("train/grad_norm", norm, batch_size=1)
+        if not self._is_log_step() or self._window_sums is None:
+            return
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        sums = self.trainer.strategy.reduce(self._window_sums, reduce_op="sum")
+        loss, channel = weighted_loss(sums, self._step_counts, self.moss._normalized_weights)
+        self._log_losses("train", loss, channel, **{"train/grad_norm": norm})
+        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), batch_size=1)
 
     def configure_optimizers(self):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]

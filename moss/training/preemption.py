@@ -3,9 +3,11 @@
 SIGTERM comes from schedulers and `kill`, SIGUSR1 from SLURM's `--signal=USR1@120`; `resume=auto` then
 continues the run exactly.
 
-The handler only sets a flag (nothing unsafe happens inside a signal handler); at each step boundary the
-ranks agree on it with one tiny all-reduce, so every rank saves and stops at the same step even when only
-one of them was signalled. Under SLURM with `requeue: true` the job is requeued after the save.
+The handler only sets a flag (nothing unsafe happens inside a signal handler). A single process reads it at
+every step boundary; several ranks agree on it with one tiny all-reduce every `check_every_n_steps` optimiser
+steps (reading the result back is a device sync, too costly for every step), so every rank saves and stops
+at the same step even when only one of them was signalled. Under SLURM with `requeue: true` the job is
+requeued after the save.
 """
 
 from __future__ import annotations
@@ -23,10 +25,25 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Save `<dirpath>/last.ckpt` and stop when one of `signals` arrives."""
+    """Save `<dirpath>/last.ckpt` and stop when one of `signals` arrives.
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
+    Args:
+        dirpath: where `last.ckpt` goes.
+        signals: signal names that preempt.
+        requeue: under SLURM, requeue the job after saving on SIGUSR1.
+        check_every_n_steps: with several ranks, how often (in optimiser steps) they agree on the flag; keep
+            `check_every_n_steps * step time` well inside the scheduler's grace period.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        requeue: bool = True,
+        check_every_n_steps: int = 5,
+    ):
         self.dirpath, self.signals, self.requeue = Path(dirpath), tuple(signals), requeue
+        self.check_every_n_steps = max(1, int(check_every_n_steps))
         self.received: str | None = None
         self._previous: dict = {}
 
@@ -41,9 +58,15 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # only at optimiser-step boundaries: the resumed run starts a fresh step
-        flag = torch.tensor(1.0 if self.received else 0.0, device=pl_module.device)
-        if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:
-            return
+        if trainer.world_size == 1:
+            if not self.received:
+                return
+        else:
+            if trainer.global_step % self.check_every_n_steps:
+                return
+            flag = torch.tensor(1.0 if self.received else 0.0).to(pl_module.device, non_blocking=True)
+            if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:
+                return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         trainer.should_stop = True
