@@ -136,22 +136,34 @@ def generate(
     if any(c.do_sample for c in config.channels):
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    ids, mask = input_ids[:, :prompt_rows], attention_mask[:, :prompt_rows].long()
+    # Preallocated rows and mask: each step writes one row in place instead of re-concatenating the sequence.
+    capacity = prompt_rows + config.max_new_tokens + tail
+    ids = input_ids.new_empty((batch, capacity, channels))
+    ids[:, :prompt_rows] = input_ids[:, :prompt_rows]
+    mask = torch.zeros((batch, capacity), dtype=torch.long, device=device)
+    mask[:, :prompt_rows] = attention_mask[:, :prompt_rows]
+    last_position = position_ids_from_mask(mask[:, :prompt_rows])[:, -1]
+    # Without left padding the mask is all ones: passing none lets attention skip masking altogether.
+    padded = not bool(mask[:, :prompt_rows].all())
+    length = prompt_rows
     cache = DynamicCache(config=model.model.language_model.config) if use_cache else None
     needs = torch.full((batch,), -1, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     finished_row = torch.tensor([eos] + [pad] * tail, device=device)
     all_logits = [] if output_logits else None
     for step in range(config.max_new_tokens + tail):
-        positions = position_ids_from_mask(mask)
-        feed = ids if (step == 0 or not use_cache) else ids[:, -1:]
+        if step == 0 or not use_cache:
+            feed, positions = ids[:, :length], position_ids_from_mask(mask[:, :length])
+        else:
+            feed, positions = ids[:, length - 1 : length], last_position[:, None]
         out = model(
             feed,
-            attention_mask=mask,
-            position_ids=positions[:, -feed.shape[1] :],
+            attention_mask=mask[:, :length] if padded else None,
+            position_ids=positions,
             use_cache=use_cache,
             cache=cache,
             output_logits=True,
+            logits_to_keep=1,
         )
         logits = [head[:, -1].float().clone() for head in out.logits]
         for c in range(1, channels):
@@ -161,9 +173,10 @@ def generate(
             logits[0][:, eos] = -torch.inf
         if all_logits is not None:
             all_logits.append(tuple(x.clone() for x in logits))
+        history = ids[:, :length]
         tokens = torch.stack(
             [
-                _pick(processors[c], config.channels[c].do_sample, ids[..., c], logits[c], generator)
+                _pick(processors[c], config.channels[c].do_sample, history[..., c], logits[c], generator)
                 for c in range(channels)
             ],
             dim=-1,
@@ -177,16 +190,18 @@ def generate(
         for c in range(1, channels):
             tokens[drain & (needs < channels - c), c] = pad
         tokens = torch.where(unfinished[:, None], tokens, finished_row)
-        ids = torch.cat([ids, tokens[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        ids[:, length] = tokens
+        mask[:, length] = 1
+        length += 1
+        last_position = last_position + 1
         if on_row is not None:
             on_row(tokens)
         needs = torch.where(needs > 0, needs - 1, needs)
         stop = (tokens[:, 0] == eos) | (needs == 0)
         unfinished = (unfinished & ~stop) | (needs > 0)
-        if not unfinished.any():
+        if not unfinished.any():  # the one host read per step: whether to go on
             break
-    return GenerationOutput(ids, prompt_rows, all_logits)
+    return GenerationOutput(ids[:, :length], prompt_rows, all_logits)
 
 
 def _pick(processors, do_sample: bool, history: torch.Tensor, logits: torch.Tensor, generator) -> torch.Tensor:

@@ -166,10 +166,15 @@ class MossTTSD(nn.Module):
         """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA)."""
         lm = self.model.language_model
         kwargs = {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5.2x name
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn activation checkpointing off again."""
+        lm = self.model.language_model
+        (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one GPU check (H100/H200, under 8 minutes): CUDA tests, then the real-size benchmarks, all output under $OUT.
+#   bash benchmarks/fetch_wheels.sh            # here: the wheels the GPU image lacks -> .whl/
+#   bash benchmarks/device_check.sh            # there, in the checkout with .whl/ beside it
+# Writes $OUT/pytest_gpu.log, gpu_train.log, generation.log, codec.log, env.txt and RESULT.json (every
+# benchmark's RESULT line, by name). Without CUDA it stops at once: the 2B-parameter runs never start on a CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "device_check: no CUDA device here; nothing was run (this check is for a GPU machine)" >&2
+    exit 2
+fi
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moss-site .whl/*.whl \
+        || { echo "device_check: installing .whl/ failed" >&2; exit 3; }
+    export PYTHONPATH=/tmp/moss-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import sys, torch, transformers, lightning, peft; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__, 'lightning', lightning.__version__, \
+'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, remember failures
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+step pytest_gpu 170 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
+step gpu_train 220 python3 benchmarks/gpu_train.py
+step generation 120 python3 benchmarks/generation.py --device cuda --sizes tiny real --seconds 30 300
+step codec 60 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 16
+
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+results = {}
+for name in ("gpu_train", "generation", "codec"):
+    log = out / f"{name}.log"
+    lines = [l for l in log.read_text().splitlines() if l.startswith("RESULT ")] if log.exists() else []
+    results[name] = json.loads(lines[-1][7:]) if lines else None
+(out / "RESULT.json").write_text(json.dumps(results, indent=1))
+print("RESULT " + json.dumps({k: v is not None for k, v in results.items()}))
+PY
+exit $status
