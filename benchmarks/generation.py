@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "real"], choices=["tiny", "real"])
     parser.add_argument("--seconds", nargs="+", type=float, default=[30.0, 300.0])
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--profile", action="store_true", help="print the Python functions of a 5 s run by time")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -83,6 +84,13 @@ def main() -> None:
             model = MossTTSD(config, attn_implementation="sdpa").to(dtype).eval()
         wrapped = SpeechOnly(model)
         measure(wrapped, 1.0, device)  # warm-up: kernels, allocator
+        if args.profile:
+            import cProfile
+            import pstats
+
+            with cProfile.Profile() as profiler:
+                measure(wrapped, 5.0, device)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         for seconds in args.seconds:
             key = f"{size} {seconds:g} s"
             results[key] = measure(wrapped, seconds, device)

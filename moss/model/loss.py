@@ -23,6 +23,7 @@ import torch
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 1024
+HEAD_ALIGN = 64  # head rows are padded to a multiple of this for the matmuls (see `_aligned`)
 
 
 @dataclass
@@ -93,18 +94,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return *scaled, None, None, None, None, None
 
 
+def _aligned(weight: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """The head in the compute dtype, its rows padded with zeros to a multiple of `HEAD_ALIGN`.
+
+    MOSS-TTSD's heads have 152,697 and 1,025 classes: odd row strides of the logits that keep GPU matmuls off
+    their aligned fast kernels. The padded classes are masked to -inf before the softmax, so nothing changes.
+    """
+    w = weight.to(dt)
+    pad = -w.shape[0] % HEAD_ALIGN
+    return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+
+
 def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
     """(sum of CE, d sum / d hidden or None, d sum / d weight or None), one chunk of logits at a time."""
-    w = weight.to(dt)
+    classes = weight.shape[0]
+    w = _aligned(weight, dt)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if need_w else None
     rows = torch.arange(min(chunk_rows, hidden.shape[0]), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dt)
             t = targets[start : start + chunk_rows]
             logits = (h @ w.T).float()
+            logits[:, classes:] = -torch.inf  # the alignment padding (an empty slice without it)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (need_h or need_w):
@@ -116,7 +130,7 @@ def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
                 grad_h[start : start + chunk_rows] = (g @ w).to(hidden.dtype)
             if need_w:
                 grad_w += (g.T @ h).float()
-    return total, grad_h, (grad_w.to(weight.dtype) if need_w else None)
+    return total, grad_h, (grad_w[:classes].to(weight.dtype) if need_w else None)
 
 
 def _liger_sum(hidden, weight, targets, chunk_rows, compute_dtype):

@@ -1,0 +1,91 @@
+"""Where the time of one training step goes: the real-size LoRA step under torch.profiler, top GPU kernels.
+
+Same model and data as benchmarks/gpu_train.py (random weights, bf16 base, LoRA, autocast bf16, reference
+lengths packed into 16,384-row micro-batches). After warm-up steps, profiles `--steps` steps and prints the
+step time, and the kernels by total GPU time (the largest first), then one `RESULT {json}` line.
+
+Usage: python benchmarks/profile_step.py [--attn varlen_sdpa] [--ckpt] [--steps 2] [--rows 25] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.gpu_train import layouts, reference_examples
+from moss.data.collate import model_inputs
+from moss.model import MossTTSD, MossTTSDConfig
+from moss.model.lora import apply_lora
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attn", default="varlen_sdpa")
+    parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=25, help="kernels to list")
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--no-cudnn-varlen", action="store_true", help="keep varlen_attn on its flash backend")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    if args.no_cudnn_varlen:
+        import torch.nn.attention.varlen as varlen_module
+
+        varlen_module._should_use_cudnn = lambda device_index: False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    config = MossTTSDConfig.tiny() if args.tiny else MossTTSDConfig.v05()
+    budget = 2048 if args.tiny else 16384
+    with torch.device(device):
+        base = MossTTSD(config, attn_implementation=args.attn)
+    base = base.to(torch.bfloat16 if cuda else torch.float32)
+    base.model.language_model.embed_tokens.requires_grad_(False)
+    if args.ckpt:
+        base.gradient_checkpointing_enable()
+    model = apply_lora(base, lora_dropout=args.lora_dropout)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    examples = reference_examples(24, config, np.random.default_rng(0), budget)
+    packs = layouts(examples, budget, config.pad_token_id or 0)["packed"]
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(**model_inputs(batch, device))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(packs[i % len(packs)])
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(args.steps):
+            step(packs[i % len(packs)])
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / args.steps
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows))
+    sort = "device_time_total" if cuda else "cpu_time_total"
+    top = sorted(events, key=lambda e: -getattr(e, sort))[: args.rows]
+    result = {
+        "attn": args.attn,
+        "ckpt": args.ckpt,
+        "cudnn_varlen": not args.no_cudnn_varlen,
+        "step_s": wall,
+        "ms_per_step": {e.key[:70]: getattr(e, sort) / 1e3 / args.steps for e in top},
+    }
+    print(f"step: {wall * 1e3:.0f} ms (profiled)")
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
