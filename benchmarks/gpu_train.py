@@ -165,6 +165,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not args.tiny and device.type != "cuda":
         raise SystemExit("gpu_train.py: no CUDA device; the real-size benchmark runs on a GPU only (use --tiny here)")
+    # The padded baselines stand for the original's flash-attention batches: keep SDPA on its flash/efficient
+    # kernels (cuDNN's would build a new plan for every padded length).
+    torch.backends.cuda.enable_cudnn_sdp(False)
     torch.manual_seed(0)
     config = MossTTSDConfig.tiny() if args.tiny else MossTTSDConfig.v05()
     budget = min(args.budget, 2048) if args.tiny else args.budget

@@ -24,6 +24,7 @@ import torch
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_ROWS = 1024
 HEAD_ALIGN = 64  # head rows are padded to a multiple of this for the matmuls (see `_aligned`)
+CHUNK_CLASSES = 152_704  # chunk sizes are set for a head this wide (channel 0, aligned); smaller heads take more rows
 
 
 @dataclass
@@ -106,9 +107,15 @@ def _aligned(weight: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
-    """(sum of CE, d sum / d hidden or None, d sum / d weight or None), one chunk of logits at a time."""
+    """(sum of CE, d sum / d hidden or None, d sum / d weight or None), one chunk of logits at a time.
+
+    Per chunk: logits in the compute dtype, then one float32 copy shifted by the row maximum that becomes the
+    softmax in place (exp, sum, divide): the log-sum-exp and the gradient share one pass over the classes.
+    """
     classes = weight.shape[0]
     w = _aligned(weight, dt)
+    # Chunks hold about `chunk_rows` rows of the largest head: small heads (1,025 codes) take more rows at once.
+    chunk_rows = max(int(chunk_rows), int(chunk_rows) * (CHUNK_CLASSES // w.shape[0]))
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -117,13 +124,16 @@ def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dt)
             t = targets[start : start + chunk_rows]
-            logits = (h @ w.T).float()
+            logits = h @ w.T
             logits[:, classes:] = -torch.inf  # the alignment padding (an empty slice without it)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            top = logits.amax(dim=-1, keepdim=True).float()
+            target_logit = logits.gather(1, t[:, None]).float()
+            probs = torch.sub(logits, top, out=torch.empty(logits.shape, dtype=torch.float32, device=h.device))
+            sums = probs.exp_().sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - target_logit).sum()  # log-sum-exp minus the target's logit
             if not (need_h or need_w):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one chunk of logits in memory
+            probs.div_(sums)  # softmax
             probs[rows[: t.shape[0]], t] -= 1.0
             g = probs.to(dt)
             if need_h:

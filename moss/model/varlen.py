@@ -20,15 +20,27 @@ generate).
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 try:  # torch >= 2.10, CUDA only
+    import torch.nn.attention.varlen as _torch_varlen
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch
-    varlen_attn = None
+    _torch_varlen, varlen_attn = None, None
+
+if (
+    _torch_varlen is not None
+    and hasattr(_torch_varlen, "_should_use_cudnn")
+    and not os.environ.get("MOSS_VARLEN_CUDNN")
+):
+    # torch 2.10-2.14 send varlen_attn to cuDNN on Hopper when cuDNN >= 9.18; there it ran our packed LoRA step 9 %
+    # slower than the flash backend (1711 vs 1558 ms, H100, torch 2.11) and plans anew for each pack's lengths.
+    # Forward and backward both read this choice, so it is made once, here. MOSS_VARLEN_CUDNN=1 keeps cuDNN.
+    _torch_varlen._should_use_cudnn = lambda device_index: False
 
 NAME = "varlen_sdpa"
 # torch 2.10/2.11 take no `enable_gqa`: there, grouped key/value heads are repeated to the query heads.
