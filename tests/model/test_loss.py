@@ -22,8 +22,11 @@ def reference(hidden, weights, labels):
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 4096])
 @pytest.mark.parametrize("host_counts", [False, True])
-def test_values_and_gradients_match_float64(chunk_rows, impl, host_counts, monkeypatch):
-    monkeypatch.setattr("moss.model.loss.CHUNK_CLASSES", 1)  # chunks of exactly chunk_rows, even for small heads
+@pytest.mark.parametrize("gpu_layout", [False, True])
+def test_values_and_gradients_match_float64(chunk_rows, impl, host_counts, gpu_layout, monkeypatch):
+    if gpu_layout:  # heads padded to 64-row multiples (-inf logits) and chunks sized by head width, as on CUDA
+        monkeypatch.setattr("moss.model.loss._gpu_layout", lambda weight: True)
+        monkeypatch.setattr("moss.model.loss.CHUNK_CLASSES", 3 * 128)  # 97-class head: 3 x chunk_rows per chunk
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
     weights = [torch.randn(v, 16, generator=g, requires_grad=True) for v in (97, 13, 13)]
