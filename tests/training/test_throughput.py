@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from moss.model import MossTTSD, MossTTSDConfig
@@ -20,6 +21,7 @@ def test_flop_model_of_the_real_architecture():
     assert peak_tflops(torch.device("cpu")) is None
 
 
+@pytest.mark.slow  # a smoke run of a benchmark script (20 s); .ci/run runs slow tests too
 def test_gpu_benchmark_script_runs_on_the_tiny_model():
     out = subprocess.run(
         [sys.executable, "benchmarks/gpu_train.py", "--tiny", "--warmup", "0", "--samples", "8"],
@@ -36,6 +38,7 @@ def test_gpu_benchmark_script_runs_on_the_tiny_model():
     assert losses["fused head frozen"]["rel_err_loss"] < 1e-6 and losses["fused head frozen"]["max_err_grad"] < 1e-6
 
 
+@pytest.mark.slow
 def test_generation_benchmark_runs_on_the_tiny_model():
     out = subprocess.run(
         [sys.executable, "benchmarks/generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu"],
