@@ -72,6 +72,15 @@ def layouts(examples: list[dict], budget: int, pad_id: int) -> dict[str, list[di
     }
 
 
+def train_step(model, optimizer, batch: dict, device: torch.device) -> None:
+    """One optimiser step on one micro-batch (bf16 autocast on CUDA)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(**model_inputs(batch, device))
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_pass(model, batches: list[dict], attn: str, checkpointing: bool, warmup: int, device, flops) -> dict:
     """One timed pass over `batches` after `warmup` untimed steps."""
     moss = model.get_base_model()
@@ -79,22 +88,14 @@ def train_pass(model, batches: list[dict], attn: str, checkpointing: bool, warmu
     (moss.gradient_checkpointing_enable if checkpointing else moss.gradient_checkpointing_disable)()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(**model_inputs(batch, device))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     for batch in batches[:warmup]:
-        step(batch)
+        train_step(model, optimizer, batch, device)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for batch in batches:
-        step(batch)
+        train_step(model, optimizer, batch, device)
     if cuda:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start

@@ -5,20 +5,21 @@ lengths packed into 16,384-row micro-batches). After warm-up steps, profiles `--
 step time, and the kernels by total GPU time (the largest first), then one `RESULT {json}` line.
 
 Usage: python benchmarks/profile_step.py [--attn varlen_sdpa] [--ckpt] [--steps 2] [--rows 25] [--tiny]
+(MOSS_VARLEN_CUDNN=1 profiles varlen_attn on its cuDNN backend instead of flash.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_train import layouts, reference_examples
-from moss.data.collate import model_inputs
+from benchmarks.gpu_train import layouts, reference_examples, train_step
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
 
@@ -31,13 +32,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
-    parser.add_argument("--no-cudnn-varlen", action="store_true", help="keep varlen_attn on its flash backend")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    if args.no_cudnn_varlen:
-        import torch.nn.attention.varlen as varlen_module
-
-        varlen_module._should_use_cudnn = lambda device_index: False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     config = MossTTSDConfig.tiny() if args.tiny else MossTTSDConfig.v05()
@@ -53,22 +49,15 @@ def main() -> None:
     examples = reference_examples(24, config, np.random.default_rng(0), budget)
     packs = layouts(examples, budget, config.pad_token_id or 0)["packed"]
 
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = model(**model_inputs(batch, device))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     for i in range(args.warmup):
-        step(packs[i % len(packs)])
+        train_step(model, optimizer, packs[i % len(packs)], device)
     if cuda:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for i in range(args.steps):
-            step(packs[i % len(packs)])
+            train_step(model, optimizer, packs[i % len(packs)], device)
         if cuda:
             torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / args.steps
@@ -79,7 +68,7 @@ def main() -> None:
     result = {
         "attn": args.attn,
         "ckpt": args.ckpt,
-        "cudnn_varlen": not args.no_cudnn_varlen,
+        "cudnn_varlen": bool(os.environ.get("MOSS_VARLEN_CUDNN")),  # see moss/model/varlen.py
         "step_s": wall,
         "ms_per_step": {e.key[:70]: getattr(e, sort) / 1e3 / args.steps for e in top},
     }

@@ -21,17 +21,18 @@ def test_flop_model_of_the_real_architecture():
     assert peak_tflops(torch.device("cpu")) is None
 
 
-@pytest.mark.slow  # a smoke run of a benchmark script (20 s); .ci/run runs slow tests too
-def test_gpu_benchmark_script_runs_on_the_tiny_model():
+def run_benchmark(script: str, *args: str) -> dict:
+    """Run benchmarks/<script> and return its final `RESULT {json}` line."""
     out = subprocess.run(
-        [sys.executable, "benchmarks/gpu_train.py", "--tiny", "--warmup", "0", "--samples", "8"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    return json.loads(out.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+
+
+@pytest.mark.slow  # a smoke run of a benchmark script (20 s); .ci/run runs slow tests too
+def test_gpu_benchmark_script_runs_on_the_tiny_model():
+    result = run_benchmark("gpu_train.py", "--tiny", "--warmup", "0", "--samples", "8")
     rates = {k: v["real_frames_per_s"] for k, v in result["results"].items() if "error" not in v}
     assert {"packed varlen_sdpa ckpt=on", "padded bs1 sdpa ckpt=on", "padded bs4 sdpa ckpt=on"} <= set(rates)
     losses = result["loss"]
@@ -40,13 +41,5 @@ def test_gpu_benchmark_script_runs_on_the_tiny_model():
 
 @pytest.mark.slow
 def test_generation_benchmark_runs_on_the_tiny_model():
-    out = subprocess.run(
-        [sys.executable, "benchmarks/generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1].removeprefix("RESULT "))
+    result = run_benchmark("generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu")
     assert result["results"]["tiny 2 s"]["frames"] == 25  # 2 s at 12.5 frames/s, forced to keep speaking
