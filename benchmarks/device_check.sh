@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check (H100/H200, under 8 minutes): CUDA tests, then the real-size benchmarks, all output under $OUT.
+# The one GPU check (H100/H200, about 7 minutes, at most 9): CUDA tests, then the real-size benchmarks, all output under $OUT.
 #   bash benchmarks/fetch_wheels.sh            # here: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/device_check.sh            # there, in the checkout with .whl/ beside it
 # Writes $OUT/pytest_gpu.log, gpu_train.log, generation.log, codec.log, env.txt and RESULT.json (every
@@ -36,10 +36,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1
 }
-step pytest_gpu 170 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
-step gpu_train 220 python3 benchmarks/gpu_train.py
-step generation 120 python3 benchmarks/generation.py --device cuda --sizes tiny real --seconds 30 300
-step codec 60 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 16
+step pytest_gpu 120 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
+step gpu_train 200 python3 benchmarks/gpu_train.py
+step generation 180 python3 benchmarks/generation.py --device cuda --sizes tiny real --seconds 30 300
+step codec 40 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 16
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
