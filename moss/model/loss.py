@@ -2,8 +2,15 @@
 
 Channel 0 has 152,697 classes: the fp32 logits of one 16k-row pack would take 10 GB, plus as much again for
 their gradient. `linear_cross_entropy` computes CE straight from hidden states and the (tied) head weight in
-chunks of rows, and recomputes each chunk in backward instead of keeping it, so peak extra memory is one
-chunk of logits.
+chunks of rows, so peak extra memory is one chunk of logits. Three implementations:
+
+* `fused` (default): each chunk's gradient is computed in the forward pass, as the loss is a plain sum; backward
+  only scales it. One matmul per chunk less than recomputing (16k rows of channel 0 on an H100: 66 ms vs 193).
+* `chunked`: the reference; keeps only its inputs and recomputes each chunk's logits in backward.
+* `liger`: Liger-Kernel's Triton kernel (CUDA, optional package; 199 ms on the same H100 measurement).
+
+No implementation reads anything back from the device when the caller passes host-side label counts: valid
+rows are selected with `nonzero_static`, and label ranges are checked by asynchronous device assertions.
 
 The functions return per-channel *sums* and *counts*, never means: the caller divides by the valid-label
 count of a whole optimiser step (all micro-batches and ranks), which is the only normalisation that makes
@@ -77,9 +84,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Same sum, with the gradient computed during the forward pass, chunk by chunk (no recompute).
 
-    The loss is a plain sum, so its gradient for an upstream gradient of 1 is known in forward; backward
-    only scales it. This saves the second `hidden @ weight.T` of the reference: one matmul over the
-    152,697-class head per channel-0 row.
+    The gradient for an upstream gradient of 1 is known in forward; backward only scales it. This saves the
+    reference's second `hidden @ weight.T`: one matmul over the 152,697-class head per channel-0 row.
     """
 
     @staticmethod
