@@ -3,10 +3,10 @@
 install:
 	pip install "torch==2.14.1" "torchaudio==2.11.0" && pip install -e ".[dev]"
 
-test:        ## the default suite: CPU, a minute or so
+test:        ## the default suite: CPU, about 5 minutes on 2 cores
 	python -m pytest
 
-test-all:    ## everything that runs without a GPU, slow tests included
+test-all:    ## everything that runs without a GPU, slow tests included (what .ci/run runs)
 	python -m pytest -m "not gpu"
 
 lint:
