@@ -156,7 +156,7 @@ def _chunk_gradients(hidden, weight, targets, chunk_rows, dt, need_h, need_w):
     return total, grad_h, (grad_w[:classes].to(weight.dtype) if need_w else None)
 
 
-def _liger_sum(hidden, weight, targets, chunk_rows, compute_dtype):
+def _liger_sum(hidden, weight, targets, compute_dtype):
     """Liger-Kernel's fused linear CE (Triton, CUDA), summed; it reads one count back to the host per call."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -172,7 +172,7 @@ def check_ce_impl(name: str) -> str:
     if name not in CE_IMPLEMENTATIONS:
         raise ValueError(f"unknown cross-entropy implementation {name!r}; choose one of {CE_IMPLEMENTATIONS}")
     if name == "liger" and importlib.util.find_spec("liger_kernel") is None:
-        raise ValueError("ce_impl='liger' needs the liger-kernel package (CUDA + Triton); use model.ce_impl=fused")
+        raise ValueError("ce_impl='liger' needs the liger-kernel package (CUDA + Triton); use model.net.ce_impl=fused")
     return name
 
 
@@ -229,7 +229,7 @@ def linear_cross_entropy(
     elif impl == "chunked":
         total = _ChunkedLinearCrossEntropy.apply(h, weight, t, int(chunk_rows), dt)
     else:
-        total = _liger_sum(h, weight, t, int(chunk_rows), dt)
+        total = _liger_sum(h, weight, t, dt)
     return total, valid.sum()
 
 

@@ -77,7 +77,11 @@ class MossTTSDOutput:
 
 
 class MossTTSDBackbone(nn.Module):
-    """Channel embeddings summed, then the Qwen3 decoder (`AsteroidTTSModel` in the original)."""
+    """Channel embeddings summed, then the Qwen3 decoder (`AsteroidTTSModel` in the original).
+
+    It holds the parameters under the original key names; `MossTTSD.forward` runs `embed` and the decoder
+    itself, flattening packed rows in between.
+    """
 
     def __init__(self, config: MossTTSDConfig, attn_implementation: str = "sdpa"):
         super().__init__()
@@ -103,11 +107,6 @@ class MossTTSDBackbone(nn.Module):
         for c in range(1, channels):
             embeds = embeds + self.embedding_list[c](input_ids[..., c])
         return embeds
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        return self.language_model(
-            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
 
 
 class MossTTSD(nn.Module):
@@ -271,19 +270,18 @@ class MossTTSD(nn.Module):
 
     def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, device: torch.device) -> dict:
         """Segment boundaries as the attention implementation takes them, with no device-to-host read."""
-        host = cu_seqlens.device.type == "cpu"
+        attn = self.attn_implementation
+        if attn not in (varlen.NAME, "flash_attention_2"):
+            return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync unless cu_seqlens is on the host
         cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-        attn = self.attn_implementation
-        if attn == varlen.NAME:
-            kwargs = {"cu_seq_lens_q": cu, "max_length_q": int(max_seqlen)}
-            if host:
-                kwargs["varlen_bounds"] = cu_seqlens.tolist()
-            return kwargs
         if attn == "flash_attention_2":
             return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
-        return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
+        kwargs = {"cu_seq_lens_q": cu, "max_length_q": int(max_seqlen)}
+        if cu_seqlens.device.type == "cpu":
+            kwargs["varlen_bounds"] = cu_seqlens.tolist()  # for the per-sample loop (CPU, float32): no device read
+        return kwargs
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod

@@ -7,7 +7,7 @@ flattened `[B * L]` rows, as the collator writes them) and attends causally with
 (cost ~ sum of s_i^2):
 
 * on CUDA in bf16/fp16 (torch >= 2.10): one `torch.nn.attention.varlen.varlen_attn` call per layer over
-  the whole pack (PyTorch's flash / cuDNN varlen kernels);
+  the whole pack (PyTorch's flash varlen kernel; see below for cuDNN);
 * elsewhere (CPU, float32, an older torch): causal SDPA per sample, from host-side boundaries.
 
 `MossTTSD.forward(..., cu_seqlens=, max_seqlen=)` turns the boundaries into the keyword arguments below once
@@ -38,8 +38,8 @@ if (
     and not os.environ.get("MOSS_VARLEN_CUDNN")
 ):
     # torch 2.10-2.14 send varlen_attn to cuDNN on Hopper when cuDNN >= 9.18; there it ran our packed LoRA step 9 %
-    # slower than the flash backend (1711 vs 1558 ms, H100, torch 2.11) and plans anew for each pack's lengths.
-    # Forward and backward both read this choice, so it is made once, here. MOSS_VARLEN_CUDNN=1 keeps cuDNN.
+    # slower than the flash backend (1711 vs 1558 ms per profiled step, H100, torch 2.11). Forward and backward
+    # both read this choice (a private torch function), so it is made once, here. MOSS_VARLEN_CUDNN=1 keeps cuDNN.
     _torch_varlen._should_use_cudnn = lambda device_index: False
 
 NAME = "varlen_sdpa"
