@@ -22,6 +22,7 @@ import soundfile as sf
 
 from data_pipelines.preprocess import _init_loader, _load
 from data_pipelines.records import Limits, Loaded, read_records
+from data_pipelines.workers import WorkerPool
 
 
 def make_corpus(folder: Path, files: int, seconds: float) -> Path:
@@ -38,12 +39,16 @@ def make_corpus(folder: Path, files: int, seconds: float) -> Path:
 
 
 def measure(jsonl: Path, workers: int) -> tuple[float, int]:
+    """Wall time and 16 kHz samples of loading every record through the pipeline's own worker pool."""
     tasks = [(r, Limits()) for r in read_records([str(jsonl)])]
-    with mp.get_context("fork").Pool(workers, initializer=_init_loader) as pool:
-        pool.map(abs, range(workers))  # workers are up before the clock starts
+    pool = WorkerPool(_load, workers, mp.get_context("fork"), initializer=_init_loader)
+    try:
+        list(pool.map_unordered(tasks[:workers]))  # workers are up and warm before the clock starts
         start = time.perf_counter()
-        results = list(pool.imap(_load, tasks, chunksize=1))
+        results = [r for _, r in pool.map_unordered(tasks)]
         wall = time.perf_counter() - start
+    finally:
+        pool.close()
     samples = sum(r.samples for r in results if isinstance(r, Loaded))
     return wall, samples
 

@@ -20,9 +20,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -31,8 +31,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from data_pipelines.records import Limits, Loaded, Record, Skip, load, read_records
-from moss.data.schema import ShardSample
+from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
+from data_pipelines.workers import WorkerFailure, WorkerPool
+from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,17 @@ def local_devices(setting, local_rank: int | None) -> list[str]:
 def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_shard: int) -> dict:
     """The partition of the work, fixed at the first run so reruns with other device counts agree."""
     path = output_dir / "plan.json"
+    resolved = []
+    for given in inputs:
+        file = Path(given).resolve()
+        if not file.is_file():
+            raise FileNotFoundError(f"inputs: {given} is not a file; list JSONL files, e.g. inputs=[/data/train.jsonl]")
+        if str(file) in resolved:
+            log.warning("inputs lists %s twice; it is read once", given)
+            continue
+        resolved.append(str(file))
     plan = {
-        "inputs": [str(Path(p).resolve()) for p in inputs],
+        "inputs": resolved,
         "records_per_shard": records_per_shard,
         "num_slots": processes,
     }
@@ -97,94 +107,108 @@ def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
     return load(*args)
 
 
-def _bounded(items, in_flight: threading.BoundedSemaphore):
-    for item in items:
-        in_flight.acquire()
-        yield item
-
-
 class ShardEncoder:
-    """Encodes the records of shards: CPU pool for loading, the codec for length-sorted batches."""
+    """Encodes the records of shards: a crash-proof CPU pool loads audio, the codec encodes length-sorted batches.
+
+    Memory: loaded audio waits only until its batch (`batch_seconds`) is encoded; from then on a record is
+    its int16 codes and text. So a process holds at most one batch plus `2 x cpu_workers` loaded records,
+    whatever `records_per_shard` is.
+    """
 
     def __init__(self, cfg: DictConfig, device: str, workers: int):
         # Fork is cheap and safe while this process has not touched CUDA (the codec is loaded afterwards).
         ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
-        self.pool = ctx.Pool(workers, initializer=_init_loader) if workers > 0 else None
+        self.pool = (
+            WorkerPool(_load, workers, ctx, timeout=float(cfg.record_timeout), initializer=_init_loader)
+            if workers > 0
+            else None
+        )
         from moss.codec import XYTokenizer
 
         self.codec = XYTokenizer.from_pretrained(cfg.codec.config, cfg.codec.checkpoint, device=device)
         self.cfg, self.limits = cfg, Limits(**cfg.limits)
-        self.in_flight = threading.BoundedSemaphore(max(2, 4 * workers))
         self.audio_seconds = 0.0
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-            self.pool.join()
 
-    def _loaded(self, records: list[Record]):
+    def _loaded(self, records: list[Record]) -> Iterator[tuple[int, Loaded | Skip]]:
         tasks = [(r, self.limits) for r in records]
         if self.pool is None:
-            yield from map(_load, tasks)
+            yield from enumerate(map(_load, tasks))
             return
-        for result in self.pool.imap(_load, _bounded(tasks, self.in_flight), chunksize=1):
-            self.in_flight.release()
-            yield result
+        for i, result in self.pool.map_unordered(tasks):
+            if isinstance(result, WorkerFailure):
+                result = Skip(records[i], result.reason, stage="load")
+            yield i, result
 
-    def _encode(self, batch: list[Loaded], codes: dict[int, tuple]) -> None:
-        clips = [x.audio for x in batch] + [x.ref_audio for x in batch if x.ref_audio is not None]
-        encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch)
+    def _sample(self, item: Loaded, main: torch.Tensor, ref: torch.Tensor | None) -> ShardSample | Skip:
+        sample = ShardSample(
+            key=item.record.key,
+            codes=main.cpu().numpy().astype(np.int16),
+            text=item.text,
+            source=f"{item.record.source}:{item.record.line}",
+            codec=self.cfg.codec.name,
+            codec_sample_rate=self.codec.input_sample_rate,
+            ref_codes=None if ref is None else ref.cpu().numpy().astype(np.int16),
+            ref_text=item.ref_text,
+        )
+        try:
+            sample.to_wds()  # everything the writer will do with it, so the shard write cannot fail on it
+        except (SampleError, UnicodeError) as err:
+            return Skip(item.record, f"not storable ({err})", item.paths[-1], stage="write")
+        return sample
+
+    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: list) -> None:
+        """Encode a batch (each record alone if the batch fails, so one bad clip costs only itself)."""
+        clips = [x.audio for _, x in batch] + [x.ref_audio for _, x in batch if x.ref_audio is not None]
+        try:
+            encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch)
+        except Exception as err:  # noqa: BLE001 - retried record by record below
+            if len(batch) > 1:
+                log.warning("a batch of %d records failed to encode (%s); encoding them one by one", len(batch), err)
+                for entry in batch:
+                    self._encode([entry], outcomes)
+                return
+            position, item = batch[0]
+            outcomes[position] = Skip(item.record, f"encoding failed ({type(err).__name__}: {err})", stage="encode")
+            return
         refs = iter(encoded[len(batch) :])
-        for item, main in zip(batch, encoded[: len(batch)], strict=True):
+        for (position, item), main in zip(batch, encoded[: len(batch)], strict=True):
             ref = next(refs) if item.ref_audio is not None else None
-            codes[item.record.line, item.record.source] = (main, ref)
+            outcomes[position] = self._sample(item, main, ref)
         self.audio_seconds += sum(len(c) for c in clips) / 16000
 
     def shard(self, records: list[Record], progress) -> tuple[list[ShardSample], list[Skip]]:
         """Samples (in record order) and skips of one shard."""
         budget = int(self.cfg.batch_seconds * 16000)
-        results, batch, codes = [], [], {}
-        for result in self._loaded(records):
-            results.append(result)
-            if isinstance(result, Loaded):
-                batch.append(result)
-                if sum(x.samples for x in batch) >= budget:
-                    self._encode(batch, codes)
+        outcomes: list[ShardSample | Skip | None] = [None] * len(records)
+        batch: list[tuple[int, Loaded]] = []
+        for position, result in self._loaded(records):
+            if isinstance(result, Skip):
+                outcomes[position] = result
+            else:
+                batch.append((position, result))
+                if sum(x.samples for _, x in batch) >= budget:
+                    self._encode(batch, outcomes)
                     batch = []
             progress.update(1)
         if batch:
-            self._encode(batch, codes)
-        samples, skips = [], []
-        for result in results:
-            if isinstance(result, Skip):
-                skips.append(result)
-                continue
-            main, ref = codes[result.record.line, result.record.source]
-            samples.append(
-                ShardSample(
-                    key=result.record.key,
-                    codes=main.cpu().numpy().astype(np.int16),
-                    text=result.text,
-                    source=f"{result.record.source}:{result.record.line}",
-                    codec=self.cfg.codec.name,
-                    codec_sample_rate=self.codec.input_sample_rate,
-                    ref_codes=None if ref is None else ref.cpu().numpy().astype(np.int16),
-                    ref_text=result.ref_text,
-                )
-            )
-        return samples, skips
+            self._encode(batch, outcomes)
+        assert all(o is not None for o in outcomes), "every record is encoded or skipped"
+        return [o for o in outcomes if isinstance(o, ShardSample)], [o for o in outcomes if isinstance(o, Skip)]
 
 
 def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan: dict, position: int = 0) -> None:
     """Encode every unfinished shard of `slots` on `device`, then write their manifests."""
     output_dir = Path(cfg.output_dir)
-    records = read_records(plan["inputs"], cfg.base_path)
-    if cfg.limit:
-        records = records[: cfg.limit]
+    records = RecordIndex(plan["inputs"], cfg.base_path)
+    count = min(len(records), int(cfg.limit)) if cfg.limit else len(records)
     per = plan["records_per_shard"]
     todo = []
     for slot in slots:
-        mine = records[slot :: plan["num_slots"]]
+        mine = np.arange(slot, count, plan["num_slots"])
         for index in range(0, (len(mine) + per - 1) // per):
             if not (output_dir / f"{shard_name(slot, index)}.json").is_file():
                 todo.append((slot, index, mine[index * per : (index + 1) * per]))
@@ -200,7 +224,7 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
         )
         try:
             for slot, index, chunk in todo:
-                samples, skips = encoder.shard(chunk, bar)
+                samples, skips = encoder.shard(records.take(chunk), bar)
                 name = shard_name(slot, index)
                 entry = write_shard(output_dir / name, samples)
                 entry["skipped"] = [s.to_json() for s in skips]
@@ -214,7 +238,7 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
             bar.close()
             encoder.close()
     for slot in slots:
-        write_slot_manifest(output_dir, slot, len(records[slot :: plan["num_slots"]]), per)
+        write_slot_manifest(output_dir, slot, len(range(slot, count, plan["num_slots"])), per)
 
 
 def write_slot_manifest(output_dir: Path, slot: int, records: int, per: int) -> None:

@@ -106,7 +106,7 @@ def test_malformed_input_is_reported_and_good_lines_encoded(tmp_path, codec_file
     assert reasons[2].startswith("invalid JSON") and reasons[3] == "missing file"
     assert reasons[4].startswith("unreadable or corrupt audio") and reasons[5] == "empty transcript"
     assert reasons[6].startswith("no [S1]/[S2] speaker tag") and reasons[10] == "silent audio"
-    assert reasons[11].startswith("too short") and reasons[12].startswith("longer than the maximum")
+    assert reasons[11].startswith("too short") and reasons[12].startswith("transcript too long")
     assert reasons[13].startswith("missing fields") and reasons[14].startswith("unknown format")
     assert reasons[15].startswith("longer than the maximum")  # base_path resolved, then measured
     assert all(r["input"].endswith("in.jsonl") for r in report) and summary["skipped"] == 11

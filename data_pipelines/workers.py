@@ -1,0 +1,171 @@
+"""A process pool that survives its workers: a crash, an out-of-memory kill or a hang costs one retry.
+
+`multiprocessing.Pool` waits forever for the result of a worker that died, so one bad file could hang a
+preprocessing run for good. Here each worker holds one task at a time; a manager thread watches the
+workers' pipes and process sentinels, gives a dead worker's task (or one that ran past `timeout`) to a fresh
+worker once more, and then reports it as a `WorkerFailure`. Results arrive in completion order with their
+task index, while the caller is busy elsewhere (the encoder): at most `capacity` tasks are in flight or
+waiting to be collected, which bounds the memory of loaded audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerFailure:
+    """A task whose worker died or hung on every attempt."""
+
+    reason: str
+
+
+def _serve(conn, fn: Callable, initializer: Callable | None) -> None:
+    if initializer is not None:
+        initializer()
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        conn.send(fn(task))
+
+
+class _Worker:
+    def __init__(self, ctx, fn, initializer):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, fn, initializer), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: tuple[int, object] | None = None
+        self.started = 0.0
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class WorkerPool:
+    """`map_unordered(tasks)` over `workers` processes; every task yields a result or a WorkerFailure.
+
+    Args:
+        fn: a module-level function (pickled by reference) that should not raise.
+        workers: processes.
+        ctx: a multiprocessing context (fork or spawn).
+        timeout: seconds one task may take before its worker is killed.
+        retries: further attempts after a worker died or hung on a task.
+        capacity: tasks in flight plus results not yet collected.
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        workers: int,
+        ctx,
+        timeout: float = 600.0,
+        retries: int = 1,
+        capacity: int | None = None,
+        initializer: Callable | None = None,
+    ):
+        self.fn, self.ctx, self.initializer = fn, ctx, initializer
+        self.timeout, self.retries = timeout, retries
+        self.capacity = capacity or 2 * workers
+        self.workers = [_Worker(ctx, fn, initializer) for _ in range(workers)]
+        self.replaced = 0
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop(kill=worker.task is not None)
+        self.workers = []
+
+    def map_unordered(self, tasks: list) -> Iterator[tuple[int, object]]:
+        """(task index, result or WorkerFailure) for every task, in completion order."""
+        out: queue.Queue = queue.Queue()
+        room = threading.Semaphore(self.capacity)
+        stop = threading.Event()
+        manager = threading.Thread(target=self._manage, args=(list(tasks), out, room, stop), daemon=True)
+        manager.start()
+        try:
+            for _ in range(len(tasks)):
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                room.release()
+                yield item
+        finally:
+            stop.set()
+            manager.join()
+
+    # ------------------------------------------------------------------ manager thread
+    def _manage(self, tasks: list, out: queue.Queue, room: threading.Semaphore, stop: threading.Event) -> None:
+        try:
+            todo = deque((i, task, 0) for i, task in enumerate(tasks))
+            attempts: dict[int, int] = {}
+            while not stop.is_set() and (todo or any(w.task for w in self.workers)):
+                for worker in self.workers:
+                    if worker.task is None and todo and room.acquire(blocking=False):
+                        index, task, tried = todo.popleft()
+                        attempts[index] = tried
+                        worker.task, worker.started = (index, task), time.monotonic()
+                        worker.conn.send(task)
+                busy = [w for w in self.workers if w.task is not None]
+                if not busy:
+                    stop.wait(0.05)  # waiting for the consumer to make room
+                    continue
+                ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
+                for position, worker in enumerate(list(self.workers)):
+                    if worker.task is None:
+                        continue
+                    index, task = worker.task
+                    if worker.conn in ready:
+                        try:
+                            result = worker.conn.recv()
+                        except (EOFError, OSError):
+                            result = None  # died while sending: handled as a death below
+                        else:
+                            worker.task = None
+                            out.put((index, result))
+                            continue
+                    died = worker.process.sentinel in ready or not worker.process.is_alive()
+                    late = time.monotonic() - worker.started > self.timeout
+                    if not (died or late):
+                        continue
+                    worker.stop(kill=True)
+                    reason = (
+                        f"loader process died (exit code {worker.process.exitcode})"
+                        if died
+                        else f"loader process hung (no result after {self.timeout:g} s)"
+                    )
+                    self.workers[position] = _Worker(self.ctx, self.fn, self.initializer)
+                    self.replaced += 1
+                    if attempts[index] < self.retries:
+                        log.warning("task %d: %s; retrying", index, reason)
+                        room.release()  # taken again when the retry is dispatched
+                        todo.appendleft((index, task, attempts[index] + 1))
+                    else:  # the failure keeps the task's slot until it is collected, like a result
+                        out.put((index, WorkerFailure(f"{reason}, {attempts[index] + 1} attempts")))
+        except BaseException as err:  # noqa: BLE001 - the consumer re-raises it instead of waiting forever
+            out.put(err)
+        finally:  # abandoned early: workers still busy would answer the next map's tasks with old results
+            for position, worker in enumerate(self.workers):
+                if worker.task is not None:
+                    worker.stop(kill=True)
+                    self.workers[position] = _Worker(self.ctx, self.fn, self.initializer)
