@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -110,9 +111,9 @@ def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
 class ShardEncoder:
     """Encodes the records of shards: a crash-proof CPU pool loads audio, the codec encodes length-sorted batches.
 
-    Memory: loaded audio waits only until its batch (`batch_seconds`) is encoded; from then on a record is
-    its int16 codes and text. So a process holds at most one batch plus `2 x cpu_workers` loaded records,
-    whatever `records_per_shard` is.
+    Memory: loaded audio waits only until its batch (`batch_seconds`) is encoded; then a record is its int16
+    codes and text until the shard writer (streaming, in record order) has it. So a process holds at most one
+    batch plus `2 x cpu_workers` loaded records, whatever `records_per_shard` is.
     """
 
     def __init__(self, cfg: DictConfig, device: str, workers: int):
@@ -160,7 +161,7 @@ class ShardEncoder:
             return Skip(item.record, f"not storable ({err})", item.paths[-1], stage="write")
         return sample
 
-    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: list) -> None:
+    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: dict) -> None:
         """Encode a batch (each record alone if the batch fails, so one bad clip costs only itself)."""
         clips = [x.audio for _, x in batch] + [x.ref_audio for _, x in batch if x.ref_audio is not None]
         try:
@@ -180,11 +181,27 @@ class ShardEncoder:
             outcomes[position] = self._sample(item, main, ref)
         self.audio_seconds += sum(len(c) for c in clips) / 16000
 
-    def shard(self, records: list[Record], progress) -> tuple[list[ShardSample], list[Skip]]:
-        """Samples (in record order) and skips of one shard."""
+    def shard(self, records: list[Record], progress, skips: list[Skip]) -> Iterator[ShardSample]:
+        """The samples of one shard in record order, yielded as soon as they are encoded; skips go to `skips`.
+
+        A record waits only for the records before it (at most one batch and the loaders' results in flight),
+        so the shard writer streams and nothing grows with `records_per_shard`.
+        """
         budget = int(self.cfg.batch_seconds * 16000)
-        outcomes: list[ShardSample | Skip | None] = [None] * len(records)
+        outcomes: dict[int, ShardSample | Skip] = {}
         batch: list[tuple[int, Loaded]] = []
+        done = 0
+
+        def in_order() -> Iterator[ShardSample]:
+            nonlocal done
+            while done in outcomes:
+                outcome = outcomes.pop(done)
+                done += 1
+                if isinstance(outcome, Skip):
+                    skips.append(outcome)
+                else:
+                    yield outcome
+
         for position, result in self._loaded(records):
             if isinstance(result, Skip):
                 outcomes[position] = result
@@ -194,10 +211,11 @@ class ShardEncoder:
                     self._encode(batch, outcomes)
                     batch = []
             progress.update(1)
+            yield from in_order()
         if batch:
             self._encode(batch, outcomes)
-        assert all(o is not None for o in outcomes), "every record is encoded or skipped"
-        return [o for o in outcomes if isinstance(o, ShardSample)], [o for o in outcomes if isinstance(o, Skip)]
+        yield from in_order()
+        assert done == len(records) and not outcomes, "every record is encoded or skipped, once"
 
 
 def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan: dict, position: int = 0) -> None:
@@ -224,9 +242,8 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
         )
         try:
             for slot, index, chunk in todo:
-                samples, skips = encoder.shard(records.take(chunk), bar)
-                name = shard_name(slot, index)
-                entry = write_shard(output_dir / name, samples)
+                name, skips = shard_name(slot, index), []
+                entry = write_shard(output_dir / name, encoder.shard(records.take(chunk), bar, skips))
                 entry["skipped"] = [s.to_json() for s in skips]
                 meta = output_dir / f"{name}.json"
                 tmp = meta.with_suffix(".tmp")
@@ -310,10 +327,19 @@ def summarize(output_dir: Path, slots: list[int]) -> dict:
         "hours": frames / 12.5 / 3600,
         "skipped": sum(reasons.values()),
         "skip_reasons": dict(reasons),
+        # Peak resident memory of this process and of the largest finished child (loader or device process).
+        "peak_rss_mb": {
+            "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        },
     }
     print(
         f"encoded {samples} samples ({summary['hours']:.2f} h of audio) into {output_dir}; "
         f"skipped {summary['skipped']}: " + ", ".join(f"{r}: {n}" for r, n in reasons.most_common())
+    )
+    print(
+        f"peak memory: {summary['peak_rss_mb']['main']:.0f} MB (this process), "
+        f"{summary['peak_rss_mb']['children']:.0f} MB (largest child process)"
     )
     return summary
 

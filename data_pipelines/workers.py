@@ -120,12 +120,18 @@ class WorkerPool:
             todo = deque((i, task, 0) for i, task in enumerate(tasks))
             attempts: dict[int, int] = {}
             while not stop.is_set() and (todo or any(w.task for w in self.workers)):
-                for worker in self.workers:
+                for position, worker in enumerate(self.workers):
                     if worker.task is None and todo and room.acquire(blocking=False):
                         index, task, tried = todo.popleft()
                         attempts[index] = tried
+                        try:
+                            worker.conn.send(task)
+                        except OSError:  # died while idle: the task never started, so it costs no attempt
+                            todo.appendleft((index, task, tried))
+                            room.release()
+                            self._replace(position)
+                            continue
                         worker.task, worker.started = (index, task), time.monotonic()
-                        worker.conn.send(task)
                 busy = [w for w in self.workers if w.task is not None]
                 if not busy:
                     stop.wait(0.05)  # waiting for the consumer to make room
@@ -148,14 +154,12 @@ class WorkerPool:
                     late = time.monotonic() - worker.started > self.timeout
                     if not (died or late):
                         continue
-                    worker.stop(kill=True)
+                    self._replace(position)
                     reason = (
                         f"loader process died (exit code {worker.process.exitcode})"
                         if died
                         else f"loader process hung (no result after {self.timeout:g} s)"
                     )
-                    self.workers[position] = _Worker(self.ctx, self.fn, self.initializer)
-                    self.replaced += 1
                     if attempts[index] < self.retries:
                         log.warning("task %d: %s; retrying", index, reason)
                         room.release()  # taken again when the retry is dispatched
@@ -167,5 +171,10 @@ class WorkerPool:
         finally:  # abandoned early: workers still busy would answer the next map's tasks with old results
             for position, worker in enumerate(self.workers):
                 if worker.task is not None:
-                    worker.stop(kill=True)
-                    self.workers[position] = _Worker(self.ctx, self.fn, self.initializer)
+                    self._replace(position)
+
+    def _replace(self, position: int) -> None:
+        """Kill the worker at `position` (if still alive) and start a fresh one in its place."""
+        self.workers[position].stop(kill=True)
+        self.workers[position] = _Worker(self.ctx, self.fn, self.initializer)
+        self.replaced += 1
