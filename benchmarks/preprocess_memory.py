@@ -5,7 +5,7 @@ of loading, batching and writing, not of a real codec's activations) into one sh
 The encoder process should hold at most one `batch_seconds` batch plus a few loaded records whatever the
 shard size, so its peak stays flat as `records_per_shard` grows. Prints one `RESULT {json}` line.
 
-Usage: python benchmarks/preprocess_memory.py [--records 1000] [--minutes 10] [--small 10]
+Usage: python benchmarks/preprocess_memory.py [--records 1000] [--minutes 10] [--small 10] [--batch-seconds 600]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def codec(folder: Path) -> tuple[Path, Path]:
     return folder / "codec.yaml", folder / "codec.safetensors"
 
 
-def run(jsonl: Path, codec_files, out: Path, records: int, workers: int) -> dict:
+def run(jsonl: Path, codec_files, out: Path, records: int, workers: int, batch_seconds: float) -> dict:
     args = [
         sys.executable,
         "-m",
@@ -62,6 +62,7 @@ def run(jsonl: Path, codec_files, out: Path, records: int, workers: int) -> dict
         f"cpu_workers={workers}",
         f"records_per_shard={records}",
         f"limit={records}",
+        f"batch_seconds={batch_seconds}",
         "limits.max_chars_per_second=1000",
         "progress=false",
     ]
@@ -77,12 +78,16 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--small", type=int, default=10, help="records of the comparison run")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-seconds", type=float, default=600, help="audio per encoding round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         jsonl = corpus(folder, args.records, args.minutes)
         files = codec(folder)
-        rows = [run(jsonl, files, folder / f"out{n}", n, args.workers) for n in (args.small, args.records)]
+        rows = [
+            run(jsonl, files, folder / f"out{n}", n, args.workers, args.batch_seconds)
+            for n in (args.small, args.records)
+        ]
     print(f"\nrecords of {args.minutes:g} min, one shard each run, {args.workers} loader processes")
     print(f"{'records':>8}{'wall s':>9}{'audio h':>9}{'encoder MB':>12}{'loader MB':>11}")
     for r in rows:

@@ -85,7 +85,14 @@ class MossDataModule(L.LightningDataModule):
             normalize=normalize,
         )
         limit = self.packing["budget"] if self.packing else max_rows
-        self.builder = ExampleBuilder(prompt, tokenizer.pad_token_id, max_rows=limit, truncate=overlong == "truncate")
+        self.builder = ExampleBuilder(
+            prompt,
+            tokenizer.pad_token_id,
+            max_rows=limit,
+            truncate=overlong == "truncate",
+            vocab_size=model_config.vocab_size,
+            speech_vocab_size=model_config.speech_vocab_size,
+        )
 
     def prepare_data(self) -> None:
         if not self.synthetic:

@@ -36,6 +36,7 @@ from moss.model.delay import apply_delay_pattern, apply_delay_pattern_labels
 from moss.text.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
+IDLE_PASSES = 3  # whole passes in a row without one usable example end a training stream with an error
 
 
 def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> list[str]:
@@ -92,19 +93,40 @@ def rank_and_world() -> tuple[int, int]:
 class ExampleBuilder:
     """Shard sample -> delayed example `{"key", "rows", "input_ids", "labels"}` (int32 `[T + C - 1, C]`)."""
 
-    def __init__(self, prompt: PromptBuilder, text_pad_id: int, max_rows: int | None = None, truncate=False):
+    def __init__(
+        self,
+        prompt: PromptBuilder,
+        text_pad_id: int,
+        max_rows: int | None = None,
+        truncate=False,
+        vocab_size: int | None = None,
+        speech_vocab_size: int | None = None,
+    ):
         self.prompt = prompt
         self.text_pad_id = text_pad_id
         self.max_rows = max_rows
         self.truncate = truncate
+        self.vocab_size, self.speech_vocab_size = vocab_size, speech_vocab_size
+
+    def _check_range(self, key: str, input_ids: np.ndarray, labels: np.ndarray) -> None:
+        """Every id inside its channel's embedding and head, so no bad grid reaches an index error on device."""
+        for limit, columns in ((self.vocab_size, slice(0, 1)), (self.speech_vocab_size, slice(1, None))):
+            if limit is None:
+                continue
+            ids, targets = input_ids[:, columns], labels[:, columns]
+            if ids.min(initial=0) < 0 or ids.max(initial=0) >= limit or targets.max(initial=0) >= limit:
+                raise SampleError(f"{key}: ids outside the model's vocabulary ({limit} for channels {columns})")
 
     def __call__(self, sample: ShardSample) -> dict:
         if sample.grid is not None:  # imported from the original preprocessing: the grid as stored
             grid, labels = sample.grid, sample.grid_labels
+            if grid.shape[1] != self.prompt.channels:
+                raise SampleError(f"{sample.key}: grid has {grid.shape[1]} channels, the model {self.prompt.channels}")
         else:
             grid, labels = self.prompt(sample.text, sample.codes, sample.ref_text, sample.ref_codes)
         input_ids = apply_delay_pattern(grid.astype(np.int32), self.text_pad_id, self.prompt.speech_pad)
         labels = apply_delay_pattern_labels(labels.astype(np.int32))
+        self._check_range(sample.key, input_ids, labels)
         rows = input_ids.shape[0]
         if self.max_rows is not None and rows > self.max_rows:
             if not self.truncate:
@@ -150,6 +172,8 @@ class ShardStream(IterableDataset):
         pad = builder.text_pad_id
         self.padder = PaddingCollator(pad, builder.prompt.speech_pad, max_length=builder.max_rows or 10**9)
         self.skipped: Counter = Counter()
+        self._built = self._attempted = 0  # examples built / tried (over-long ones fail), for the idle check
+        self._quiet = False  # a validation pass whose skips this run's report already holds
         self._restored: dict | None = None
         self._state: dict = {}
 
@@ -167,22 +191,33 @@ class ShardStream(IterableDataset):
         return order[slot::slots]
 
     # ------------------------------------------------------------------ skip accounting
-    def _skip(self, reason: str, detail: str) -> None:
+    def _skip(self, reason: str, detail: str, epoch: int = 0) -> None:
+        """Count, log and report a bad sample once per run: in the first pass, where every shard is read once.
+
+        Later passes meet the same samples again (possibly in another reader) and skip them silently.
+        """
+        if epoch > 0:
+            return
         self.skipped[reason] += 1
+        if self._quiet:
+            return
         if self.skipped[reason] <= 10 or self.skipped[reason] % 1000 == 0:
             log.warning("skipped (%s, %d so far): %s", reason, self.skipped[reason], detail)
         if self.report_dir:
-            slot, _ = self._slot()
             os.makedirs(self.report_dir, exist_ok=True)
-            with open(os.path.join(self.report_dir, f"skipped-reader{slot:04d}.jsonl"), "a") as f:
+            with open(self._report_path(), "a") as f:
                 f.write(json.dumps({"reason": reason, "detail": detail}) + "\n")
 
+    def _report_path(self) -> str:
+        kind = "train" if self.repeat else "val"
+        return os.path.join(self.report_dir, f"skipped-{kind}-reader{self._slot()[0]:04d}.jsonl")
+
     # ------------------------------------------------------------------ reading
-    def _read_shard(self, url: str, start: int = 0) -> Iterator[tuple[int, ShardSample | None]]:
+    def _read_shard(self, url: str, start: int = 0, epoch: int = 0) -> Iterator[tuple[int, ShardSample | None]]:
         """(index, sample or None if bad) for every sample of one shard from `start` on."""
 
         def handler(err: Exception) -> bool:
-            self._skip("unreadable shard", f"{url}: {err!r}")
+            self._skip("unreadable shard", f"{url}: {err!r}", epoch)
             return True
 
         pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler))
@@ -192,7 +227,10 @@ class ShardStream(IterableDataset):
             try:
                 yield index, ShardSample.from_wds(raw)
             except SampleError as err:
-                self._skip("bad sample", str(err))
+                self._skip("bad sample", str(err), epoch)
+                yield index, None
+            except Exception as err:  # noqa: BLE001 - a sample no check foresaw is skipped, not fatal
+                self._skip("bad sample", f"{url}:{raw.get('__key__')}: {type(err).__name__}: {err}", epoch)
                 yield index, None
 
     def _fetch(self, locations: list[list[int]], slot: int, slots: int) -> dict[tuple, ShardSample]:
@@ -220,6 +258,8 @@ class ShardStream(IterableDataset):
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._slot()
+        # Validation streams read the same samples at every validation: report them at the first one only.
+        self._quiet = bool(not self.repeat and self.report_dir and os.path.exists(self._report_path()))
         if self.repeat and slots > len(self.urls):  # a one-pass stream may leave readers idle, a training one not
             raise RuntimeError(
                 f"{len(self.urls)} shards cannot feed {slots} readers (ranks x dataloader workers); "
@@ -264,12 +304,15 @@ class ShardStream(IterableDataset):
                 "ready": [[list(ex["loc"]) for ex in pack] for pack in ready] if packer is not None else [],
             }
 
+        idle_passes = 0
         while True:
             shards = self._shards(epoch, slot, slots)
+            whole_pass, valid, built, attempted = shard == 0 and index == 0, 0, self._built, self._attempted
             for pos in range(shard, len(shards)):
-                for i, sample in self._read_shard(shards[pos], start=index if pos == shard else 0):
+                for i, sample in self._read_shard(shards[pos], start=index if pos == shard else 0, epoch=epoch):
                     if sample is None:
                         continue
+                    valid += 1
                     item = (epoch, pos, i), sample
                     if self.shuffle:
                         buffer.append(item)
@@ -280,6 +323,17 @@ class ShardStream(IterableDataset):
                 index = 0
                 snapshot(epoch, pos + 1, 0)
             shard = 0
+            # Idle: nothing valid, or samples reached the builder and none became an example (all over-long).
+            idle = valid == 0 or (self._attempted > attempted and self._built == built)
+            idle_passes = idle_passes + 1 if whole_pass and idle else 0
+            if (self.repeat and whole_pass and valid == 0) or idle_passes >= IDLE_PASSES:
+                raise RuntimeError(
+                    f"reader {slot} found no usable sample (each invalid, over-long or outside the model's "
+                    f"vocabulary) in {'a whole pass' if valid == 0 else f'{idle_passes} passes'} over its "
+                    f"{len(shards)} shards "
+                    f"({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}); "
+                    + (f"reasons in {self._report_path()}" if self.report_dir else "see the warnings above")
+                )
             if not self.repeat:
                 rng.shuffle(buffer)
                 rest, buffer[:] = list(buffer), []
@@ -290,15 +344,17 @@ class ShardStream(IterableDataset):
     def _example(self, sample: ShardSample, loc: tuple) -> dict:
         example = self.builder(sample)
         example["loc"] = loc
+        self._built += 1
         return example
 
     def _emit(self, items, packer, ready, snapshot, position, final=False) -> Iterator[dict]:
         """Turn samples into micro-batches; `ready` collects packs (or samples, padded mode) not yet batched."""
         for loc, sample in items:
+            self._attempted += 1
             try:
                 example = self._example(sample, loc)
             except SampleError as err:
-                self._skip("over-long sample" if "over-long" in str(err) else "bad sample", str(err))
+                self._skip("over-long sample" if "over-long" in str(err) else "bad sample", str(err), loc[0])
                 continue
             if packer is not None:
                 ready.extend(packer.add(example))

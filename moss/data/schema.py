@@ -32,6 +32,9 @@ MANIFEST = "manifest.json"
 FRAME_RATE = 12.5
 CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
+IGNORE = -100
+# 4 hours of codes (180,000 frames x 8): no sample is longer; a header claiming more is refused unread.
+MAX_ELEMENTS = 180_000 * CODEBOOKS
 
 
 class SampleError(ValueError):
@@ -62,24 +65,37 @@ class ShardSample:
         return int(self.codes.shape[0]) + (0 if self.ref_codes is None else int(self.ref_codes.shape[0]))
 
     def validate(self) -> ShardSample:
-        """Check shapes, dtypes and ranges; returns self.
+        """Check types, shapes, dtypes and ranges; returns self.
 
         Raises:
             SampleError: naming the key and what is wrong.
         """
         if self.grid is not None:
-            if self.grid_labels is None or self.grid.shape != self.grid_labels.shape or self.grid.ndim != 2:
-                raise SampleError(f"{self.key}: grid and labels must be two [T, C] arrays of one shape")
+            for name, array in ((GRID, self.grid), (GRID_LABELS, self.grid_labels)):
+                _check_integer(self.key, name, array)
+            if self.grid.ndim != 2 or self.grid.shape != self.grid_labels.shape or self.grid.shape[1] != CODEBOOKS:
+                raise SampleError(
+                    f"{self.key}: grid and labels must be two [T, {CODEBOOKS}] arrays of one shape, got "
+                    f"{self.grid.shape} and {self.grid_labels.shape}"
+                )
+            speech, labels = self.grid[:, 1:], self.grid_labels
+            if self.grid[:, 0].min(initial=0) < 0 or speech.min(initial=0) < 0 or speech.max(initial=0) > CODEBOOK_SIZE:
+                raise SampleError(f"{self.key}: grid ids out of range (speech channels lie in [0, {CODEBOOK_SIZE}])")
+            if ((labels < 0) & (labels != IGNORE)).any() or labels[:, 1:].max(initial=0) > CODEBOOK_SIZE:
+                raise SampleError(f"{self.key}: grid labels out of range (-100 or valid ids)")
             return self
         for name, codes in ((CODES, self.codes), (REF_CODES, self.ref_codes)):
             if codes is None:
                 continue
+            _check_integer(self.key, name, codes)
             if codes.ndim != 2 or codes.shape[1] != CODEBOOKS or codes.shape[0] == 0:
                 raise SampleError(f"{self.key}: {name} must be [frames>0, {CODEBOOKS}], got {codes.shape}")
             if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
                 raise SampleError(f"{self.key}: {name} has codes outside [0, {CODEBOOK_SIZE})")
         if not isinstance(self.text, str) or not self.text.strip():
-            raise SampleError(f"{self.key}: empty transcript")
+            raise SampleError(f"{self.key}: empty transcript or not a string")
+        if self.ref_text is not None and not isinstance(self.ref_text, str):
+            raise SampleError(f"{self.key}: ref_text must be a string")
         if (self.ref_codes is None) != (self.ref_text is None):
             raise SampleError(f"{self.key}: ref_codes and ref_text must be given together")
         return self
@@ -125,15 +141,15 @@ class ShardSample:
                 key=key,
                 codes=np.zeros((0, CODEBOOKS), np.int16),
                 text="",
-                source=meta.get("source", ""),
+                source=str(meta.get("source", "")),
                 grid=arrays[GRID],
                 grid_labels=arrays[GRID_LABELS],
-                audio_frames=meta.get("frames"),
+                audio_frames=meta.get("frames") if isinstance(meta.get("frames"), int) else None,
             )
         else:
             meta, arrays = _read_fields(raw, where, (CODES,), optional=(REF_CODES,))
-            if "text" not in meta:
-                raise SampleError(f"{where}: json has no 'text'")
+            if not isinstance(meta.get("text"), str):
+                raise SampleError(f"{where}: json 'text' is missing or not a string")
             sample = cls(
                 key=key,
                 codes=arrays[CODES],
@@ -151,14 +167,23 @@ class ShardSample:
 
 
 def _read_fields(raw: dict, where: str, required: tuple, optional: tuple = ()) -> tuple[dict, dict]:
-    """The json and the named arrays of a raw sample, or a SampleError naming what is missing or unreadable."""
+    """The json object and the named arrays of a raw sample, or a SampleError naming what is wrong."""
     missing = [k for k in (*required, META) if k not in raw]
     if missing:
         raise SampleError(f"{where}: missing fields {missing} (has {sorted(k for k in raw if not k.startswith('__'))})")
     try:
-        return json.loads(raw[META]), {k: _npy_load(raw[k]) for k in (*required, *optional) if k in raw}
-    except (ValueError, json.JSONDecodeError, OSError) as err:
-        raise SampleError(f"{where}: unreadable field ({err})") from err
+        meta = json.loads(raw[META])
+    except (ValueError, RecursionError) as err:
+        raise SampleError(f"{where}: unreadable json ({err})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(f"{where}: json must be an object, got {type(meta).__name__}")
+    return meta, {k: _npy_load(raw[k], f"{where}: {k}") for k in (*required, *optional) if k in raw}
+
+
+def _check_integer(key: str, name: str, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "iu":
+        kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise SampleError(f"{key}: {name} must hold integers, got {kind}")
 
 
 def _npy_bytes(array: np.ndarray, dtype=np.int16) -> bytes:
@@ -167,5 +192,23 @@ def _npy_bytes(array: np.ndarray, dtype=np.int16) -> bytes:
     return buf.getvalue()
 
 
-def _npy_load(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def _npy_load(data: bytes, where: str, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
+    """An integer array from `.npy` bytes; the header is checked against the payload before anything is allocated."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SampleError(f"{where}: not bytes")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+    except (ValueError, TypeError, SyntaxError, OverflowError) as err:
+        raise SampleError(f"{where}: unreadable npy header ({err})") from None
+    if dtype.hasobject or dtype.kind not in "iu":
+        raise SampleError(f"{where}: must hold integers, got dtype {dtype}")
+    count = int(np.prod(shape, dtype=object))
+    if count > max_elements:
+        raise SampleError(f"{where}: {shape} is too large ({count} elements > {max_elements})")
+    if count * dtype.itemsize != len(data) - stream.tell():
+        raise SampleError(f"{where}: header says {shape} {dtype}, payload has {len(data) - stream.tell()} bytes")
+    stream.seek(0)
+    return np.load(stream, allow_pickle=False)

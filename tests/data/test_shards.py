@@ -195,7 +195,7 @@ def test_skip_report_is_written(tmp_path, builder):
     )
     batches = list(stream)
     assert batches[-1]["skipped"] == {"over-long sample": 1}
-    (line,) = (report / "skipped-reader0000.jsonl").read_text().splitlines()
+    (line,) = (report / "skipped-val-reader0000.jsonl").read_text().splitlines()
     assert json.loads(line)["reason"] == "over-long sample" and "too-long" in json.loads(line)["detail"]
 
 

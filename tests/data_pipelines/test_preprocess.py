@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import soundfile as sf
 import webdataset as wds
 
@@ -167,7 +168,6 @@ def test_rerun_is_idempotent_and_a_different_plan_is_refused(tmp_path, codec_fil
     preprocess(cfg)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
     cfg.records_per_shard = 5
-    import pytest
 
     with pytest.raises(ValueError, match="other inputs or shard size"):
         preprocess(cfg)
@@ -224,3 +224,16 @@ def test_inspect_reports_the_pipeline_output(tmp_path, codec_files):
     preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "out"))
     stats = shard_set_stats(tmp_path / "out")
     assert stats["samples"] == 5 and stats["skipped"] == {"missing file": 1} and stats["shards"] == 2
+
+
+@pytest.mark.slow  # two pipeline runs over 48 min of audio (about 20 s)
+def test_peak_memory_does_not_grow_with_the_shard_size():
+    from tests.training.test_throughput import run_benchmark
+
+    result = run_benchmark(
+        "preprocess_memory.py", "--records", "24", "--small", "3", "--minutes", "2", "--batch-seconds", "120"
+    )
+    small, large = result["runs"]
+    # Holding every decoded record of the shard would add 24 x 2 min x 16 kHz x 4 B = 184 MB here.
+    assert large["main_mb"] - small["main_mb"] < 40, result
+    assert max(large["main_mb"], large["loader_mb"]) < 1500, result
