@@ -11,6 +11,7 @@ waiting to be collected, which bounds the memory of loaded audio.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -29,10 +30,13 @@ class WorkerFailure:
     reason: str
 
 
-def _serve(conn, fn: Callable, initializer: Callable | None) -> None:
+def _serve(conn, fn: Callable, initializer: Callable | None, parent: int) -> None:
     if initializer is not None:
         initializer()
     while True:
+        while not conn.poll(1.0):
+            if os.getppid() != parent:  # the pipeline was killed: do not linger as an orphan
+                return
         task = conn.recv()
         if task is None:
             return
@@ -42,7 +46,7 @@ def _serve(conn, fn: Callable, initializer: Callable | None) -> None:
 class _Worker:
     def __init__(self, ctx, fn, initializer):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, fn, initializer), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, fn, initializer, os.getpid()), daemon=True)
         self.process.start()
         child.close()
         self.task: tuple[int, object] | None = None

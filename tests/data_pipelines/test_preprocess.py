@@ -124,6 +124,13 @@ def run_cli(args, cwd):
     )
 
 
+def stat_of(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_set(tmp_path, codec_files):
     jsonl = write_good_corpus(tmp_path / "raw", n=24)
     common = [
@@ -141,17 +148,23 @@ def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_set(tmp_path, 
     assert len(reference) == 24
     out = tmp_path / "killed"
     rng = random.Random(0)
-    kills = 0
+    kills, orphans = 0, []
     for _ in range(4):
         target = rng.randint(1, 11)
         proc = run_cli([*common, f"output_dir={out}"], REPO)
         while proc.poll() is None and len(list(out.glob("*.tar.json"))) < target:
             time.sleep(0.005)
         if proc.poll() is None:
+            path = f"/proc/{proc.pid}/task/{proc.pid}/children"
+            orphans += [int(c) for c in open(path).read().split()] if os.path.exists(path) else []
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 2
+    deadline = time.monotonic() + 10  # loader processes notice that the pipeline is gone and exit
+    while any(os.path.exists(f"/proc/{pid}") and "Z" not in stat_of(pid) for pid in orphans):
+        assert time.monotonic() < deadline, "loader processes outlived the killed pipeline"
+        time.sleep(0.1)
     assert run_cli([*common, f"output_dir={out}"], REPO).wait() == 0
     resumed = read_set(out)
     assert sorted(resumed) == sorted(reference)
