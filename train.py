@@ -44,7 +44,8 @@ def train(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
+    # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
 
     exported = {}
     if cfg.export.enabled:

@@ -227,7 +227,8 @@ def load_model(
 
     `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`), a peft adapter folder (its base from
     `base_model` or the adapter's `base_model_name_or_path`), or a Lightning `.ckpt` of a run (rebuilt from the
-    run's `.hydra/config.yaml`). `tokenizer` overrides where the tokenizer is read from.
+    base model and LoRA settings the checkpoint records; no file's `_target_` is ever instantiated).
+    `tokenizer` overrides where the tokenizer is read from.
 
     Raises:
         FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
@@ -259,23 +260,65 @@ def load_model(
     return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))
 
 
+def lora_settings(peft, where) -> dict:
+    """The `apply_lora` keywords of a checkpoint's hyperparameters, type-checked (plain values only)."""
+    import inspect
+
+    from moss.model.lora import apply_lora
+
+    allowed = set(inspect.signature(apply_lora).parameters) - {"model"}
+    if not isinstance(peft, dict) or not set(peft) <= allowed:
+        raise ValueError(f"{where}: LoRA settings {peft!r} are not apply_lora's keywords {sorted(allowed)}")
+    for key, value in peft.items():
+        plain = isinstance(value, bool | int | float | str) or (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        )
+        if not plain:
+            raise ValueError(f"{where}: LoRA setting {key}={value!r} is not a plain value")
+    return dict(peft)
+
+
 def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_implementation: str):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    """Rebuild a run's model from its checkpoint alone: the base it records, its LoRA settings, its weights.
+
+    Nothing is instantiated from the run folder: a `.hydra/config.yaml` can name any callable, so it is not read.
+    """
     from transformers import AutoTokenizer
 
-    from moss.model.lora import unwrap
+    from moss.model import MossTTSD, MossTTSDConfig
+    from moss.model.lora import apply_lora, unwrap
     from moss.training.export import merged_model
+    from moss.training.lit_module import BASE_KEY
 
-    run_config = path.parent.parent / ".hydra" / "config.yaml"
-    if not run_config.is_file():
-        raise FileNotFoundError(f"{run_config} not found: a Lightning checkpoint is read with its run's config")
-    cfg = OmegaConf.load(run_config)
-    cfg.model.net.attn_implementation = attn_implementation
-    module = instantiate(cfg.model)
-    module.configure_model()
     state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"], strict=not state.get("adapter_only", False))
-    model = unwrap(merged_model(module.model)).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else instantiate(cfg.tokenizer)
-    return model, tok
+    base = state.get(BASE_KEY) if isinstance(state, dict) else None
+    hparams = state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
+    if not isinstance(base, dict) or base.get("kind") not in ("pretrained", "random"):
+        raise ValueError(
+            f"{path} does not record a base model this loader can rebuild ({BASE_KEY}={base!r}); "
+            f"export the run's model folder and pass checkpoint=<that folder>"
+        )
+    if base["kind"] == "pretrained":
+        model = MossTTSD.from_pretrained(str(base["path"]), attn_implementation=attn_implementation)
+        tok_path = tokenizer or str(base["path"])
+    else:
+        config = MossTTSDConfig.from_dict(dict(base["config"]), source=f"{path} ({BASE_KEY})")
+        model = MossTTSD.from_config(config, seed=base.get("seed"), attn_implementation=attn_implementation)
+        tok_path = tokenizer
+    peft = hparams.get("peft")
+    if peft:
+        model = apply_lora(model, **lora_settings(peft, path))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or (missing and not state.get("adapter_only")):
+        raise ValueError(
+            f"{path}: weights do not fit the recorded model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model = unwrap(merged_model(model)).to(device).eval()
+    if tok_path is None:
+        from moss.text.tiny_tokenizer import build_tiny_tokenizer
+
+        if config != MossTTSDConfig.tiny():
+            raise ValueError(f"{path} is a randomly initialised non-tiny model; set tokenizer=/path/to/tokenizer")
+        return model, build_tiny_tokenizer()
+    return model, AutoTokenizer.from_pretrained(tok_path)

@@ -7,6 +7,7 @@ the right device; the loss lives in `moss.model.loss`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,6 +20,22 @@ from moss.model.loss import weighted_loss
 from moss.training.sharding import is_sharded, shard_model
 
 FINETUNE_CHANNEL_WEIGHTS = (8, 2, 1, 1, 1, 1, 1, 1)
+BASE_KEY = "moss_base"
+
+
+def describe_base(net: Callable, config: MossTTSDConfig) -> dict:
+    """What the frozen base of a run is, as plain data: a checkpoint folder, or a seeded random init.
+
+    Saved in every Lightning checkpoint, so inference and export rebuild the model from this description
+    instead of instantiating anything named in a run folder's YAML (which could name any callable).
+    """
+    func, keywords = getattr(net, "func", None), dict(getattr(net, "keywords", {}) or {})
+    if func == MossTTSD.from_pretrained and keywords.get("path") is not None:
+        return {"kind": "pretrained", "path": str(Path(keywords["path"]).resolve())}
+    if func == MossTTSD.from_config:
+        seed = keywords.get("seed")
+        return {"kind": "random", "seed": None if seed is None else int(seed), "config": config.to_dict("moss_ttsd")}
+    return {"kind": "custom"}
 
 
 class MossTTSDLitModule(L.LightningModule):
@@ -57,6 +74,7 @@ class MossTTSDLitModule(L.LightningModule):
         channel_weights = [float(w) for w in channel_weights]
         self.save_hyperparameters(ignore=["config", "net", "optimizer", "scheduler"], logger=False)
         self.config = config
+        self.base = describe_base(net, config)
         self.net_factory, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
         self.model: torch.nn.Module | None = None
         self._step_counts: torch.Tensor | None = None
@@ -158,6 +176,7 @@ class MossTTSDLitModule(L.LightningModule):
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[BASE_KEY] = self.base
         if self.hparams.peft and self.hparams.adapter_only_checkpoints and not is_sharded(self.model):
             keep = self._trainable_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
