@@ -53,14 +53,18 @@ def infer(cfg: DictConfig) -> list[Result]:
             if isinstance(data, Exception):
                 raise data
             items.append(parse_item(data, index, base, cfg.silence_seconds))
-        except ItemError as err:
-            results[index] = Result(index, str(data.get("text")) if isinstance(data, dict) else "", error=str(err))
-            log.warning("item %d skipped: %s", index, err)
+        except Exception as err:  # noqa: BLE001 - one bad item is reported; the others are still produced
+            reason = str(err) if isinstance(err, ItemError) else f"{type(err).__name__}: {err}"
+            results[index] = Result(index, _text_of(data), error=reason)
+            log.warning("item %d skipped: %s", index, reason)
 
     def path_of(item: Item) -> Path:
         return out_dir / f"output_{item.index:04d}.{cfg.format}"
 
     def result(item: Item, samples: int, first: float | None = None) -> Result:
+        if samples == 0:
+            path_of(item).unlink(missing_ok=True)
+            return Result(item.index, item.text, error="generated no audio (the model ended at once)")
         text = normalize_text(item.text, cfg.normalize) if cfg.normalize else item.text
         return Result(
             item.index, item.text, text, str(path_of(item)), samples / codec.output_sample_rate, first_audio_s=first
@@ -70,36 +74,59 @@ def infer(cfg: DictConfig) -> list[Result]:
         sf.write(path_of(item), wave.float().cpu().numpy(), codec.output_sample_rate, subtype=cfg.subtype)
         return result(item, wave.numel())
 
+    def stream(item: Item) -> Result:
+        with sf.SoundFile(path_of(item), "w", codec.output_sample_rate, 1, subtype=cfg.subtype) as f:
+            count = [0]
+
+            def on_chunk(wave):
+                f.write(wave.float().cpu().numpy())
+                count[0] += wave.numel()
+
+            first = synth.stream(item, on_chunk)
+        return result(item, count[0], first)
+
+    def batch(group: list[Item]) -> list[Result]:
+        """A batch, or, when it fails, each of its items alone: one failing item costs only itself."""
+        try:
+            return [stream(group[0])] if cfg.streaming else synth.synthesize(group, write)
+        except Exception as err:  # noqa: BLE001 - reported per item below
+            if len(group) > 1:
+                log.warning("a batch of %d items failed (%s); synthesising them one by one", len(group), err)
+                return [res for item in group for res in batch([item])]
+            log.warning("item %d failed: %s", group[0].index, err)
+            return [Result(group[0].index, group[0].text, error=f"synthesis failed ({type(err).__name__}: {err})")]
+
     bar = tqdm(total=len(items), unit="item", disable=not cfg.progress)
-    if cfg.streaming:
-        for item in items:
-            with sf.SoundFile(path_of(item), "w", codec.output_sample_rate, 1, subtype=cfg.subtype) as f:
-                count = [0]
-
-                def on_chunk(wave, f=f, count=count):
-                    f.write(wave.float().cpu().numpy())
-                    count[0] += wave.numel()
-
-                first = synth.stream(item, on_chunk)
-            results[item.index] = result(item, count[0], first)
-            bar.update(1)
-    else:
-        for start in range(0, len(items), cfg.batch_size):
-            group = items[start : start + cfg.batch_size]
-            for res in synth.synthesize(group, write):
+    size = 1 if cfg.streaming else cfg.batch_size
+    try:
+        for start in range(0, len(items), size):
+            group = items[start : start + size]
+            for res in batch(group):
                 results[res.index] = res
             bar.update(len(group))
-    bar.close()
-    ordered = [results[i] for i in sorted(results)]
-    with open(out_dir / "results.jsonl", "w") as f:
-        for res in ordered:
-            f.write(json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False) + "\n")
+    finally:  # results.jsonl is written whatever happens, with the items not reached marked as such
+        bar.close()
+        for item in items:
+            results.setdefault(item.index, Result(item.index, item.text, error="not synthesised: the run stopped"))
+        ordered = [results[i] for i in sorted(results)]
+        with open(out_dir / "results.jsonl", "wb") as f:
+            for res in ordered:
+                line = json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False)
+                line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")  # line breaks to splitlines()
+                f.write(line.encode("utf-8", "backslashreplace") + b"\n")
     done = [r for r in ordered if r.error is None]
-    print(
+    summary = (
         f"wrote {len(done)} of {len(ordered)} items to {out_dir} ({sum(r.duration_s for r in done):.1f} s of audio)"
-        + "".join(f"\n  item {r.index}: {r.error}" for r in ordered if r.error)
     )
+    summary += "".join(f"\n  item {r.index}: {r.error}" for r in ordered if r.error)
+    print(summary.encode("utf-8", "backslashreplace").decode("utf-8"))
     return ordered
+
+
+def _text_of(data) -> str:
+    """The text of a rejected item, for its report line (whatever type it had)."""
+    text = data.get("text") if isinstance(data, dict) else None
+    return text if isinstance(text, str) else ""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")

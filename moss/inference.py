@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from moss.audio import SAMPLE_RATE, read_audio
@@ -32,6 +31,7 @@ from moss.model.delay import apply_delay_pattern
 from moss.text.prompt import PromptBuilder
 
 KNOWN_TAGS = re.compile(r"\[S(\d+)\]")
+MIN_PROMPT_SAMPLES = 1280  # one codec frame at 16 kHz: a shorter prompt encodes to nothing
 
 
 class ItemError(ValueError):
@@ -48,23 +48,64 @@ class Item:
     source: dict = field(default_factory=dict)
 
 
+def _string(data: dict, key: str, required: bool = False) -> str | None:
+    """`data[key]` as a string that UTF-8 can hold, or None when absent/empty and not required."""
+    value = data.get(key)
+    if value is None or (value == "" and not required):
+        if required:
+            raise ItemError(f"missing {key}")
+        return None
+    if not isinstance(value, str):
+        raise ItemError(f"{key} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ItemError(f"{key} has a lone surrogate at character {err.start + 1}") from None
+    return value
+
+
+def _prompt_wave(clip: str, base: str | None) -> np.ndarray:
+    path = Path(clip) if base is None or Path(clip).is_absolute() else Path(base) / clip
+    try:
+        if not path.is_file():
+            raise ItemError(f"prompt audio {path} not found (or not a regular file)")
+        wave = read_audio(path)
+    except ItemError:
+        raise
+    except (ValueError, RuntimeError, OSError) as err:  # AudioError, soundfile's errors, odd paths
+        raise ItemError(f"prompt audio {path} unreadable ({type(err).__name__}: {err})") from None
+    if not np.isfinite(wave).all():
+        raise ItemError(f"prompt audio {path} contains NaN or infinite samples")
+    if len(wave) < MIN_PROMPT_SAMPLES:
+        raise ItemError(
+            f"prompt audio {path} too short ({len(wave) / SAMPLE_RATE:.3f} s; at least one codec frame, "
+            f"{MIN_PROMPT_SAMPLES / SAMPLE_RATE:.2f} s)"
+        )
+    return wave
+
+
 def parse_item(data: dict, index: int, base_path: str | None = None, silence_seconds: float = 0.0) -> Item:
     """Resolve one input dict of any of the three formats.
 
     Raises:
-        ItemError: empty text, unknown speaker tags, missing or unreadable prompt audio, half a speaker pair.
+        ItemError: empty text, wrong field types, unknown speaker tags, missing/unreadable/unusable prompt
+            audio, half a speaker pair.
     """
-    text = data.get("text")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(data, dict):
+        raise ItemError(f"an item must be a JSON object, got {type(data).__name__}")
+    text = _string(data, "text", required=True)
+    if not text.strip():
         raise ItemError("empty text")
-    base = data.get("base_path") or base_path
-    if data.get("prompt_audio") and "prompt_text" in data:
-        prompt_text, clips = data.get("prompt_text") or "", [data["prompt_audio"]]
-    elif data.get("prompt_audio_speaker1") or data.get("prompt_audio_speaker2"):
-        clips = [data.get("prompt_audio_speaker1"), data.get("prompt_audio_speaker2")]
-        if not all(clips):
+    base = _string(data, "base_path") or base_path
+    shared, shared_text = _string(data, "prompt_audio"), _string(data, "prompt_text")
+    speakers = [_string(data, f"prompt_audio_speaker{n}") for n in (1, 2)]
+    if shared and "prompt_text" in data:
+        prompt_text, clips = shared_text or "", [shared]
+    elif any(speakers):
+        if not all(speakers):
             raise ItemError("per-speaker prompts need both prompt_audio_speaker1 and prompt_audio_speaker2")
-        t1, t2 = data.get("prompt_text_speaker1") or "", data.get("prompt_text_speaker2") or ""
+        clips = speakers
+        t1, t2 = (_string(data, f"prompt_text_speaker{n}") or "" for n in (1, 2))
         prompt_text = ((f"[S1]{t1}" if t1 else "") + (f"[S2]{t2}" if t2 else "")).strip()
     else:
         prompt_text, clips = "", []
@@ -74,16 +115,7 @@ def parse_item(data: dict, index: int, base_path: str | None = None, silence_sec
         raise ItemError(f"unknown speaker tags {unknown}: MOSS-TTSD speaks [S1] and [S2]")
     audio = None
     if clips:
-        waves = []
-        for clip in clips:
-            path = Path(clip) if base is None or Path(clip).is_absolute() else Path(base) / clip
-            if not path.is_file():
-                raise ItemError(f"prompt audio {path} not found")
-            try:
-                waves.append(read_audio(path))
-            except (sf.LibsndfileError, RuntimeError, OSError) as err:
-                raise ItemError(f"prompt audio {path} unreadable ({err})") from None
-        audio = np.concatenate(waves)
+        audio = np.concatenate([_prompt_wave(clip, base) for clip in clips])
         if silence_seconds > 0:
             audio = np.concatenate([audio, np.zeros(int(silence_seconds * SAMPLE_RATE), np.float32)])
     return Item(index, full, audio, data)
@@ -200,17 +232,27 @@ class Synthesizer:
         return first[0] if first else None
 
 
-def read_items(path: str | Path) -> list[dict | Exception]:
-    """The JSON objects of an input JSONL; a line that is not JSON becomes its error (reported, not raised)."""
+def read_items(path: str | Path, max_line_bytes: int = 1 << 20) -> list[dict | Exception]:
+    """The JSON objects of an input JSONL, one per line feed (a U+2028 inside a string is not a line break).
+
+    A line that is not valid UTF-8, not JSON, not an object or too long becomes its error (reported, not raised).
+    """
     out: list[dict | Exception] = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            if len(line) > max_line_bytes:
+                raise ItemError(f"line {number}: longer than {max_line_bytes} bytes")
+            try:
+                data = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ItemError(f"line {number}: invalid UTF-8 at byte {err.start + 1}") from None
+            except (ValueError, RecursionError) as err:
+                raise ItemError(f"line {number}: invalid JSON ({str(err)[:200]})") from None
             out.append(data if isinstance(data, dict) else ItemError(f"line {number}: not a JSON object"))
-        except json.JSONDecodeError as err:
-            out.append(ItemError(f"line {number}: invalid JSON ({err.msg})"))
+        except ItemError as err:
+            out.append(err)
     return out
 
 

@@ -216,3 +216,106 @@ def test_audio_samples_during_training(tmp_path):
     assert samples == ["step_0000002_0.wav", "step_0000004_0.wav"]
     assert any(sf.info(result["output_dir"] / "samples" / s).frames > 0 for s in samples)  # audio reached the logger
     assert list((result["output_dir"] / "tensorboard").rglob("events.out.tfevents*"))
+
+
+@pytest.fixture
+def tiny_inference(tmp_path, tiny_tokenizer):
+    """A tiny model folder and codec on disk, and an infer config over them (no golden files needed)."""
+    import yaml
+
+    from moss.codec import XYTokenizer, XYTokenizerConfig
+    from moss.model import MossTTSD, MossTTSDConfig
+
+    MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    config = XYTokenizerConfig.tiny()
+    (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
+    torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
+    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
+    cfg.pop("hydra")
+    cfg.checkpoint, cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "model"), "", ""
+    cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "codec.yaml"), str(tmp_path / "codec.ckpt")
+    cfg.output_dir, cfg.progress, cfg.max_seconds, cfg.batch_size = str(tmp_path / "out"), False, 0.8, 8
+    cfg.sampling = {"do_sample": False}
+    return cfg
+
+
+def fuzz_items(folder, bad: int = 1000, seed: int = 0) -> tuple[bytes, set[int]]:
+    """Inference JSONL bytes: `bad` malformed items among valid ones; returns (content, valid item indices)."""
+    import os
+    import random
+
+    rng = random.Random(seed)
+    sf.write(folder / "ok.wav", (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    nan = np.full(16000, np.nan, np.float32)
+    sf.write(folder / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(folder / "one.wav", np.ones(1, np.float32) * 0.1, 16000)
+    (folder / "zero.wav").write_bytes(b"")
+    (folder / "dir.wav").mkdir()
+    if not (folder / "loop.wav").is_symlink():
+        os.symlink("loop.wav", folder / "loop.wav")
+    bad_audio = ["nan.wav", "one.wav", "zero.wav", "dir.wav", "loop.wav", "/dev/zero", "missing.wav", "x" * 5000]
+    wrong = [None, 1, 2.5, True, [], ["a"], {}, {"a": 1}]
+    good = [
+        {"text": "[S1]hello[S2]hi"},
+        {"text": "[S1]line\u2028separator inside[S2]ok"},
+        {"text": "[S2]go on", "prompt_audio": "ok.wav", "prompt_text": "[S1]a prompt"},
+    ]
+    lines, valid = [], set()
+    while len(lines) - len(valid) < bad:
+        if rng.random() < 0.01 and len(valid) < 6:
+            valid.add(len(lines))
+            lines.append(json.dumps(rng.choice(good), ensure_ascii=False).encode())
+            continue
+        kind = rng.randrange(8)
+        shared = {"text": "[S1]x", "prompt_audio": "ok.wav", "prompt_text": "[S1]p"}
+        if kind == 0:
+            item = dict(rng.choice(good + [shared]))  # one field of a wrong type (null would be valid)
+            item[rng.choice(sorted(item) + ["base_path"])] = rng.choice(wrong[1:])
+        elif kind == 1:
+            item = shared | {"prompt_audio": rng.choice(bad_audio)}
+        elif kind == 2:
+            item = {"text": "[S1]a", "prompt_audio_speaker1": rng.choice(bad_audio + ["ok.wav"])}
+        elif kind == 3:
+            item = {"text": rng.choice(["", "  ", "[S3]who", "[S1]ok\ud800"])}
+        elif kind == 4:
+            lines.append(rng.choice([b"{", b"[1]", b"42", b'"s"', b"\xff\xfe{}", b"[" * 50000, b'{"text": 1e999999}']))
+            continue
+        elif kind == 5:
+            item = shared | {"prompt_text": rng.choice(wrong[1:])}
+        elif kind == 6:
+            item = {"text": "[S1]x", "prompt_audio_speaker1": "ok.wav", "prompt_audio_speaker2": rng.choice(bad_audio)}
+        else:
+            item = {"text": "[S1]x", "base_path": rng.choice(wrong[1:]), "prompt_audio": "ok.wav", "prompt_text": ""}
+        lines.append(json.dumps(item).encode())
+    return b"\n".join(lines) + b"\n", valid
+
+
+def test_a_thousand_malformed_items_never_cost_the_good_ones(tmp_path, tiny_inference):
+    content, valid = fuzz_items(tmp_path)
+    (tmp_path / "in.jsonl").write_bytes(content)
+    results = infer(OmegaConf.merge(tiny_inference, {"input": str(tmp_path / "in.jsonl")}))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == len(results) == content.count(b"\n") and [r.index for r in results] == list(range(len(lines)))
+    # Every valid item reaches the model (a random tiny model may end some scripts at once: reported, not a pass).
+    reached = {r.index for r in results if r.error is None or r.error.startswith("generated no audio")}
+    assert reached == valid, [(r.index, r.error) for r in results if r.index in valid ^ reached]
+    produced = [r for r in results if r.error is None]
+    assert produced and all(r.duration_s > 0 and sf.info(r.path).frames > 0 for r in produced)
+
+
+def test_results_are_written_when_the_run_stops(tmp_path, tiny_inference, monkeypatch):
+    from moss.inference import Synthesizer
+
+    (tmp_path / "in.jsonl").write_text('{"text": "[S1]a"}\n{"text": 5}\n{"text": "[S1]b"}\n')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Synthesizer, "synthesize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        infer(OmegaConf.merge(tiny_inference, {"input": str(tmp_path / "in.jsonl")}))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [x["error"] for x in lines] == ["not synthesised: the run stopped", "text must be a string, got int"] * 1 + [
+        "not synthesised: the run stopped"
+    ]
