@@ -71,7 +71,7 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, limits: AudioLi
         # Decoders may deliver fewer frames than the header claims (truncated files), never more than `cap`.
         mono = np.empty(max(frames, 0), np.float32)
         filled = 0
-        block = BLOCK_SECONDS * rate
+        block = max(1, int(BLOCK_SECONDS * rate))
         while filled < len(mono):
             data = f.read(min(block, len(mono) - filled), dtype="float32", always_2d=True)
             if len(data) == 0:
