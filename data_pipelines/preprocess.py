@@ -108,6 +108,49 @@ def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
     return load(*args)
 
 
+class EncodeJournal:
+    """`<shard>.encoding`: the records being encoded, so an encoder crash is not repeated by every rerun.
+
+    Such a crash is one of the encoder process itself (killed for memory, a fault in the codec), which no
+    exception handler sees. After it, the rerun encodes the records of the interrupted batch one at a time;
+    a record that kills the encoder twice on its own is reported instead of tried again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.suspects: set[tuple[str, int]] = set()
+        self.solo_crashes: dict[tuple[str, int], int] = {}
+        try:
+            saved = json.loads(path.read_text()) if path.is_file() else None
+            records = [(str(s), int(n)) for s, n in saved["records"]] if saved else []
+        except (ValueError, KeyError, TypeError):
+            records = []  # a journal cut short by the crash: nothing to learn from it
+        self.suspects = set(records)
+        if len(records) == 1:
+            self.solo_crashes[records[0]] = int(saved.get("solo", 0))
+        if records:
+            log.warning(
+                "%s: the encoder stopped while encoding %d records; encoding them one by one", path, len(records)
+            )
+
+    @staticmethod
+    def key(record: Record) -> tuple[str, int]:
+        return record.source, record.line
+
+    def fatal(self, record: Record) -> bool:
+        """True for a record that killed the encoder twice when encoded alone."""
+        return self.solo_crashes.get(self.key(record), 0) >= 2
+
+    def begin(self, records: list[Record]) -> None:
+        solo = self.solo_crashes.get(self.key(records[0]), 0) + 1 if len(records) == 1 else 0
+        tmp = self.path.with_name(self.path.name + ".tmp")  # not `<shard>.tmp`: the shard writer's file
+        tmp.write_text(json.dumps({"records": [self.key(r) for r in records], "solo": solo}))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class ShardEncoder:
     """Encodes the records of shards: a crash-proof CPU pool loads audio, the codec encodes length-sorted batches.
 
@@ -161,16 +204,17 @@ class ShardEncoder:
             return Skip(item.record, f"not storable ({err})", item.paths[-1], stage="write")
         return sample
 
-    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: dict) -> None:
+    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: dict, journal: EncodeJournal) -> None:
         """Encode a batch (each record alone if the batch fails, so one bad clip costs only itself)."""
         clips = [x.audio for _, x in batch] + [x.ref_audio for _, x in batch if x.ref_audio is not None]
+        journal.begin([x.record for _, x in batch])
         try:
             encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch)
         except Exception as err:  # noqa: BLE001 - retried record by record below
             if len(batch) > 1:
                 log.warning("a batch of %d records failed to encode (%s); encoding them one by one", len(batch), err)
                 for entry in batch:
-                    self._encode([entry], outcomes)
+                    self._encode([entry], outcomes, journal)
                 return
             position, item = batch[0]
             outcomes[position] = Skip(item.record, f"encoding failed ({type(err).__name__}: {err})", stage="encode")
@@ -181,7 +225,9 @@ class ShardEncoder:
             outcomes[position] = self._sample(item, main, ref)
         self.audio_seconds += sum(len(c) for c in clips) / 16000
 
-    def shard(self, records: list[Record], progress, skips: list[Skip]) -> Iterator[ShardSample]:
+    def shard(
+        self, records: list[Record], progress, skips: list[Skip], journal: EncodeJournal
+    ) -> Iterator[ShardSample]:
         """The samples of one shard in record order, yielded as soon as they are encoded; skips go to `skips`.
 
         A record waits only for the records before it (at most one batch and the loaders' results in flight),
@@ -205,15 +251,20 @@ class ShardEncoder:
         for position, result in self._loaded(records):
             if isinstance(result, Skip):
                 outcomes[position] = result
+            elif journal.fatal(result.record):
+                reason = "the encoder process died twice while encoding this record alone"
+                outcomes[position] = Skip(result.record, reason, result.paths[-1], stage="encode")
+            elif journal.key(result.record) in journal.suspects:
+                self._encode([(position, result)], outcomes, journal)
             else:
                 batch.append((position, result))
                 if sum(x.samples for _, x in batch) >= budget:
-                    self._encode(batch, outcomes)
+                    self._encode(batch, outcomes, journal)
                     batch = []
             progress.update(1)
             yield from in_order()
         if batch:
-            self._encode(batch, outcomes)
+            self._encode(batch, outcomes, journal)
         yield from in_order()
         assert done == len(records) and not outcomes, "every record is encoded or skipped, once"
 
@@ -243,12 +294,14 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
         try:
             for slot, index, chunk in todo:
                 name, skips = shard_name(slot, index), []
-                entry = write_shard(output_dir / name, encoder.shard(records.take(chunk), bar, skips))
+                journal = EncodeJournal(output_dir / f"{name}.encoding")
+                entry = write_shard(output_dir / name, encoder.shard(records.take(chunk), bar, skips, journal))
                 entry["skipped"] = [s.to_json() for s in skips]
                 meta = output_dir / f"{name}.json"
-                tmp = meta.with_suffix(".tmp")
+                tmp = meta.with_name(meta.name + ".tmp")
                 tmp.write_text(json.dumps(entry) + "\n")
                 os.replace(tmp, meta)  # the shard is done only from here on
+                journal.close()
                 hours = encoder.audio_seconds / 3600
                 bar.set_postfix(audio_h=f"{hours:.2f}", h_per_h=f"{hours / ((time.perf_counter() - start) / 3600):.0f}")
         finally:

@@ -250,3 +250,42 @@ def test_peak_memory_does_not_grow_with_the_shard_size():
     # Holding every decoded record of the shard would add 24 x 2 min x 16 kHz x 4 B = 184 MB here.
     assert large["main_mb"] - small["main_mb"] < 40, result
     assert max(large["main_mb"], large["loader_mb"]) < 1500, result
+
+
+CRASHING_ENCODER = """
+import os, sys
+from omegaconf import OmegaConf
+from moss.codec import XYTokenizer
+real = XYTokenizer.encode
+def encode(self, clips, *args, **kwargs):
+    if any(len(c) == {poison} for c in clips):
+        os._exit(9)  # the way an out-of-memory kill or a fault in native code ends the encoder
+    return real(self, clips, *args, **kwargs)
+XYTokenizer.encode = encode
+from data_pipelines.preprocess import preprocess
+preprocess(OmegaConf.load(sys.argv[1]))
+"""
+
+
+def test_a_record_that_kills_the_encoder_is_isolated_then_reported(tmp_path, codec_files):
+    from omegaconf import OmegaConf
+
+    jsonl = write_good_corpus(tmp_path / "raw", n=6)
+    sf.write(tmp_path / "raw" / "audio" / "poison.wav", tone(1.37), 16000)
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"file_path": "audio/poison.wav", "full_transcript": "[S1]deadly words"}) + "\n")
+    cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out", records_per_shard=7, batch_seconds=100)
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
+    (tmp_path / "run.py").write_text(CRASHING_ENCODER.replace("{poison}", str(int(1.37 * 16000))))
+    codes = []
+    for _ in range(4):
+        run = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cfg.yaml")], cwd=REPO)
+        codes.append(run.returncode)
+        if run.returncode == 0:
+            break
+    # the batch, then the poison alone twice; the fourth run reports it and finishes the shard
+    assert codes == [9, 9, 9, 0]
+    assert sorted(int(k.rsplit("L", 1)[1]) for k in read_set(tmp_path / "out")) == [1, 2, 3, 4, 5, 6]
+    (skip,) = [json.loads(x) for x in (tmp_path / "out" / "skipped-00000.jsonl").read_text().splitlines()]
+    assert skip["line"] == 7 and skip["stage"] == "encode" and "died twice" in skip["reason"]
+    assert not list((tmp_path / "out").glob("*.encoding"))
