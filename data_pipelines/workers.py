@@ -30,13 +30,20 @@ class WorkerFailure:
     reason: str
 
 
+def _exit_with(parent: int) -> None:
+    """Watchdog thread of a worker: exit once the pipeline process is gone (even mid-task or mid-send)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _serve(conn, fn: Callable, initializer: Callable | None, parent: int) -> None:
+    # A forked worker holds inherited copies of the pipes' other ends, so a dead parent shows as no EOF
+    # and a send can block forever: only the parent's pid tells.
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     if initializer is not None:
         initializer()
     while True:
-        while not conn.poll(1.0):
-            if os.getppid() != parent:  # the pipeline was killed: do not linger as an orphan
-                return
         task = conn.recv()
         if task is None:
             return
