@@ -267,6 +267,7 @@ preprocess(OmegaConf.load(sys.argv[1]))
 """
 
 
+@pytest.mark.slow  # four pipeline processes (15 s)
 def test_a_record_that_kills_the_encoder_is_isolated_then_reported(tmp_path, codec_files):
     from omegaconf import OmegaConf
 
