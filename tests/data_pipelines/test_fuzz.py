@@ -74,10 +74,9 @@ def test_fuzzed_input_is_encoded_or_reported_exactly_once(tmp_path, codec_files,
         assert expected in reasons, expected
 
 
-@pytest.mark.slow
-def test_fuzzed_input_under_kill_minus_9_then_rerun(tmp_path, codec_files, fuzz):
-    jsonl, encoded = fuzz
-    common = [
+def cli_args(jsonl, codec_files) -> list[str]:
+    """The command-line overrides of a fuzz run (2 loader processes), without output_dir."""
+    return [
         f"inputs=[{jsonl}]",
         f"codec.config={codec_files[0]}",
         f"codec.checkpoint={codec_files[1]}",
@@ -86,6 +85,12 @@ def test_fuzzed_input_under_kill_minus_9_then_rerun(tmp_path, codec_files, fuzz)
         "progress=false",
         *(f"{k}={v}" for k, v in OVERRIDES.items()),
     ]
+
+
+@pytest.mark.slow
+def test_fuzzed_input_under_kill_minus_9_then_rerun(tmp_path, codec_files, fuzz):
+    jsonl, encoded = fuzz
+    common = cli_args(jsonl, codec_files)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert run_cli([*common, f"output_dir={tmp_path / 'straight'}"], REPO).wait() == 0
     peak_mb = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
@@ -120,16 +125,7 @@ def children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_killed_loader_workers_cost_a_retry_never_a_hang(tmp_path, codec_files, fuzz):
     jsonl, encoded = fuzz
-    args = [
-        f"inputs=[{jsonl}]",
-        f"codec.config={codec_files[0]}",
-        f"codec.checkpoint={codec_files[1]}",
-        "devices=cpu",
-        "cpu_workers=2",
-        "progress=false",
-        f"output_dir={tmp_path / 'out'}",
-        *(f"{k}={v}" for k, v in OVERRIDES.items()),
-    ]
+    args = [*cli_args(jsonl, codec_files), f"output_dir={tmp_path / 'out'}"]
     proc, killed = run_cli(args, REPO), 0
     while proc.poll() is None and killed < 6:
         time.sleep(0.3)
