@@ -1,9 +1,10 @@
 """A process pool that survives its workers: a crash, an out-of-memory kill or a hang costs one retry.
 
 `multiprocessing.Pool` waits forever for the result of a worker that died, so one bad file could hang a
-preprocessing run for good. Here each worker holds one task at a time; a manager thread watches the
-workers' pipes and process sentinels, gives a dead worker's task (or one that ran past `timeout`) to a fresh
-worker once more, and then reports it as a `WorkerFailure`. Results arrive in completion order with their
+preprocessing run for good. Here each worker is sent at most `PREFETCH` tasks ahead and works on the first;
+a manager thread watches the workers' pipes and process sentinels, gives a dead worker's current task (or
+one that ran past `timeout`) to a fresh worker once more, then reports it as a `WorkerFailure`; the tasks
+queued behind it go back to the queue without counting an attempt. Results arrive in completion order with their
 task index, while the caller is busy elsewhere (the encoder): at most `capacity` tasks are in flight or
 waiting to be collected, which bounds the memory of loaded audio.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 log = logging.getLogger(__name__)
+PREFETCH = 2  # tasks sent ahead to each worker
 
 
 @dataclass
@@ -56,8 +58,8 @@ class _Worker:
         self.process = ctx.Process(target=_serve, args=(child, fn, initializer, os.getpid()), daemon=True)
         self.process.start()
         child.close()
-        self.task: tuple[int, object] | None = None
-        self.started = 0.0
+        self.tasks: deque[tuple[int, object]] = deque()  # sent, in order; the first is being worked on
+        self.started = 0.0  # when the first task began
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -104,7 +106,7 @@ class WorkerPool:
 
     def close(self) -> None:
         for worker in self.workers:
-            worker.stop(kill=worker.task is not None)
+            worker.stop(kill=bool(worker.tasks))
         self.workers = []
 
     def map_unordered(self, tasks: list) -> Iterator[tuple[int, object]]:
@@ -130,59 +132,76 @@ class WorkerPool:
         try:
             todo = deque((i, task, 0) for i, task in enumerate(tasks))
             attempts: dict[int, int] = {}
-            while not stop.is_set() and (todo or any(w.task for w in self.workers)):
-                for position, worker in enumerate(self.workers):
-                    if worker.task is None and todo and room.acquire(blocking=False):
-                        index, task, tried = todo.popleft()
-                        attempts[index] = tried
-                        try:
-                            worker.conn.send(task)
-                        except OSError:  # died while idle: the task never started, so it costs no attempt
-                            todo.appendleft((index, task, tried))
-                            room.release()
-                            self._replace(position)
-                            continue
-                        worker.task, worker.started = (index, task), time.monotonic()
-                busy = [w for w in self.workers if w.task is not None]
+            while not stop.is_set() and (todo or any(w.tasks for w in self.workers)):
+                self._dispatch(todo, attempts, room)
+                busy = [w for w in self.workers if w.tasks]
                 if not busy:
                     stop.wait(0.05)  # waiting for the consumer to make room
                     continue
                 ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
                 for position, worker in enumerate(list(self.workers)):
-                    if worker.task is None:
+                    if not worker.tasks:
                         continue
-                    index, task = worker.task
                     if worker.conn in ready:
                         try:
                             result = worker.conn.recv()
                         except (EOFError, OSError):
-                            result = None  # died while sending: handled as a death below
+                            pass  # died while sending: handled as a death below
                         else:
-                            worker.task = None
+                            index, _ = worker.tasks.popleft()
+                            worker.started = time.monotonic()
                             out.put((index, result))
                             continue
                     died = worker.process.sentinel in ready or not worker.process.is_alive()
                     late = time.monotonic() - worker.started > self.timeout
-                    if not (died or late):
-                        continue
-                    self._replace(position)
-                    reason = (
-                        f"loader process died (exit code {worker.process.exitcode})"
-                        if died
-                        else f"loader process hung (no result after {self.timeout:g} s)"
-                    )
-                    if attempts[index] < self.retries:
-                        log.warning("task %d: %s; retrying", index, reason)
-                        room.release()  # taken again when the retry is dispatched
-                        todo.appendleft((index, task, attempts[index] + 1))
-                    else:  # the failure keeps the task's slot until it is collected, like a result
-                        out.put((index, WorkerFailure(f"{reason}, {attempts[index] + 1} attempts")))
+                    if died or late:
+                        self._fail(position, died, todo, attempts, out, room)
         except BaseException as err:  # noqa: BLE001 - the consumer re-raises it instead of waiting forever
             out.put(err)
         finally:  # abandoned early: workers still busy would answer the next map's tasks with old results
             for position, worker in enumerate(self.workers):
-                if worker.task is not None:
+                if worker.tasks:
                     self._replace(position)
+
+    def _dispatch(self, todo: deque, attempts: dict, room: threading.Semaphore) -> None:
+        """Keep up to PREFETCH tasks queued at every worker, so none waits for the manager between tasks."""
+        for position, worker in enumerate(self.workers):
+            while len(worker.tasks) < PREFETCH and todo and room.acquire(blocking=False):
+                index, task, tried = todo.popleft()
+                attempts[index] = tried
+                try:
+                    worker.conn.send(task)
+                except OSError:  # dead: this task never started, so it costs no attempt
+                    todo.appendleft((index, task, tried))
+                    room.release()
+                    if not worker.tasks:
+                        self._replace(position)  # died while idle
+                    break  # else the main loop sees the death and handles the tasks it holds
+                if not worker.tasks:
+                    worker.started = time.monotonic()
+                worker.tasks.append((index, task))
+
+    def _fail(self, position: int, died: bool, todo: deque, attempts: dict, out, room) -> None:
+        """Replace a dead or hung worker: its current task is retried or reported, the queued ones go back."""
+        worker = self.workers[position]
+        self._replace(position)
+        if not worker.tasks:
+            return
+        (index, task), queued = worker.tasks[0], list(worker.tasks)[1:]
+        for queued_index, queued_task in reversed(queued):  # never started: no attempt counted
+            todo.appendleft((queued_index, queued_task, attempts[queued_index]))
+            room.release()
+        reason = (
+            f"loader process died (exit code {worker.process.exitcode})"
+            if died
+            else f"loader process hung (no result after {self.timeout:g} s)"
+        )
+        if attempts[index] < self.retries:
+            log.warning("task %d: %s; retrying", index, reason)
+            room.release()  # taken again when the retry is dispatched
+            todo.appendleft((index, task, attempts[index] + 1))
+        else:  # the failure keeps the task's slot until it is collected, like a result
+            out.put((index, WorkerFailure(f"{reason}, {attempts[index] + 1} attempts")))
 
     def _replace(self, position: int) -> None:
         """Kill the worker at `position` (if still alive) and start a fresh one in its place."""
