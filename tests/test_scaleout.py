@@ -49,6 +49,7 @@ COMMON = [
 ]
 
 
+@pytest.mark.slow  # three 2-process training runs (about 60 s); CI runs it
 def test_two_rank_run_killed_and_resumed_continues_like_an_uninterrupted_one(tmp_path):
     ddp = ["trainer.devices=2", "strategy=ddp", "data.num_workers=1", f"paths.root={tmp_path}"]
     straight = cli([*COMMON, *ddp, "name=straight", recorder(tmp_path / "straight.jsonl")])
@@ -93,6 +94,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_finishes(tmp_path):
     assert sorted(records(tmp_path / "b.jsonl")) == [stopped + 1, stopped + 2, stopped + 3]
 
 
+@pytest.mark.slow  # a 2-job sweep of 2-process runs (about 30 s); CI runs it
 def test_multirun_with_ddp_writes_one_directory_per_job(tmp_path):
     proc = cli(
         [
