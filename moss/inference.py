@@ -337,8 +337,8 @@ def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_impleme
     hparams = state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
     if not isinstance(base, dict) or base.get("kind") not in ("pretrained", "random"):
         raise ValueError(
-            f"{path} does not record a base model this loader can rebuild ({BASE_KEY}={base!r}); "
-            f"export the run's model folder and pass checkpoint=<that folder>"
+            f"{path} does not record a base model this loader can rebuild ({BASE_KEY}={base!r}; checkpoints "
+            f"written before it was recorded, or a custom net); pass the run's export/ or adapter/ folder instead"
         )
     if base["kind"] == "pretrained":
         model = MossTTSD.from_pretrained(str(base["path"]), attn_implementation=attn_implementation)
