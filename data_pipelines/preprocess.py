@@ -118,16 +118,15 @@ class EncodeJournal:
 
     def __init__(self, path: Path):
         self.path = path
-        self.suspects: set[tuple[str, int]] = set()
         self.solo_crashes: dict[tuple[str, int], int] = {}
         try:
             saved = json.loads(path.read_text()) if path.is_file() else None
             records = [(str(s), int(n)) for s, n in saved["records"]] if saved else []
-        except (ValueError, KeyError, TypeError):
+            if len(records) == 1:
+                self.solo_crashes[records[0]] = int(saved.get("solo", 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
             records = []  # a journal cut short by the crash: nothing to learn from it
         self.suspects = set(records)
-        if len(records) == 1:
-            self.solo_crashes[records[0]] = int(saved.get("solo", 0))
         if records:
             log.warning(
                 "%s: the encoder stopped while encoding %d records; encoding them one by one", path, len(records)
