@@ -68,6 +68,14 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     second = train(compose_train(tmp_path, [*overrides, "resume=auto", "trainer.max_steps=6"]))
     assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
     assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
+    # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
+    from moss.inference import load_model
+
+    from_ckpt, _ = load_model(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
+    exported, _ = load_model(out / "export")
+    ids = torch.randint(0, 300, (1, 6, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt(ids).logits, exported(ids).logits)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
