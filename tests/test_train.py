@@ -190,3 +190,16 @@ def test_too_few_shards_for_the_readers_fails_at_start_up(tmp_path, tiny_shards,
     data = instantiate(cfg.data, _partial_=True)(tokenizer=instantiate(cfg.tokenizer), model_config=module.config)
     with pytest.raises(ValueError, match="has 6 shards but 1 ranks x 8 workers = 8 readers.*lower data.num_workers"):
         data.setup("fit")
+
+
+def test_a_user_shard_folder_is_read_never_written(tmp_path, tiny_shards):
+    """With the default data config, a data.train_shards set elsewhere must not get the built-in corpus."""
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_shards.iterdir()}
+    cfg = compose_train(tmp_path, ["debug=fast_dev_run", "data.num_workers=0", f"data.train_shards={tiny_shards}"])
+    train(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_shards.iterdir()} == before
+    assert not (tmp_path / "runs" / "data" / "tiny" / "train").exists()  # not generated: not used
+    missing = tmp_path / "nope" / "*.tar"
+    with pytest.raises(FileNotFoundError, match="no shards match data.train_shards"):
+        train(compose_train(tmp_path, ["debug=fast_dev_run", "data.num_workers=0", f"data.train_shards={missing}"]))
+    assert not (tmp_path / "nope").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -40,8 +41,9 @@ class MossDataModule(L.LightningDataModule):
         seed: base seed of shard order and shuffling.
         normalize: optional text normaliser `str -> str` applied before the speaker-tag mapping.
         report_dir: folder for per-reader JSONL reports of skipped samples.
-        synthetic: `{"train_samples", "val_samples", "samples_per_shard"}` to generate the built-in corpus into
-            `train_shards`/`val_shards` (directories) in `prepare_data`.
+        synthetic: `{"dir", "train_samples", "val_samples", "samples_per_shard"}`: the built-in corpus, generated in
+            `prepare_data` into `dir/train` and `dir/val` only, and only where `train_shards`/`val_shards` point
+            there; a location the user set is read, never written.
         tokenizer: the checkpoint's tokenizer (runtime dependency).
         model_config: the model architecture (speech offset, channels, pad code).
     """
@@ -98,9 +100,13 @@ class MossDataModule(L.LightningDataModule):
         if not self.synthetic:
             return
         per_shard = self.synthetic.get("samples_per_shard", 64)
-        write_synthetic_corpus(self.train_shards, self.synthetic["train_samples"], seed=0, samples_per_shard=per_shard)
-        if self.val_shards and self.synthetic.get("val_samples"):
-            write_synthetic_corpus(self.val_shards, self.synthetic["val_samples"], seed=1, samples_per_shard=per_shard)
+        root = Path(self.synthetic["dir"])
+        for split, spec, samples, seed in (
+            ("train", self.train_shards, self.synthetic["train_samples"], 0),
+            ("val", self.val_shards, self.synthetic.get("val_samples"), 1),
+        ):
+            if samples and isinstance(spec, str | Path) and Path(spec).resolve() == (root / split).resolve():
+                write_synthetic_corpus(root / split, samples, seed=seed, samples_per_shard=per_shard)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = expand_shards(self.train_shards, "data.train_shards")
