@@ -290,3 +290,17 @@ def test_a_record_that_kills_the_encoder_is_isolated_then_reported(tmp_path, cod
     (skip,) = [json.loads(x) for x in (tmp_path / "out" / "skipped-00000.jsonl").read_text().splitlines()]
     assert skip["line"] == 7 and skip["stage"] == "encode" and "died twice" in skip["reason"]
     assert not list((tmp_path / "out").glob("*.encoding"))
+
+
+def test_inspect_leaves_nothing_in_the_working_directory(tmp_path, tiny_shards):
+    (tmp_path / "cwd").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.inspect_shards", f"dir={tiny_shards}"],
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "samples" in run.stdout and list((tmp_path / "cwd").iterdir()) == []
