@@ -21,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from data_pipelines.preprocess import _init_loader, _load
-from data_pipelines.records import Limits, Loaded, read_records
+from data_pipelines.records import Limits, Loaded, RecordIndex
 from data_pipelines.workers import WorkerPool
 
 
@@ -40,7 +40,8 @@ def make_corpus(folder: Path, files: int, seconds: float) -> Path:
 
 def measure(jsonl: Path, workers: int) -> tuple[float, int]:
     """Wall time and 16 kHz samples of loading every record through the pipeline's own worker pool."""
-    tasks = [(r, Limits()) for r in read_records([str(jsonl)])]
+    records = RecordIndex([str(jsonl)])
+    tasks = [(r, Limits()) for r in records.take(range(len(records)))]
     pool = WorkerPool(_load, workers, mp.get_context("fork"), initializer=_init_loader)
     try:
         list(pool.map_unordered(tasks[:workers]))  # workers are up and warm before the clock starts

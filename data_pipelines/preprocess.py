@@ -198,8 +198,8 @@ class ShardEncoder:
             ref_text=item.ref_text,
         )
         try:
-            sample.to_wds()  # everything the writer will do with it, so the shard write cannot fail on it
-        except (SampleError, UnicodeError) as err:
+            sample.validate()  # the writer's own check, here so that a failure costs this record, not the shard
+        except SampleError as err:
             return Skip(item.record, f"not storable ({err})", item.paths[-1], stage="write")
         return sample
 

@@ -46,14 +46,13 @@ FORMATS = {
 
 @dataclass
 class Record:
-    """One input line: where it is (file, 1-based line, byte offset and length); its text is read on demand."""
+    """One input line: where it is (file, 1-based line, byte offset and length); its text is read by `read_line`."""
 
     source: str  # the JSONL path as given
     line: int
     offset: int = 0
     length: int = 0
     base_path: str | None = None
-    raw: str | None = None  # the text, when built in memory (tests, tools) instead of read from `source`
 
     @property
     def key(self) -> str:
@@ -181,16 +180,8 @@ class RecordIndex:
         return [self[int(i)] for i in positions]
 
 
-def read_records(paths: list[str], base_path: str | None = None) -> list[Record]:
-    """Every non-blank line of the JSONL files as a Record (small inputs; the pipeline uses `RecordIndex`)."""
-    index = RecordIndex(paths, base_path)
-    return index.take(range(len(index)))
-
-
 def read_line(record: Record, limits: Limits) -> str:
     """The record's text, read from its file and decoded as strict UTF-8."""
-    if record.raw is not None:
-        return record.raw
     if record.length > limits.max_line_bytes:
         limit = limits.max_line_bytes
         raise RecordError("read", f"line too long ({record.length} bytes > limits.max_line_bytes={limit})")
