@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,9 +12,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from moss.cli import command
 from moss.config_checks import validate
 from moss.training.export import export_hf, save_adapter, unsharded
-from moss.training.launch import relaunch_as_job, restored_environment
+from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
 
 log = logging.getLogger("train")
 
@@ -27,15 +29,36 @@ def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
         return None
     if cfg.resume == "auto":
         found = sorted((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-        return str(found[-1]) if found else None
+        if not found:
+            log.warning("resume=auto: no checkpoint in %s; starting from step 0", output_dir / "checkpoints")
+            return None
+        log.info("resume=auto: continuing from %s", found[-1])
+        return str(found[-1])
+    log.info("resume: continuing from %s", cfg.resume)
     return str(cfg.resume)
+
+
+def record_config(cfg: DictConfig, output_dir: Path) -> None:
+    """Write the run's config (and, under Hydra, its overrides) to `<run>/.hydra/`, after the checks pass."""
+    folder = output_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called directly (tests), not by Hydra
+        return
+    OmegaConf.save(OmegaConf.create(overrides), folder / "overrides.yaml")
 
 
 def train(cfg: DictConfig) -> dict:
     """Build data, model, callbacks, loggers and trainer from `cfg`, fit, export; return what tests check."""
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    if not relaunched_rank():
+        record_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.tokenizer)
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
@@ -47,8 +70,9 @@ def train(cfg: DictConfig) -> dict:
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
 
+    stopped = getattr(callbacks.get("preemption"), "received", None)
     exported = {}
-    if cfg.export.enabled:
+    if cfg.export.enabled and not stopped:  # a stopped run exports when it finishes (resume=auto)
         model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
         if model is not None:
             if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter
@@ -58,15 +82,28 @@ def train(cfg: DictConfig) -> dict:
             exported["adapter"] = save_adapter(model, output_dir / "adapter")
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
-        _report(trainer, output_dir, exported, summary)
+        _report(trainer, output_dir, exported, summary, stopped)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the next job of a multirun starts its own group
-    return {"trainer": trainer, "module": module, "output_dir": output_dir, "exported": exported, "summary": summary}
+    return {
+        "trainer": trainer,
+        "module": module,
+        "output_dir": output_dir,
+        "exported": exported,
+        "summary": summary,
+        "stopped": stopped,
+    }
 
 
-def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict) -> None:
+def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict, stopped: str | None) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
     lines = [f"run directory: {output_dir}", f"checkpoints:   {output_dir / 'checkpoints'}"]
+    if stopped:
+        lines.insert(
+            0,
+            f"stopped by {stopped} at step {trainer.global_step} of {trainer.max_steps}, checkpoint saved; "
+            f"continue with the same command plus resume=auto",
+        )
     lines += [f"{name + ':':<14} {path}" for name, path in exported.items() if path]
     if trainer.loggers:
         lines.append(f"logs:          {trainer.loggers[0].log_dir}")
@@ -80,13 +117,18 @@ def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@command
 def main(cfg: DictConfig) -> None:
-    """Process-level settings, then `train`."""
+    """Process-level settings, then `train`; exit status 130 when Ctrl-C stopped the run (after saving it)."""
     relaunch_as_job()  # DDP ranks > 0 re-run this job, not the whole multirun sweep
+    quiet_known_warnings()
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     logging.getLogger("moss").setLevel(logging.INFO)
+    logging.getLogger("train").setLevel(logging.INFO)
     with restored_environment():  # Lightning's rank variables must not leak into the next multirun job
-        train(cfg)
+        result = train(cfg)
+    if result["stopped"] == "SIGINT":
+        sys.exit(130)
 
 
 if __name__ == "__main__":

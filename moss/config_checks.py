@@ -1,66 +1,214 @@
-"""validate(cfg): every cross-field problem of a training config, reported at once with its fix.
+"""validate(cfg): every problem of a training config, reported at once, each with the override that fixes it.
 
-The one library module that knows the top-level layout of `conf/train.yaml`.
+The one library module that knows the top-level layout of `conf/train.yaml`. It runs before anything is built
+or written: a run that would fail after minutes of model loading, or on a setting it silently ignores, fails
+here in a second with one message.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from moss.errors import ConfigError
 from moss.model.modeling import ATTN_IMPLEMENTATIONS
+from moss.training.launch import relaunched_rank
 
-
-class ConfigError(ValueError):
-    """One or more configuration problems; the message lists all of them."""
+# Folders of a run directory that only a run writes: their presence means the name is taken.
+RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every problem found in `cfg` (nothing is changed)."""
-    problems: list[str] = []
+    """Raise ConfigError listing every problem found in `cfg` (nothing is changed or written)."""
+    problems = [
+        *_unknown_keys(OmegaConf.to_container(cfg, resolve=False)),
+        *_model_problems(cfg),
+        *_data_problems(cfg),
+        *_trainer_problems(cfg),
+        *_run_problems(cfg),
+    ]
+    if problems:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
 
-    def missing(key: str) -> bool:
-        node, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(cfg, node) if node else cfg
-        return parent is None or leaf not in parent or OmegaConf.is_missing(parent, leaf)
 
-    if OmegaConf.is_missing(cfg.model, "path"):
+def _select(cfg: DictConfig, key: str):
+    """The value at `key`, or None when it is absent, `???` or cannot be resolved here."""
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra run
+        return None
+
+
+def _is_missing(cfg: DictConfig, key: str) -> bool:
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    return parent is None or leaf not in parent or OmegaConf.is_missing(parent, leaf)
+
+
+def _unknown_keys(node, prefix: str = "") -> list[str]:
+    """Settings that the `_target_` they configure does not accept, with the closest real name.
+
+    Catches `+trainer.max_step=5` (Hydra's own suggestion for a typo), which would otherwise die with a
+    TypeError deep inside instantiation, or be ignored.
+    """
+    problems = []
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            problems += _keys_not_accepted(node, target, prefix)
+        for key, value in node.items():
+            problems += _unknown_keys(value, f"{prefix}{key}.")
+    return problems
+
+
+def _keys_not_accepted(node: dict, target: str, prefix: str) -> list[str]:
+    from hydra.utils import get_object
+
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except Exception as err:  # noqa: BLE001 - any import or lookup failure is the user's to see
+        return [f"{prefix}_target_={target} cannot be loaded ({type(err).__name__}: {err})"]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n != "self"]
+    problems = []
+    for key in node:
+        if key.startswith("_") or key in names:
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"it takes {', '.join(names)}"
+        problems.append(f"{prefix}{key} is not a setting of {target}; {hint} (drop the {prefix}{key} override)")
+    return problems
+
+
+def _model_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    if _is_missing(cfg, "model.path"):
         problems.append("model.path is required for this model; set model.path=/path/to/MOSS-TTSD-v0.5")
-    elif OmegaConf.select(cfg, "model.path") is not None:
-        path = Path(str(cfg.model.path))
-        if not (path / "config.json").is_file():
-            problems.append(f"model.path={path} has no config.json; point it at a MOSS-TTSD checkpoint folder")
+    elif (path := _select(cfg, "model.path")) is not None and not (Path(str(path)) / "config.json").is_file():
+        problems.append(f"model.path={path} has no config.json; point it at a MOSS-TTSD checkpoint folder")
 
-    if missing("data.train_shards"):
-        problems.append("data.train_shards is required; set data.train_shards='/path/to/shards/*.tar'")
-
-    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        problems.append(f"trainer.max_steps must be a positive number of optimiser steps, got {max_steps}")
-
-    attn = OmegaConf.select(cfg, "model.net.attn_implementation")
+    attn = _select(cfg, "model.net.attn_implementation")
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
         problems.append(f"model.net.attn_implementation={attn} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}")
-
-    if attn in ("varlen_sdpa", "flash_attention_2") and OmegaConf.select(cfg, "data.packing") is None:
+    if attn in ("varlen_sdpa", "flash_attention_2") and _select(cfg, "data.packing") is None:
         problems.append(
             f"model.net.attn_implementation={attn} needs packed batches; set data.packing (see conf/data/) "
             f"or use model.net.attn_implementation=sdpa with data.packing=null"
         )
-
-    weights = OmegaConf.select(cfg, "model.channel_weights")
+    weights = _select(cfg, "model.channel_weights")
     if weights is not None and len(weights) != 8:
         problems.append(f"model.channel_weights needs 8 values (one per channel), got {list(weights)}")
+    return problems
 
-    resume = OmegaConf.select(cfg, "resume")
-    if resume not in (None, "auto") and not Path(str(resume)).is_file():
-        problems.append(f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt")
 
-    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
-    precision = str(OmegaConf.select(cfg, "trainer.precision"))
+def _data_problems(cfg: DictConfig) -> list[str]:
+    """Shard specs that match nothing, and fewer training shards than readers (ranks x workers)."""
+    if _is_missing(cfg, "data.train_shards"):
+        return ["data.train_shards is required; set data.train_shards='/path/to/shards/*.tar'"]
+    from moss.data.dataset import expand_shards
+
+    problems, shards = [], {}
+    for split in ("train", "val"):
+        spec = _select(cfg, f"data.{split}_shards")
+        if spec is None:
+            continue
+        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        generated = _synthetic_shards(cfg, split, spec)
+        if generated is not None:
+            shards[split] = generated
+            continue
+        try:
+            shards[split] = len(expand_shards(spec, f"data.{split}_shards"))
+        except FileNotFoundError as err:
+            problems.append(str(err))
+    workers = max(1, int(_select(cfg, "data.num_workers") or 0))
+    readers = _world_size(cfg) * workers
+    if shards.get("train", readers) < readers:
+        problems.append(
+            f"data.train_shards has {shards['train']} shards but {_world_size(cfg)} ranks x {workers} workers = "
+            f"{readers} readers need one each; lower data.num_workers or trainer.devices, or write the set in more "
+            f"shards (4x readers or more keeps them evenly loaded)"
+        )
+    return problems
+
+
+def _synthetic_shards(cfg: DictConfig, split: str, spec) -> int | None:
+    """Shards the built-in corpus will have for `split`, when `spec` points at its (generated) folder."""
+    synthetic = _select(cfg, "data.synthetic")
+    samples = synthetic and synthetic.get(f"{split}_samples")
+    if not samples or not isinstance(spec, str):
+        return None
+    if Path(spec).resolve() != (Path(str(synthetic.dir)) / split).resolve():
+        return None
+    return math.ceil(samples / synthetic.get("samples_per_shard", 64))
+
+
+def _world_size(cfg: DictConfig) -> int:
+    devices = _select(cfg, "trainer.devices")
+    nodes = int(_select(cfg, "trainer.num_nodes") or 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices) * nodes
+    if str(devices) in ("-1", "auto") and _select(cfg, "trainer.accelerator") in ("gpu", "cuda", "auto"):
+        import torch
+
+        return max(1, torch.cuda.device_count()) * nodes
+    return nodes
+
+
+def _trainer_problems(cfg: DictConfig) -> list[str]:
+    import torch
+
+    problems = []
+    max_steps = _select(cfg, "trainer.max_steps")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        problems.append(f"trainer.max_steps must be a positive number of optimiser steps, got {max_steps}")
+
+    accelerator = str(_select(cfg, "trainer.accelerator"))
+    precision = str(_select(cfg, "trainer.precision"))
+    devices = _select(cfg, "trainer.devices")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (torch {torch.__version__}); "
+            f"to run on the CPU add trainer.accelerator=cpu trainer.precision=32-true (experiments lora_v05 and "
+            f"full_v05 are sized for GPUs)"
+        )
+    elif accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
+        problems.append(
+            f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA GPUs; set "
+            f"trainer.devices={torch.cuda.device_count()} (or trainer.num_nodes for more machines)"
+        )
     if accelerator == "cpu" and precision.startswith("16"):
         problems.append(f"trainer.precision={precision} is not supported on CPU; use 32-true or bf16-mixed")
+    return problems
 
-    if problems:
-        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+def _run_problems(cfg: DictConfig) -> list[str]:
+    """A resume target that does not exist, or a run directory that already holds another run."""
+    resume = _select(cfg, "resume")
+    if resume not in (None, "auto") and not Path(str(resume)).is_file():
+        return [f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt"]
+    output = _select(cfg, "paths.output_dir")
+    if resume is not None or output is None or relaunched_rank():
+        return []
+    taken = [name for name in RUN_OUTPUTS if (Path(output) / name).is_dir() and any((Path(output) / name).iterdir())]
+    if not taken:
+        return []
+    return [
+        f"the run directory {output} already holds a run ({', '.join(f'{t}/' for t in taken)}); continue it with "
+        f"resume=auto, or start another with name={_free_name(cfg)} (or delete {output})"
+    ]
+
+
+def _free_name(cfg: DictConfig) -> str:
+    name, root = str(_select(cfg, "name")), Path(str(_select(cfg, "paths.root") or "runs"))
+    suffix = 2
+    while (root / f"{name}-{suffix}").exists():
+        suffix += 1
+    return f"{name}-{suffix}"

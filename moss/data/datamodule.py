@@ -8,6 +8,7 @@ optimiser-step windows; validation: one exact pass.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,12 +17,18 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards, manifest_samples, rank_and_world
-from moss.data.loader import StepWindowLoader
+from moss.data.loader import EvenBatches, StepWindowLoader
 from moss.data.synthetic import write_synthetic_corpus
 from moss.model.config import MossTTSDConfig
 from moss.text.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore Ctrl-C: the terminal sends it to them too, and a worker that dies on it would fail
+    the step the trainer is about to checkpoint (the trainer handles Ctrl-C, see training/preemption.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class MossDataModule(L.LightningDataModule):
@@ -150,6 +157,7 @@ class MossDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory,
+            worker_init_fn=ignore_interrupts,
         )
         self._train_loader = loader
         trainer = self.trainer
@@ -157,15 +165,17 @@ class MossDataModule(L.LightningDataModule):
         max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
         return StepWindowLoader(loader, accumulate=accumulate, length=max_steps * accumulate)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> EvenBatches | list:
         if not self.val_urls:
             return []
         _, world = rank_and_world()
         # One exact pass: never more readers than shards (a reader without a shard would have nothing to read).
         workers = min(self.num_workers, len(self.val_urls) // world)
-        return DataLoader(
-            self.stream(self.val_urls, train=False), batch_size=None, num_workers=workers, pin_memory=self._pin_memory
+        stream = self.stream(self.val_urls, train=False)
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory, worker_init_fn=ignore_interrupts
         )
+        return EvenBatches(loader, stream.placeholder_batch)
 
     def teardown(self, stage: str | None = None) -> None:
         """Stop the persistent loader workers now, rather than whenever the loader is garbage-collected."""

@@ -30,7 +30,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from moss.data.collate import PaddingCollator
-from moss.data.packing import BestFitPacker, collate_packs
+from moss.data.packing import IGNORE_INDEX, BestFitPacker, collate_packs
 from moss.data.schema import MANIFEST, SampleError, ShardSample
 from moss.model.delay import apply_delay_pattern, apply_delay_pattern_labels
 from moss.text.prompt import PromptBuilder
@@ -371,6 +371,26 @@ class ShardStream(IterableDataset):
                 group, ready[:] = ready[: self._group], ready[self._group :]
                 snapshot(*position)
                 yield self._collate(group)
+
+    def placeholder_batch(self) -> dict:
+        """A micro-batch in this stream's format without a single label: it adds nothing to a loss.
+
+        Validation feeds it to a rank whose readers ran out before the others' (uneven shards, or more ranks
+        than shards), so every rank runs the same forwards; see `loader.EvenBatches`.
+        """
+        prompt = self.builder.prompt
+        if self.packer_args:
+            packs = [[] for _ in range(self._group)]
+            batch = collate_packs(
+                packs, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
+            )
+        else:
+            ids = np.full((prompt.channels, prompt.channels), prompt.speech_pad, dtype=np.int64)
+            ids[:, 0] = self.builder.text_pad_id
+            labels = np.full_like(ids, IGNORE_INDEX)
+            batch = self.padder([{"key": "placeholder", "rows": len(ids), "input_ids": ids, "labels": labels}])
+        batch["skipped"], batch["reader"] = dict(self.skipped), -1
+        return batch
 
     @property
     def _group(self) -> int:

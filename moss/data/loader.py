@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from moss.errors import ConfigError
+
 
 class StepWindowLoader:
     """Yields micro-batches with `step_label_counts` = the summed `label_counts` of their step window.
@@ -82,16 +84,64 @@ class StepWindowLoader:
         """Restore this rank's stream.
 
         Raises:
-            ValueError: the checkpoint was written by a different number of ranks.
+            ConfigError: the checkpoint was written by a different number of ranks or loader workers (a stream
+                position belongs to one reader layout).
         """
         ranks = state["ranks"]
         rank, world = (
             (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         )
         if len(ranks) != world:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint's data streams come from {len(ranks)} ranks, this run has {world}; resume with "
                 f"the same trainer.devices x trainer.num_nodes (and data.num_workers) to continue the data exactly"
             )
+        workers = _saved_workers(ranks[rank]["loader"])
+        if workers is not None and workers != self.loader.num_workers:
+            raise ConfigError(
+                f"the checkpoint's data streams were read by {workers} loader workers per rank, this run has "
+                f"{self.loader.num_workers}; resume with data.num_workers={workers} to continue the data exactly"
+            )
         self.loader.load_state_dict(ranks[rank]["loader"])
         self._skip = ranks[rank]["skip"]
+
+
+def _saved_workers(state: dict) -> int | None:
+    """Loader workers of a saved `StatefulDataLoader` state (torchdata's layout), or None when unknown."""
+    if "_snapshot" in state:
+        return state["_snapshot"].get("_main_snapshot", {}).get("_num_workers")
+    return 0 if "_index_sampler_state" in state or "dataset_state" in state else None
+
+
+class EvenBatches:
+    """One validation pass in which every rank yields the same number of micro-batches.
+
+    Ranks read different shards, so their validation passes differ in length (a rank may have no shard at all
+    when there are more ranks than validation shards). A forward under DDP (buffer broadcast) or FSDP
+    (parameter all-gathers) is a collective, so a rank that stopped early would leave the others waiting
+    forever. Here the ranks agree before each micro-batch whether any of them still has one; a rank that has
+    run out contributes `placeholder()` (a batch without labels) until all have. One tiny all-reduce per
+    validation micro-batch; a single process iterates the loader as is.
+
+    Args:
+        loader: the rank's validation loader.
+        placeholder: makes a micro-batch in the loader's format that adds nothing to the loss.
+    """
+
+    def __init__(self, loader, placeholder):
+        self.loader, self.placeholder = loader, placeholder
+
+    def __iter__(self) -> Iterator[dict]:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            yield from self.loader
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        iterator, exhausted = iter(self.loader), False
+        while True:
+            batch = None if exhausted else next(iterator, None)
+            exhausted = batch is None
+            more = torch.tensor([0 if exhausted else 1], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not int(more.item()):
+                return
+            yield self.placeholder() if exhausted else batch

@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import Qwen3Config
 
+from moss.errors import ConfigError
+
 # Keys that describe the multichannel wrapper rather than the Qwen3 backbone.
 MOSS_KEYS = ("channels", "speech_pad_token", "speech_vocab_size", "speech_token_range", "speech_eos_token")
 # model_type values that may carry MOSS-TTSD weights.
@@ -29,10 +31,6 @@ _IGNORED_KEYS = ("architectures", "model_type", "transformers_version", "torch_d
 # The real channel-0 id of <|end_of_speech|> (hard-coded in the original `_sample`); ported configs store it.
 REAL_SPEECH_EOS = 152694
 REAL_SPEECH_OFFSET = 151665
-
-
-class ConfigError(ValueError):
-    """A config.json that is not a MOSS-TTSD config, or is inconsistent."""
 
 
 @dataclass

@@ -10,8 +10,10 @@ copy. It works for plain runs too, so it is installed unconditionally by `train.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 
 
@@ -58,3 +60,34 @@ def restored_environment() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def relaunched_rank() -> bool:
+    """True in a rank > 0 started by Lightning, torchrun or SLURM: rank 0 checks and records the run alone."""
+    return any(int(os.environ.get(var, 0)) > 0 for var in ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+# Warnings every run would print, each about a choice this project makes on purpose.
+_KNOWN_WARNINGS = (
+    # Our LightningModule moves batches itself (host-side boundaries stay on the host); intended.
+    r".*overridden `transfer_batch_to_device` in `LightningModule`",
+    # Validation metrics are summed over ranks before they are logged (lit_module.on_validation_epoch_end).
+    r".*It is recommended to use `self\.log\('val/",
+    # Deprecations inside torchdata / Lightning's use of torch internals, not in this project's code.
+    r".*'set_vital' is deprecated",
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropTip(logging.Filter):
+    """Drops Lightning's advertisement for its hosted logger, printed at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    """Silence the warnings listed in `_KNOWN_WARNINGS` and Lightning's logger tip; everything else still prints."""
+    for pattern in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())

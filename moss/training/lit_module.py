@@ -164,11 +164,19 @@ class MossTTSDLitModule(L.LightningModule):
         self._val_counts += out.channel_label_counts
 
     def on_validation_epoch_end(self) -> None:
-        """Validation loss over the whole set: summed CE / label counts over every batch and rank."""
+        """Validation loss over the whole set: summed CE / label counts over every batch and rank.
+
+        A rank whose readers had no shard (more ranks than validation shards) adds zeros: every rank joins the
+        same reductions, so validation never waits on a rank that skipped it.
+        """
         if self._val_sums is None:
-            return
+            channels = self.moss.config.channels
+            self._val_sums = torch.zeros(channels, device=self.device)
+            self._val_counts = torch.zeros(channels, dtype=torch.long, device=self.device)
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(self._val_counts, reduce_op="sum")
+        if int(counts.sum()) == 0:
+            return  # no rank had a validation sample
         loss, channel = weighted_loss(sums, counts, self.moss._normalized_weights)
         self._log_losses("val", loss, channel)
 

@@ -1,7 +1,7 @@
-"""Preemption: on SIGTERM or SIGUSR1, save a checkpoint at the next optimiser-step boundary and stop cleanly.
+"""Preemption and Ctrl-C: save a checkpoint at the next optimiser-step boundary and stop cleanly.
 
-SIGTERM comes from schedulers and `kill`, SIGUSR1 from SLURM's `--signal=USR1@120`; `resume=auto` then
-continues the run exactly.
+SIGTERM comes from schedulers and `kill`, SIGUSR1 from SLURM's `--signal=USR1@120`, SIGINT from Ctrl-C (a
+second Ctrl-C aborts at once, without saving); `resume=auto` then continues the run exactly.
 
 The handler only sets a flag (nothing unsafe happens inside a signal handler). A single process reads it at
 every step boundary; several ranks agree on it with one tiny all-reduce every `check_every_n_steps` optimiser
@@ -38,17 +38,26 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(
         self,
         dirpath: str,
-        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT"),
         requeue: bool = True,
         check_every_n_steps: int = 5,
     ):
         self.dirpath, self.signals, self.requeue = Path(dirpath), tuple(signals), requeue
         self.check_every_n_steps = max(1, int(check_every_n_steps))
         self.received: str | None = None
+        self._interrupts = 0
         self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self._interrupts += 1
+            if self._interrupts > 1:  # the second Ctrl-C: abort now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            # os.write: the one way to print that is safe inside a signal handler.
+            os.write(2, b"\nCtrl-C: saving a checkpoint at the next step, then stopping (Ctrl-C again aborts)\n")
+        self.received = self.received or name
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed after Lightning's own handlers (registered when fit starts), so this one decides.
@@ -68,7 +77,7 @@ class PreemptionCheckpoint(L.Callback):
             if float(trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:
                 return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # everything a resume needs (optimiser, loops, data)
         trainer.should_stop = True
         if trainer.is_global_zero:
             log.warning(

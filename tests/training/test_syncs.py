@@ -33,7 +33,8 @@ def _counted_caller() -> str | None:
     if frame is None:
         return None
     name = frame.f_code.co_filename
-    if name.startswith(MOSS) and f"{MOSS}/data/" not in name:
+    # progress.py formats host metrics only (it skips device tensors by construction): not a sync.
+    if name.startswith(MOSS) and f"{MOSS}/data/" not in name and not name.endswith("progress.py"):
         return f"{Path(name).name}:{frame.f_lineno}"
     return None
 

@@ -1,0 +1,84 @@
+"""What every command-line entry point shares: a mistake in a command is one message, not a traceback.
+
+`command` wraps the body of a `@hydra.main` function. A `ConfigError` (or a required `???` setting left unset)
+is printed as `error: ...` with the fix, the run directory Hydra made for this attempt is removed when it
+holds nothing, and the process exits with status 2. `HYDRA_FULL_ERROR=1` re-raises, for the full trace.
+Anything else is a bug or a machine problem and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf.errors import MissingMandatoryValue
+
+from moss.errors import ConfigError
+
+USAGE_ERROR = 2  # the conventional exit status of a command-line mistake (argparse uses it too)
+
+
+def command(task: Callable) -> Callable:
+    """Decorate a Hydra task function (below `@hydra.main`) so usage errors exit 2 with one message."""
+
+    @functools.wraps(task)
+    def run(cfg):
+        try:
+            return task(cfg)
+        except (ConfigError, MissingMandatoryValue) as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            _remove_if_empty(_hydra_run_dir())
+            print(f"error: {usage_message(err)}", file=sys.stderr)
+            sys.exit(USAGE_ERROR)
+
+    return run
+
+
+def usage_message(err: Exception) -> str:
+    """The message of a usage error; an unset `???` setting becomes the override that sets it."""
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or "a required setting"
+        return f"{key} is required; set {key}=... on the command line (see the comment in its conf/*.yaml)"
+    return str(err)
+
+
+def require(cfg, keys: dict[str, str]) -> list[str]:
+    """Problems for every key of `keys` left unset (`???` or null) in `cfg`; values are example settings."""
+    from omegaconf import OmegaConf
+
+    problems = []
+    for key, example in keys.items():
+        node, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, node) if node else cfg
+        if parent is None or leaf not in parent or OmegaConf.is_missing(parent, leaf) or parent[leaf] is None:
+            problems.append(f"{key} is required; set {key}={example}")
+    return problems
+
+
+def fail(title: str, problems: list[str]) -> None:
+    """Raise one ConfigError listing `problems` (each with its fix), if there are any."""
+    if problems:
+        raise ConfigError(f"{title}:\n  - " + "\n  - ".join(problems))
+
+
+def _hydra_run_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):  # not started by Hydra (a test calling the task directly)
+        return None
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    """Remove the run directory Hydra created for a command that did nothing (an existing folder with files stays)."""
+    if folder is None or folder.resolve() == Path.cwd().resolve():
+        return
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
