@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C: the terminal sends it to them too, and a worker that dies on it would fail
-    the step the trainer is about to checkpoint (the trainer handles Ctrl-C, see training/preemption.py)."""
+    """Loader workers ignore Ctrl-C, which the terminal sends them too.
+
+    A worker that died on it would fail the step the trainer is about to checkpoint (the trainer handles
+    Ctrl-C: training/preemption.py).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -19,7 +19,11 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 # Metrics shown when known (all are host values: reading them never waits for the device).
-SHOWN = (("train/loss", "loss", "{:.4f}"), ("val/loss", "val/loss", "{:.4f}"), ("perf/real_frames_per_s", "frames/s", "{:,.0f}"))
+SHOWN = (
+    ("train/loss", "loss", "{:.4f}"),
+    ("val/loss", "val/loss", "{:.4f}"),
+    ("perf/real_frames_per_s", "frames/s", "{:,.0f}"),
+)
 
 
 class StepProgress(L.Callback):
