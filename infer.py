@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from moss.codec import XYTokenizer
+from moss.cli import command, fail, quote_values, require
+from moss.codec import codec_problems, load_codec
 from moss.generation import sampling_config
 from moss.inference import Item, ItemError, Result, Synthesizer, load_model, parse_item, read_items
 from moss.text.normalize import normalize_text, normalizer
@@ -26,6 +28,7 @@ log = logging.getLogger("infer")
 
 def infer(cfg: DictConfig) -> list[Result]:
     """Synthesise every item of `cfg.input` (or `cfg.text`); returns one Result per item, in input order."""
+    check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(
         cfg.checkpoint,
@@ -35,13 +38,11 @@ def infer(cfg: DictConfig) -> list[Result]:
         dtype=cfg.dtype,
         attn_implementation=cfg.attn_implementation,
     )
-    codec = XYTokenizer.from_pretrained(cfg.codec.config, cfg.codec.checkpoint, device=device)
+    codec = load_codec(cfg.codec, device=device)
     generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * 12.5), cfg.seed)
     synth = Synthesizer(
         model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size
     )
-    if (cfg.input is None) == (cfg.text is None):
-        raise ValueError("give exactly one of input=dialogues.jsonl or text='[S1]...'")
     raw = read_items(cfg.input) if cfg.input else [{"text": cfg.text}]
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,34 @@ def infer(cfg: DictConfig) -> list[Result]:
     return ordered
 
 
+CHOICES = {"format": ("wav", "flac"), "normalize": ("v0.5", "v0.7", None), "dtype": ("float32", "bfloat16")}
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Every problem of the command at once, each with its fix, before any model or codec is loaded."""
+    problems = require(cfg, {"checkpoint": "runs/<name>/export", "output_dir": "out/"})
+    if (cfg.input is None) == (cfg.text is None):
+        problems.append("give exactly one of input=dialogues.jsonl or \"text='[S1]...[S2]...'\" (quoted)")
+    elif cfg.input is not None and not Path(str(cfg.input)).is_file():
+        problems.append(f"input={cfg.input} is not a file; set input=/path/to/dialogues.jsonl")
+    if not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint is not None:
+        path = Path(str(cfg.checkpoint))
+        if not (path.is_dir() or (path.is_file() and path.suffix == ".ckpt")):
+            problems.append(
+                f"checkpoint={path} does not exist; give an HF-format folder (runs/<name>/export), a LoRA adapter "
+                f"folder (runs/<name>/adapter) or a run's .ckpt"
+            )
+    problems += codec_problems(cfg.codec)
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            problems.append(f"{key}={cfg[key]} is not one of {list(allowed)}")
+    if cfg.device not in ("auto", "cpu") and str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"device={cfg.device} but this machine has no CUDA GPU; use device=cpu (or device=auto)")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        problems.append(f"batch_size={cfg.batch_size} must be a positive integer")
+    fail("invalid inference command", problems)
+
+
 def _text_of(data) -> str:
     """The text of a rejected item, for its report line (whatever type it had)."""
     text = data.get("text") if isinstance(data, dict) else None
@@ -130,10 +159,12 @@ def _text_of(data) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")
+@command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     infer(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv = quote_values(sys.argv, ("text", "system_prompt"))  # text='[S1]...' works as the shell passes it
     main()

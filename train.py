@@ -76,7 +76,8 @@ def train(cfg: DictConfig) -> dict:
         model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
         if model is not None:
             if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter
-                model.peft_config["default"].base_model_name_or_path = str(module.hparams.path)
+                # absolute: infer.py may run from another directory
+                model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
             exported["export"] = export_hf(model, output_dir / "export", tokenizer, layout=cfg.export.layout)
             OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
             exported["adapter"] = save_adapter(model, output_dir / "adapter")

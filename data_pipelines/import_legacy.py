@@ -25,6 +25,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from moss.cli import command
 from moss.data.schema import CODEBOOKS, ShardSample
 from moss.data.writer import ShardSetWriter
 
@@ -144,6 +145,7 @@ def import_legacy(pkl: str | Path, output_dir: str | Path, records_per_shard: in
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import_legacy")
+@command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m data_pipelines.import_legacy input=... output_dir=...`."""
     import_legacy(cfg.input, cfg.output_dir, cfg.records_per_shard)

@@ -13,6 +13,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from moss.cli import command
+
 FRAME_RATE = 12.5
 EDGES_SECONDS = (0, 5, 10, 30, 60, 120, 300, 600, 960, 1700, float("inf"))
 
@@ -64,6 +66,7 @@ def render(stats: dict) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="inspect_shards")
+@command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m data_pipelines.inspect_shards dir=...`."""
     print(render(shard_set_stats(cfg.dir)))

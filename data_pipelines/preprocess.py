@@ -34,8 +34,11 @@ from tqdm import tqdm
 
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.workers import WorkerFailure, WorkerPool
+from moss.cli import command, fail, require
+from moss.codec.checkpoint import codec_problems
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
+from moss.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_s
     for given in inputs:
         file = Path(given).resolve()
         if not file.is_file():
-            raise FileNotFoundError(f"inputs: {given} is not a file; list JSONL files, e.g. inputs=[/data/train.jsonl]")
+            raise ConfigError(f"inputs: {given} is not a file; list JSONL files, e.g. inputs=[/data/train.jsonl]")
         if str(file) in resolved:
             log.warning("inputs lists %s twice; it is read once", given)
             continue
@@ -82,7 +85,7 @@ def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_s
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved["inputs"] != plan["inputs"] or saved["records_per_shard"] != records_per_shard:
-            raise ValueError(
+            raise ConfigError(
                 f"{output_dir} holds a run over other inputs or shard size ({path}); use a new output_dir or the "
                 f"same inputs and records_per_shard={saved['records_per_shard']}"
             )
@@ -166,9 +169,9 @@ class ShardEncoder:
             if workers > 0
             else None
         )
-        from moss.codec import XYTokenizer
+        from moss.codec import load_codec
 
-        self.codec = XYTokenizer.from_pretrained(cfg.codec.config, cfg.codec.checkpoint, device=device)
+        self.codec = load_codec(cfg.codec, device=device)
         self.cfg, self.limits = cfg, Limits(**cfg.limits)
         self.audio_seconds = 0.0
 
@@ -332,6 +335,7 @@ def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], pla
 
 def preprocess(cfg: DictConfig) -> dict:
     """Run (or resume) the pipeline for this process; returns counts for this process's slots."""
+    check_arguments(cfg)
     rank, world, local_rank = launcher_rank()
     devices = local_devices(cfg.devices, local_rank)
     cores = os.cpu_count() or 1
@@ -359,6 +363,20 @@ def preprocess(cfg: DictConfig) -> dict:
         if failed:
             raise RuntimeError(f"{len(failed)} encoder processes failed (exit codes {failed}); rerun to resume")
     return summarize(output_dir, [s for _, slots in assignments for s in slots])
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Every problem of the command at once, each with its fix, before anything is written or loaded."""
+    problems = require(cfg, {"inputs": "[/data/train.jsonl]", "output_dir": "/data/shards"})
+    if not problems:
+        inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
+        problems += [
+            f"inputs: {given} is not a file; list JSONL files, e.g. inputs=[/data/train.jsonl]"
+            for given in inputs
+            if not Path(str(given)).is_file()
+        ]
+    problems += codec_problems(cfg.codec)
+    fail("invalid preprocessing command", problems)
 
 
 def summarize(output_dir: Path, slots: list[int]) -> dict:
@@ -397,6 +415,7 @@ def summarize(output_dir: Path, slots: list[int]) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
+@command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m data_pipelines.preprocess key=value ...`."""
     preprocess(cfg)

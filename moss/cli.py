@@ -1,15 +1,17 @@
 """What every command-line entry point shares: a mistake in a command is one message, not a traceback.
 
-`command` wraps the body of a `@hydra.main` function. A `ConfigError` (or a required `???` setting left unset)
-is printed as `error: ...` with the fix, the run directory Hydra made for this attempt is removed when it
-holds nothing, and the process exits with status 2. `HYDRA_FULL_ERROR=1` re-raises, for the full trace.
-Anything else is a bug or a machine problem and keeps its traceback.
+`command` wraps the body of a `@hydra.main` function. A `ConfigError`, a `FileNotFoundError` (our messages
+name the setting that points at the file) or a required `???` setting left unset is printed as
+`error: ...` with the fix; the run directory Hydra made for this attempt is removed when it holds nothing,
+and the process exits with status 2. `HYDRA_FULL_ERROR=1` re-raises, for the full trace. Anything else is a
+bug or a machine problem and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ def command(task: Callable) -> Callable:
     def run(cfg):
         try:
             return task(cfg)
-        except (ConfigError, MissingMandatoryValue) as err:
+        except (ConfigError, FileNotFoundError, MissingMandatoryValue) as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _remove_if_empty(_hydra_run_dir())
@@ -82,3 +84,20 @@ def _remove_if_empty(folder: Path | None) -> None:
         folder.rmdir()  # only succeeds when empty
     except OSError:
         pass
+
+
+def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Quote the values of free-text overrides (`text=...`) for Hydra's grammar.
+
+    The shell has already removed the quotes of `text='[S1]Hello, welcome back.[S2]Hi.'`, and Hydra would read
+    the bare value as a list (`[S1]...`) and fail. A value that is already quoted for Hydra is left as it is.
+    """
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (value[:1] in ("'", '"') and value[-1:] == value[:1] and len(value) > 1):
+            # Hydra's quoted strings: backslashes are literal except a run just before a quote or the end.
+            escaped = re.sub(r"(\\+)(?='|$)", r"\1\1", value).replace("'", "\\'")
+            arg = f"{key}='{escaped}'"
+        quoted.append(arg)
+    return quoted

@@ -70,3 +70,35 @@ def load_codec_state(model: torch.nn.Module, path: Path) -> None:
     if not_ready:
         raise ValueError(f"{path}: codebooks were never initialised ({not_ready[:3]}); not a trained codec")
     model.load_state_dict(state, strict=True)
+
+
+def codec_problems(settings) -> list[str]:
+    """What is wrong with a `codec` setting group (conf/codec/), each with its fix; checked before any loading."""
+    if settings.get("tiny"):
+        return []
+    problems = []
+    for key, example in (("config", "/ckpt/xy_tokenizer_32k_config.yaml"), ("checkpoint", "/ckpt/xy_tokenizer.ckpt")):
+        value = settings.get(key) if key in settings and not _is_missing(settings, key) else None
+        if value is None:
+            problems.append(f"codec.{key} is required; set codec.{key}={example} (or codec=tiny: random, noise)")
+        elif not Path(str(value)).is_file():
+            problems.append(f"codec.{key}={value} is not a file; set codec.{key}={example}")
+    return problems
+
+
+def load_codec(settings, device: str = "cpu"):
+    """The codec a `codec` setting group names: the XY-Tokenizer files, or the seeded random tiny codec."""
+    import logging
+
+    from moss.codec.model import XYTokenizer
+
+    if settings.get("tiny"):
+        logging.getLogger(__name__).warning("codec=tiny: a RANDOM tiny codec; its audio is noise (for trying only)")
+        return XYTokenizer.from_config(seed=int(settings.get("seed", 0))).to(device)
+    return XYTokenizer.from_pretrained(settings["config"], settings["checkpoint"], device=device)
+
+
+def _is_missing(settings, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(settings) and OmegaConf.is_missing(settings, key)

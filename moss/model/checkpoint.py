@@ -9,6 +9,7 @@ Written: `config.json` + `model.safetensors` (or shards + index), keys `model.em
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -100,6 +101,18 @@ def load_state_dict_into(model: torch.nn.Module, path: Path, dtype: torch.dtype)
     model.tie_weights()
 
 
+def usual_permissions(*paths: Path) -> None:
+    """Give files the mode a plain `open()` would (0666 minus the umask).
+
+    safetensors creates its files 0600, so an export would be unreadable to the rest of a team on a shared
+    machine.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", max_shard_size: int = 5 * 2**30):
     """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size` bytes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,11 +133,13 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", 
         (out_dir / stale).unlink(missing_ok=True)
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        usual_permissions(out_dir / "model.safetensors")
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        usual_permissions(out_dir / name)
         for key, tensor in shard.items():
             weight_map[key] = name
             total += tensor.numel() * tensor.element_size()

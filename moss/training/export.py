@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 
 from moss.model import MossTTSD
+from moss.model.checkpoint import usual_permissions
 from moss.model.lora import apply_lora, unwrap
 from moss.training.sharding import full_state_dict, is_sharded
 
@@ -66,6 +67,7 @@ def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path | None:
     if not isinstance(model, PeftModel):
         return None
     model.save_pretrained(str(out_dir))
+    usual_permissions(*(p for p in Path(out_dir).iterdir() if p.is_file()))
     return Path(out_dir)
 
 
@@ -91,7 +93,10 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from moss.cli import command
+
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
+    @command
     def run(cfg: DictConfig) -> None:
         path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer)
         print(f"exported {cfg.checkpoint} to {path}")
