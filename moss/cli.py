@@ -77,13 +77,22 @@ def _hydra_run_dir() -> Path | None:
 
 
 def _remove_if_empty(folder: Path | None) -> None:
-    """Remove the run directory Hydra created for a command that did nothing (an existing folder with files stays)."""
-    if folder is None or folder.resolve() == Path.cwd().resolve():
+    """Remove the empty run directory Hydra created for a command that did nothing.
+
+    Its empty parents go too, up to the working directory (`runs/` of `runs/<name>`); a folder with anything in
+    it stays.
+    """
+    if folder is None:
         return
-    try:
-        folder.rmdir()  # only succeeds when empty
-    except OSError:
-        pass
+    cwd, folder = Path.cwd().resolve(), folder.resolve()
+    while folder != cwd:
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        if cwd not in folder.parents:
+            return
+        folder = folder.parent
 
 
 def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:

@@ -360,7 +360,9 @@ def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_impleme
     if tok_path is None:
         from moss.text.tiny_tokenizer import build_tiny_tokenizer
 
-        if config != MossTTSDConfig.tiny():
-            raise ValueError(f"{path} is a randomly initialised non-tiny model; set tokenizer=/path/to/tokenizer")
+        tiny = MossTTSDConfig.tiny()  # the built-in tokenizer fits any width, not another vocabulary
+        layout = ("vocab_size", "speech_token_range", "channels", "speech_eos_token")
+        if any(getattr(config, key) != getattr(tiny, key) for key in layout):
+            raise ValueError(f"{path} is a random model without the tiny vocabulary; set tokenizer=/path/to/tokenizer")
         return model, build_tiny_tokenizer()
     return model, AutoTokenizer.from_pretrained(tok_path)

@@ -65,15 +65,19 @@ def random_batch(config: MossTTSDConfig, batch: int = 2, length: int = 12, seed:
     return ids, labels
 
 
-def compose_train(tmp_path: Path, overrides: list[str] = ()):
-    """The real conf/train.yaml composed with test paths (no Hydra runtime needed)."""
+def compose_config(name: str, overrides: list[str] = ()):
+    """A real conf/<name>.yaml composed as its command would (defaults lists included), without a Hydra run."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"paths.root={tmp_path / 'runs'}", f"paths.output_dir={tmp_path / 'out'}", *overrides],
-        )
+        return compose(name, overrides=list(overrides))
+
+
+def compose_train(tmp_path: Path, overrides: list[str] = ()):
+    """The real conf/train.yaml composed with test paths (no Hydra runtime needed)."""
+    return compose_config(
+        "train", [f"paths.root={tmp_path / 'runs'}", f"paths.output_dir={tmp_path / 'out'}", *overrides]
+    )
 
 
 @pytest.fixture

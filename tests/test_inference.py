@@ -13,12 +13,11 @@ from safetensors.torch import load_file
 from infer import infer
 from moss.inference import ItemError, load_model, parse_item
 from moss.model import ConfigError
-from tests.conftest import REPO, requires_golden
+from tests.conftest import REPO, compose_config, requires_golden
 
 
 def infer_cfg(tmp_path, golden, **overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    cfg.pop("hydra")
+    cfg = compose_config("infer", ["checkpoint=x", "output_dir=x"])
     cfg.checkpoint = str(golden / "backbone" / "model")
     cfg.tokenizer = str(golden / "tokenizer")
     cfg.codec.config = str(golden / "codec" / "xy_tokenizer_tiny_config.yaml")
@@ -231,8 +230,7 @@ def tiny_inference(tmp_path, tiny_tokenizer):
     config = XYTokenizerConfig.tiny()
     (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
     torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
-    cfg = OmegaConf.load(REPO / "conf" / "infer.yaml")
-    cfg.pop("hydra")
+    cfg = compose_config("infer", ["checkpoint=x", "output_dir=x"])
     cfg.checkpoint, cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "model"), "", ""
     cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "codec.yaml"), str(tmp_path / "codec.ckpt")
     cfg.output_dir, cfg.progress, cfg.max_seconds, cfg.batch_size = str(tmp_path / "out"), False, 0.8, 8

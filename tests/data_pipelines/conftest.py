@@ -59,10 +59,9 @@ def write_good_corpus(folder, n: int = 8):
 def pipeline_cfg(codec_files, inputs, output_dir, **overrides):
     from omegaconf import OmegaConf
 
-    from tests.conftest import REPO
+    from tests.conftest import compose_config
 
-    cfg = OmegaConf.load(REPO / "conf" / "preprocess.yaml")
-    cfg.pop("hydra")
+    cfg = compose_config("preprocess", ["inputs=[]", "output_dir=x"])
     cfg.inputs, cfg.output_dir = [str(p) for p in inputs], str(output_dir)
     cfg.codec.config, cfg.codec.checkpoint = str(codec_files[0]), str(codec_files[1])
     cfg.devices, cfg.cpu_workers, cfg.progress, cfg.records_per_shard = "cpu", 0, False, 3
