@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,9 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
         p.name for p in (out / "export").iterdir()
     }
     assert result["exported"]["adapter"] is None  # full fine-tuning: no adapter
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "export" / "model.safetensors").stat().st_mode) == 0o666 & ~mask  # not 0600
     exported = MossTTSD.from_pretrained(out / "export").eval()
     trained = result["module"].moss.eval()
     ids, _ = random_batch(exported.config)
