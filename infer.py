@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from moss.cli import command, fail, quote_values, require
+from moss.cli import check_override_keys, command, fail, quote_values, require
 from moss.codec import codec_problems, load_codec
 from moss.generation import sampling_config
 from moss.inference import Item, ItemError, Result, Synthesizer, load_model, parse_item, read_items
@@ -167,4 +167,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_values(sys.argv, ("text", "system_prompt"))  # text='[S1]...' works as the shell passes it
+    check_override_keys(Path(__file__).parent / "conf", "infer", sys.argv)
     main()

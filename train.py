@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from moss.cli import command
+from moss.cli import check_override_keys, command
 from moss.config_checks import validate
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
@@ -133,4 +133,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_override_keys(Path(__file__).parent / "conf", "train", sys.argv)
     main()

@@ -19,13 +19,14 @@ import json
 import mmap
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from moss.cli import command
+from moss.cli import check_override_keys, command
 from moss.data.schema import CODEBOOKS, ShardSample
 from moss.data.writer import ShardSetWriter
 
@@ -152,4 +153,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_override_keys(Path(__file__).parents[1] / "conf", "import_legacy", sys.argv)
     main()

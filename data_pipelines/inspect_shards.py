@@ -6,6 +6,7 @@ python -m data_pipelines.inspect_shards dir=/data/shards
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from moss.cli import command
+from moss.cli import check_override_keys, command
 
 FRAME_RATE = 12.5
 EDGES_SECONDS = (0, 5, 10, 30, 60, 120, 300, 600, 960, 1700, float("inf"))
@@ -73,4 +74,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_override_keys(Path(__file__).parents[1] / "conf", "inspect_shards", sys.argv)
     main()

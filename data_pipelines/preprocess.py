@@ -21,6 +21,7 @@ import logging
 import multiprocessing as mp
 import os
 import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.workers import WorkerFailure, WorkerPool
-from moss.cli import command, fail, require
+from moss.cli import check_override_keys, command, fail, require
 from moss.codec.checkpoint import codec_problems
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
@@ -422,4 +423,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_override_keys(Path(__file__).parents[1] / "conf", "preprocess", sys.argv)
     main()

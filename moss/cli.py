@@ -110,3 +110,54 @@ def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
             arg = f"{key}='{escaped}'"
         quoted.append(arg)
     return quoted
+
+
+def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Refuse `key=value` overrides of keys the config does not have, naming the closest real key (exit 2).
+
+    Hydra refuses them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices
+    (`model=tiny`, `+experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra.
+    """
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    args = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except HydraException:
+        return
+    known = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+    problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if override.type.name != "CHANGE" or override.package or key.split("/")[0] in groups:
+            continue  # an addition, a deletion or a group choice (`model=tiny`, `hydra/job_logging=...`)
+        if key.startswith("hydra."):
+            continue
+        node, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, node) if node else cfg
+        if OmegaConf.is_dict(parent) and leaf in parent.keys():  # `in parent` is False for a ??? value
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}=...?" if close else "see the comments in conf/ for the settings there are"
+        problems.append(f"{key} is not a setting of this command; {hint}")
+    if problems:
+        print("error: unknown settings:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix[:-1]]
+    return [key for k, v in node.items() for key in _leaf_keys(v, f"{prefix}{k}.")] + ([prefix[:-1]] if prefix else [])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moss.cli import quote_values
+from moss.cli import check_override_keys, quote_values
 from moss.config_checks import validate
 from moss.errors import ConfigError
 from tests.conftest import REPO, compose_train
@@ -173,3 +173,15 @@ def test_validation_with_more_ranks_than_validation_shards_is_the_single_process
         module, datamodule=data, ckpt_path=run_dir / "checkpoints" / "last.ckpt", weights_only=True
     )
     assert result["val/loss"] == pytest.approx(logged, rel=1e-5)
+
+
+def test_overrides_of_keys_that_do_not_exist_name_the_closest_real_key(capsys):
+    valid = ["train.py", "+experiment=tiny_lora", "debug=fast_dev_run", "model.optimizer.lr=1e-3,3e-3", "model.path=x"]
+    check_override_keys(REPO / "conf", "train", [*valid, "hydra.run.dir=x", "~callbacks.progress"])  # no exit
+    with pytest.raises(SystemExit) as stop:
+        check_override_keys(REPO / "conf", "train", [*valid, "trainer.max_step=5", "data.num_worker=1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "trainer.max_step is not a setting of this command; did you mean trainer.max_steps=...?" in err
+    assert "did you mean data.num_workers=...?" in err
+    check_override_keys(REPO / "conf", "infer", ["infer.py", "checkpoint=x", "codec=tiny", "text='[S1]a'"])
