@@ -30,14 +30,19 @@ def infer(cfg: DictConfig) -> list[Result]:
     """Synthesise every item of `cfg.input` (or `cfg.text`); returns one Result per item, in input order."""
     check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(
-        cfg.checkpoint,
-        base_model=cfg.base_model,
-        tokenizer=cfg.tokenizer,
-        device=device,
-        dtype=cfg.dtype,
-        attn_implementation=cfg.attn_implementation,
-    )
+    if Path(cfg.checkpoint).suffix == ".ckpt":  # a training run's checkpoint: the training layer reads it
+        from moss.training.export import model_from_checkpoint
+
+        model, tokenizer = model_from_checkpoint(cfg.checkpoint, cfg.tokenizer, device, cfg.attn_implementation)
+    else:  # a model folder: no Lightning involved
+        model, tokenizer = load_model(
+            cfg.checkpoint,
+            base_model=cfg.base_model,
+            tokenizer=cfg.tokenizer,
+            device=device,
+            dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+        )
     codec = load_codec(cfg.codec, device=device)
     generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * 12.5), cfg.seed)
     synth = Synthesizer(

@@ -31,10 +31,10 @@ from moss.data.collate import PaddingCollator, model_inputs
 from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import ShardSample
-from moss.data.synthetic import WORDS
 from moss.data.writer import write_shards
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.text import PromptBuilder
+from moss.text.tiny_tokenizer import TINY_WORDS as WORDS
 from moss.text.tiny_tokenizer import build_tiny_tokenizer
 
 FRAME_RATE = 12.5

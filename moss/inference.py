@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from moss.audio import SAMPLE_RATE, read_audio
+from moss.errors import ConfigError
 from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
 from moss.model.delay import apply_delay_pattern
 from moss.text.prompt import PromptBuilder
@@ -265,12 +266,12 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
 ):
-    """A MossTTSD (LoRA merged) and its tokenizer from any checkpoint this project or the original makes.
+    """A MossTTSD (LoRA merged) and its tokenizer from a model folder, without Lightning or Hydra.
 
-    `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`), a peft adapter folder (its base from
-    `base_model` or the adapter's `base_model_name_or_path`), or a Lightning `.ckpt` of a run (rebuilt from the
-    base model and LoRA settings the checkpoint records; no file's `_target_` is ever instantiated).
-    `tokenizer` overrides where the tokenizer is read from.
+    `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`) or a peft adapter folder (its base from
+    `base_model` or the adapter's `base_model_name_or_path`). A training run's `.ckpt` is the training layer's
+    to read (`moss.training.export.model_from_checkpoint`; `infer.py` takes either). `tokenizer` overrides where
+    the tokenizer is read from.
 
     Raises:
         FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
@@ -286,6 +287,11 @@ def load_model(
         base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
+        if not (Path(base) / "config.json").is_file():
+            raise ConfigError(
+                f"the base model of the adapter {path} ({base}, recorded in adapter_config.json) is not a model "
+                f"folder here; set base_model=/path/to/MOSS-TTSD"
+            )
         model = MossTTSD.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation, device=device)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         tok_path = tokenizer or base
@@ -293,76 +299,14 @@ def load_model(
         model = MossTTSD.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
         tok_path = tokenizer or path
     elif path.is_file() and path.suffix == ".ckpt":
-        return _from_lightning(path, tokenizer, device, attn_implementation)
+        raise ConfigError(
+            f"checkpoint={path} is a training run's checkpoint: load it with "
+            f"moss.training.export.model_from_checkpoint, or export it once (python export.py checkpoint={path} "
+            f"output_dir=...) and use the folder"
+        )
     else:
         raise FileNotFoundError(
             f"checkpoint={path} is neither an HF-format folder (config.json), a LoRA adapter folder "
             f"(adapter_config.json) nor a Lightning .ckpt file"
         )
     return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))
-
-
-def lora_settings(peft, where) -> dict:
-    """The `apply_lora` keywords of a checkpoint's hyperparameters, type-checked (plain values only)."""
-    import inspect
-
-    from moss.model.lora import apply_lora
-
-    allowed = set(inspect.signature(apply_lora).parameters) - {"model"}
-    if not isinstance(peft, dict) or not set(peft) <= allowed:
-        raise ValueError(f"{where}: LoRA settings {peft!r} are not apply_lora's keywords {sorted(allowed)}")
-    for key, value in peft.items():
-        plain = isinstance(value, bool | int | float | str) or (
-            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
-        )
-        if not plain:
-            raise ValueError(f"{where}: LoRA setting {key}={value!r} is not a plain value")
-    return dict(peft)
-
-
-def _from_lightning(path: Path, tokenizer: str | None, device: str, attn_implementation: str):
-    """Rebuild a run's model from its checkpoint alone: the base it records, its LoRA settings, its weights.
-
-    Nothing is instantiated from the run folder: a `.hydra/config.yaml` can name any callable, so it is not read.
-    """
-    from transformers import AutoTokenizer
-
-    from moss.model import MossTTSD, MossTTSDConfig
-    from moss.model.lora import apply_lora, unwrap
-    from moss.training.export import merged_model
-    from moss.training.lit_module import BASE_KEY
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    base = state.get(BASE_KEY) if isinstance(state, dict) else None
-    hparams = state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
-    if not isinstance(base, dict) or base.get("kind") not in ("pretrained", "random"):
-        raise ValueError(
-            f"{path} does not record a base model this loader can rebuild ({BASE_KEY}={base!r}; checkpoints "
-            f"written before it was recorded, or a custom net); pass the run's export/ or adapter/ folder instead"
-        )
-    if base["kind"] == "pretrained":
-        model = MossTTSD.from_pretrained(str(base["path"]), attn_implementation=attn_implementation)
-        tok_path = tokenizer or str(base["path"])
-    else:
-        config = MossTTSDConfig.from_dict(dict(base["config"]), source=f"{path} ({BASE_KEY})")
-        model = MossTTSD.from_config(config, seed=base.get("seed"), attn_implementation=attn_implementation)
-        tok_path = tokenizer
-    peft = hparams.get("peft")
-    if peft:
-        model = apply_lora(model, **lora_settings(peft, path))
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or (missing and not state.get("adapter_only")):
-        raise ValueError(
-            f"{path}: weights do not fit the recorded model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model = unwrap(merged_model(model)).to(device).eval()
-    if tok_path is None:
-        from moss.text.tiny_tokenizer import build_tiny_tokenizer
-
-        tiny = MossTTSDConfig.tiny()  # the built-in tokenizer fits any width, not another vocabulary
-        layout = ("vocab_size", "speech_token_range", "channels", "speech_eos_token")
-        if any(getattr(config, key) != getattr(tiny, key) for key in layout):
-            raise ValueError(f"{path} is a random model without the tiny vocabulary; set tokenizer=/path/to/tokenizer")
-        return model, build_tiny_tokenizer()
-    return model, AutoTokenizer.from_pretrained(tok_path)

@@ -103,7 +103,7 @@ def test_free_text_overrides_are_quoted_for_hydra(value, hydra):
         (["-m", "data_pipelines.preprocess", "inputs=[/nope.jsonl]", "output_dir=shards"], "/nope.jsonl is not a file"),
         (["-m", "data_pipelines.import_legacy", "input=/nope.pkl", "output_dir=shards"], "input=/nope.pkl is not a"),
         (["-m", "data_pipelines.inspect_shards", "dir=/nope"], "no manifest*.json in /nope"),
-        (["-m", "moss.training.export", "checkpoint=/nope", "output_dir=exported"], "checkpoint=/nope is neither"),
+        (["export.py", "checkpoint=/nope", "output_dir=exported"], "checkpoint=/nope is neither"),
     ],
 )
 def test_every_tool_reports_a_usage_error_in_one_message_and_writes_nothing(tmp_path, args, message):

@@ -168,8 +168,7 @@ def test_cli_from_a_lightning_checkpoint_of_a_tiny_run(tmp_path):
     export = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "moss.training.export",
+            "export.py",
             f"checkpoint={tmp_path}/t/checkpoints/last.ckpt",
             f"output_dir={tmp_path}/exported",
         ],

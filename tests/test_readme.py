@@ -167,7 +167,7 @@ def test_every_documented_command_runs_as_written(tmp_path):
     assert sorted(p.name for p in (work / "runs" / "tiny-multirun").iterdir() if p.is_dir()) == ["0", "1"]
 
     # Export of a checkpoint, then inference on it and on the LoRA run's export.
-    ok(next(c for c in commands if c.startswith("python -m moss.training.export")))
+    ok(next(c for c in commands if c.startswith("python export.py")))
     for command in [c for c in commands if c.startswith("python infer.py")]:
         done = ok(command, "max_seconds=2", "progress=false")
         # The 2-step LoRA of a random model may end its scripts at once (reported per item); the trained tiny

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from moss.inference import load_model
 from moss.model import MossTTSD, MossTTSDConfig
+from moss.training.export import model_from_checkpoint as load_model  # a run's .ckpt
 
 TINY_BASE = {"kind": "random", "seed": 0, "config": MossTTSDConfig.tiny().to_dict("moss_ttsd")}
 

@@ -76,8 +76,9 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
     # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
     from moss.inference import load_model
+    from moss.training.export import model_from_checkpoint
 
-    from_ckpt, _ = load_model(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
+    from_ckpt, _ = model_from_checkpoint(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
     exported, _ = load_model(out / "export")
     ids = torch.randint(0, 300, (1, 6, 8))
     with torch.no_grad():

@@ -16,11 +16,8 @@ import numpy as np
 
 from moss.data.schema import CODEBOOK_SIZE, CODEBOOKS, ShardSample
 from moss.data.writer import write_shards
+from moss.text.tiny_tokenizer import TINY_WORDS as WORDS
 
-WORDS = (
-    "hello there how are you today fine thanks what about the weather sunny rain cold warm "
-    "coffee tea morning evening music play stop yes no maybe"
-).split()
 SPEAKER_SHIFT = {1: 0, 2: 517}
 
 

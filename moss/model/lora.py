@@ -7,6 +7,7 @@ heads stay frozen.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -39,3 +40,10 @@ def apply_lora(
 def unwrap(model: nn.Module) -> nn.Module:
     """The MossTTSD inside a PeftModel (or the model itself)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The model with its LoRA weights folded in (a copy; the model given is left untouched); others as they are."""
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

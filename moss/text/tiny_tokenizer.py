@@ -16,6 +16,11 @@ from moss.text.prompt import CONTROL_TOKENS, SYSTEM_PROMPT
 TEXT_VOCAB = 368
 PAD_TOKEN = "<|endoftext|>"
 SPEECH_OFFSET = 384
+# The words of the built-in synthetic corpus (moss/data/synthetic.py): the tokenizer is trained on them.
+TINY_WORDS = (
+    "hello there how are you today fine thanks what about the weather sunny rain cold warm "
+    "coffee tea morning evening music play stop yes no maybe"
+).split()
 # The public Qwen2 pre-tokenisation regex (split contractions, letters, digits, punctuation, spaces).
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -24,9 +29,7 @@ QWEN_SPLIT = (
 
 def build_tiny_tokenizer(corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Train the tiny tokenizer on `corpus` (default: the system prompt and the tiny corpus vocabulary)."""
-    from moss.data.synthetic import WORDS
-
-    texts = list(corpus) if corpus else [SYSTEM_PROMPT] * 3 + [" ".join(WORDS)] * 3 + ["[S1] [S2] , . ! ?"] * 3
+    texts = list(corpus) if corpus else [SYSTEM_PROMPT] * 3 + [" ".join(TINY_WORDS)] * 3 + ["[S1] [S2] , . ! ?"] * 3
     pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),

@@ -7,14 +7,15 @@ files, so `MossTTSD.from_pretrained` and the original OpenMOSS loader both read 
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from moss.model import MossTTSD
+from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.checkpoint import usual_permissions
-from moss.model.lora import apply_lora, unwrap
+from moss.model.lora import apply_lora, merged, unwrap
 from moss.training.sharding import full_state_dict, is_sharded
 
 
@@ -37,13 +38,6 @@ def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -
     return copy.eval()
 
 
-def merged_model(model: torch.nn.Module) -> MossTTSD:
-    """A MossTTSD with LoRA weights folded in (a copy; the training model is left untouched)."""
-    if isinstance(model, PeftModel):
-        return copy.deepcopy(model).merge_and_unload()
-    return model
-
-
 def export_hf(
     model: torch.nn.Module,
     out_dir: str | Path,
@@ -53,10 +47,10 @@ def export_hf(
 ) -> Path:
     """Write `model` (LoRA merged) as an HF-format folder; returns `out_dir`."""
     out_dir = Path(out_dir)
-    merged = merged_model(model)
+    merged_copy = merged(model)
     if dtype is not None:
-        merged = copy.deepcopy(merged).to(dtype) if merged is model else merged.to(dtype)
-    merged.save_pretrained(out_dir, layout=layout)
+        merged_copy = copy.deepcopy(merged_copy).to(dtype) if merged_copy is model else merged_copy.to(dtype)
+    merged_copy.save_pretrained(out_dir, layout=layout)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -84,25 +78,73 @@ def export_checkpoint(
     """
     from moss.inference import load_model
 
-    model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
+    if Path(checkpoint).suffix == ".ckpt":
+        model, tok = model_from_checkpoint(checkpoint, tokenizer)
+    else:
+        model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
     return export_hf(model, out_dir, tok, layout=layout)
 
 
-def main() -> None:
-    """`python -m moss.training.export checkpoint=... output_dir=... [layout=moss_ttsd]` (Hydra syntax)."""
-    import hydra
-    from omegaconf import DictConfig
-
-    from moss.cli import command
-
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
-    @command
-    def run(cfg: DictConfig) -> None:
-        path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer)
-        print(f"exported {cfg.checkpoint} to {path}")
-
-    run()
+def lora_settings(peft, where) -> dict:
+    """The `apply_lora` keywords of a checkpoint's hyperparameters, type-checked (plain values only)."""
+    allowed = set(inspect.signature(apply_lora).parameters) - {"model"}
+    if not isinstance(peft, dict) or not set(peft) <= allowed:
+        raise ValueError(f"{where}: LoRA settings {peft!r} are not apply_lora's keywords {sorted(allowed)}")
+    for key, value in peft.items():
+        plain = isinstance(value, bool | int | float | str) or (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        )
+        if not plain:
+            raise ValueError(f"{where}: LoRA setting {key}={value!r} is not a plain value")
+    return dict(peft)
 
 
-if __name__ == "__main__":
-    main()
+def model_from_checkpoint(
+    path: str | Path, tokenizer: str | None = None, device: str = "cpu", attn_implementation: str = "sdpa"
+):
+    """A run's model (LoRA merged) and tokenizer, rebuilt from its `.ckpt` alone.
+
+    The checkpoint records its base (a folder, or the architecture and seed of a random init), its LoRA
+    settings and its weights; the model is built from those.
+
+    Nothing is instantiated from the run folder: a `.hydra/config.yaml` can name any callable, so it is not read.
+    """
+    from transformers import AutoTokenizer
+
+    from moss.training.lit_module import BASE_KEY
+
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    base = state.get(BASE_KEY) if isinstance(state, dict) else None
+    hparams = state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
+    if not isinstance(base, dict) or base.get("kind") not in ("pretrained", "random"):
+        raise ValueError(
+            f"{path} does not record a base model this loader can rebuild ({BASE_KEY}={base!r}; checkpoints "
+            f"written before it was recorded, or a custom net); pass the run's export/ or adapter/ folder instead"
+        )
+    if base["kind"] == "pretrained":
+        model = MossTTSD.from_pretrained(str(base["path"]), attn_implementation=attn_implementation)
+        tok_path = tokenizer or str(base["path"])
+    else:
+        config = MossTTSDConfig.from_dict(dict(base["config"]), source=f"{path} ({BASE_KEY})")
+        model = MossTTSD.from_config(config, seed=base.get("seed"), attn_implementation=attn_implementation)
+        tok_path = tokenizer
+    peft = hparams.get("peft")
+    if peft:
+        model = apply_lora(model, **lora_settings(peft, path))
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or (missing and not state.get("adapter_only")):
+        raise ValueError(
+            f"{path}: weights do not fit the recorded model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model = unwrap(merged(model)).to(device).eval()
+    if tok_path is None:
+        from moss.text.tiny_tokenizer import build_tiny_tokenizer
+
+        tiny = MossTTSDConfig.tiny()  # the built-in tokenizer fits any width, not another vocabulary
+        layout = ("vocab_size", "speech_token_range", "channels", "speech_eos_token")
+        if any(getattr(config, key) != getattr(tiny, key) for key in layout):
+            raise ValueError(f"{path} is a random model without the tiny vocabulary; set tokenizer=/path/to/tokenizer")
+        return model, build_tiny_tokenizer()
+    return model, AutoTokenizer.from_pretrained(tok_path)

@@ -1,0 +1,29 @@
+"""Export a checkpoint as a merged HF-format folder (config.json + safetensors + tokenizer).
+
+Usage: python export.py checkpoint=runs/<name>/checkpoints/last.ckpt output_dir=exported/ [layout=moss_ttsd]
+(see conf/export.yaml). Takes a run's Lightning `.ckpt`, a LoRA adapter folder or an HF folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from moss.cli import check_override_keys, command
+from moss.training.export import export_checkpoint
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@command
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer)
+    print(f"exported {cfg.checkpoint} to {path}")
+
+
+if __name__ == "__main__":
+    check_override_keys(Path(__file__).parent / "conf", "export", sys.argv)
+    main()
