@@ -1,4 +1,4 @@
-"""Fine-tune MOSS-TTSD. Usage: python train.py [+experiment=NAME] [key=value ...] (see conf/train.yaml)."""
+"""Fine-tune MOSS-TTSD. Usage: python train.py [experiment=NAME] [key=value ...] (see conf/train.yaml)."""
 
 from __future__ import annotations
 

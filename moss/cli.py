@@ -116,7 +116,7 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
     """Refuse `key=value` overrides of keys the config does not have, naming the closest real key (exit 2).
 
     Hydra refuses them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices
-    (`model=tiny`, `+experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra.
+    (`model=tiny`, `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra.
     """
     import difflib
 

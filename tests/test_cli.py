@@ -41,7 +41,7 @@ def test_a_config_mistake_is_one_message_with_every_fix_exit_2_and_writes_nothin
     done = run(
         [
             str(REPO / "train.py"),
-            "+experiment=lora_v05",
+            "experiment=lora_v05",
             "model.path=/no/such/model",
             "data.train_shards=/no/such/*.tar",
             "trainer.devices=8",
@@ -176,7 +176,7 @@ def test_validation_with_more_ranks_than_validation_shards_is_the_single_process
 
 
 def test_overrides_of_keys_that_do_not_exist_name_the_closest_real_key(capsys):
-    valid = ["train.py", "+experiment=tiny_lora", "debug=fast_dev_run", "model.optimizer.lr=1e-3,3e-3", "model.path=x"]
+    valid = ["train.py", "experiment=tiny_lora", "debug=fast_dev_run", "model.optimizer.lr=1e-3,3e-3", "model.path=x"]
     check_override_keys(REPO / "conf", "train", [*valid, "hydra.run.dir=x", "~callbacks.progress"])  # no exit
     with pytest.raises(SystemExit) as stop:
         check_override_keys(REPO / "conf", "train", [*valid, "trainer.max_step=5", "data.num_worker=1"])

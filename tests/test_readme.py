@@ -43,7 +43,7 @@ NOT_RUN = {
     "bash benchmarks/": "the GPU machine's check",
     "bash .ci/floor": "the floor-version CI",
 }
-GPU_EXPERIMENT = "+experiment=lora_v05"
+GPU_EXPERIMENT = "experiment=lora_v05"
 CPU_INSTEAD = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1", "strategy=auto"]
 
 

@@ -148,7 +148,7 @@ def test_fsdp_lora_on_cpu_adapter_round_trip_and_sharded_resume(tmp_path):
     run = [
         "strategy=fsdp",
         "trainer.devices=2",
-        "+experiment=tiny_lora",
+        "experiment=tiny_lora",
         "debug=fast_dev_run",
         "data.num_workers=0",
         f"paths.root={tmp_path}",

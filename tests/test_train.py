@@ -63,7 +63,7 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
 
 
 def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
-    overrides = ["+experiment=tiny_lora", "debug=fast_dev_run", "data.num_workers=0"]
+    overrides = ["experiment=tiny_lora", "debug=fast_dev_run", "data.num_workers=0"]
     first = train(compose_train(tmp_path, overrides))
     out = first["output_dir"]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "export" / "model.safetensors").is_file()
@@ -90,13 +90,13 @@ def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_
     cfg = compose_train(
         tmp_path,
         [
-            f"+experiment={experiment}",
+            f"experiment={experiment}",
             f"model.path={real_layout_checkpoint}",
             f"data.train_shards={tiny_shards}",
             *CPU,
         ]
         if experiment != "tiny_lora"
-        else [f"+experiment={experiment}"],
+        else [f"experiment={experiment}"],
     )
     validate(cfg)
     module = instantiate(cfg.model)
@@ -115,7 +115,7 @@ def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_
 
 def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
     cfg = compose_train(
-        tmp_path, ["+experiment=lora_v05", f"model.path={real_layout_checkpoint}", "data.train_shards=/data/*.tar"]
+        tmp_path, ["experiment=lora_v05", f"model.path={real_layout_checkpoint}", "data.train_shards=/data/*.tar"]
     )
     assert cfg.model.peft.r == 16 and cfg.model.peft.lora_alpha == 32 and cfg.model.peft.use_rslora
     assert cfg.model.optimizer.lr == 1e-4 and cfg.model.scheduler.warmup_ratio == 0.1
@@ -127,7 +127,7 @@ def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
 def test_validate_reports_every_problem_with_its_fix(tmp_path):
     cfg = compose_train(
         tmp_path,
-        ["+experiment=lora_v05", "trainer.max_steps=0", "model.net.attn_implementation=flash3", "resume=/nope.ckpt"],
+        ["experiment=lora_v05", "trainer.max_steps=0", "model.net.attn_implementation=flash3", "resume=/nope.ckpt"],
     )
     with pytest.raises(ConfigError) as err:
         validate(cfg)
@@ -192,7 +192,7 @@ def test_too_few_shards_for_the_readers_fails_at_start_up(tmp_path, tiny_shards,
     cfg = compose_train(
         tmp_path,
         [
-            "+experiment=lora_v05",
+            "experiment=lora_v05",
             f"model.path={real_layout_checkpoint}",
             f"data.train_shards={tiny_shards}",
             "data.num_workers=8",

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from moss.model.loss import IGNORE_INDEX
+
 # What `MossTTSD.forward` takes from a batch, and which of those it reads on the host (never moved to a device:
 # packed boundaries and per-channel label counts, read without a device sync).
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "cu_seqlens", "max_seqlen", "label_counts")

@@ -30,9 +30,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from moss.data.collate import PaddingCollator
-from moss.data.packing import IGNORE_INDEX, BestFitPacker, collate_packs
+from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import MANIFEST, SampleError, ShardSample
 from moss.model.delay import apply_delay_pattern, apply_delay_pattern_labels
+from moss.model.loss import IGNORE_INDEX
 from moss.text.prompt import PromptBuilder
 
 log = logging.getLogger(__name__)

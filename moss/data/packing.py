@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from moss.model.loss import IGNORE_INDEX
 
 
 @dataclass

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moss.model.loss import IGNORE_INDEX
+
 CODES = "codes.npy"
 REF_CODES = "ref_codes.npy"
 GRID = "input_ids.npy"
@@ -32,7 +34,6 @@ MANIFEST = "manifest.json"
 FRAME_RATE = 12.5
 CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
-IGNORE = -100
 # 4 hours of codes (180,000 frames x 8): no sample is longer; a header claiming more is refused unread.
 MAX_ELEMENTS = 180_000 * CODEBOOKS
 
@@ -81,7 +82,7 @@ class ShardSample:
             speech, labels = self.grid[:, 1:], self.grid_labels
             if self.grid[:, 0].min(initial=0) < 0 or speech.min(initial=0) < 0 or speech.max(initial=0) > CODEBOOK_SIZE:
                 raise SampleError(f"{self.key}: grid ids out of range (speech channels lie in [0, {CODEBOOK_SIZE}])")
-            if ((labels < 0) & (labels != IGNORE)).any() or labels[:, 1:].max(initial=0) > CODEBOOK_SIZE:
+            if ((labels < 0) & (labels != IGNORE_INDEX)).any() or labels[:, 1:].max(initial=0) > CODEBOOK_SIZE:
                 raise SampleError(f"{self.key}: grid labels out of range (-100 or valid ids)")
             return self
         for name, codes in ((CODES, self.codes), (REF_CODES, self.ref_codes)):

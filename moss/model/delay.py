@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from moss.model.loss import IGNORE_INDEX
 
 
 def apply_delay_pattern(grid: torch.Tensor, text_pad_id: int, speech_pad: int = 1024) -> torch.Tensor:

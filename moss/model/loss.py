@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position without a target (the one definition; CE and data use it)
 DEFAULT_CHUNK_ROWS = 1024
 HEAD_ALIGN = 64  # head rows are padded to a multiple of this for the matmuls (see `_aligned`)
 CHUNK_CLASSES = 152_704  # chunk sizes are set for a head this wide (channel 0, aligned); smaller heads take more rows

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from moss.model.loss import IGNORE_INDEX
+
 SYSTEM_PROMPT = (
     "You are a speech synthesizer that generates natural, realistic, and human-like conversational audio from "
     "dialogue text."
@@ -31,7 +33,6 @@ CONTROL_TOKENS = (
     "<speaker1>",
     "<speaker2>",
 )
-IGNORE_INDEX = -100
 
 
 def map_speaker_tags(text: str) -> str:

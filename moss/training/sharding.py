@@ -57,3 +57,14 @@ def fsdp_strategy(devices="auto", num_nodes: int = 1, save_distributed_checkpoin
         tensor_parallel_size=1,
         save_distributed_checkpoint=save_distributed_checkpoint,
     )
+
+
+def single_device_strategy(accelerator: str = "auto"):
+    """Lightning's `SingleDeviceStrategy` on the first device of `accelerator` (`gpu`/`cuda` -> cuda:0).
+
+    The strategy takes a torch device, not an accelerator name: `device="gpu"` would not build.
+    """
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return SingleDeviceStrategy(device=torch.device("cuda", 0) if cuda else torch.device("cpu"))
