@@ -125,6 +125,7 @@ def test_checkpoint_kinds_and_foreign_models(tmp_path, tiny_tokenizer):
         load_model(tmp_path / "nothing")
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_cli_from_a_lightning_checkpoint_of_a_tiny_run(tmp_path):
     import subprocess
     import sys

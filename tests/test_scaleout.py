@@ -69,6 +69,7 @@ def test_two_rank_run_killed_and_resumed_continues_like_an_uninterrupted_one(tmp
             assert record["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_sigterm_saves_at_a_step_boundary_and_resume_finishes(tmp_path):
     run = ["data.num_workers=0", f"paths.root={tmp_path}", "name=preempted"]
     proc = cli([*COMMON, *run, "trainer.max_steps=400", recorder(tmp_path / "a.jsonl")])
@@ -117,6 +118,7 @@ def test_multirun_with_ddp_writes_one_directory_per_job(tmp_path):
         assert (sweep / job / "train_rank1.log").is_file()  # rank 1 ran this job, inside its directory
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
     from moss.data.synthetic import write_synthetic_corpus
 
@@ -139,6 +141,7 @@ def test_uneven_shards_across_ranks_do_not_hang(tmp_path):
     assert (tmp_path / "uneven" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_fsdp_lora_on_cpu_adapter_round_trip_and_sharded_resume(tmp_path):
     import torch
     from peft import PeftModel

@@ -131,6 +131,7 @@ def stat_of(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_set(tmp_path, codec_files):
     jsonl = write_good_corpus(tmp_path / "raw", n=24)
     common = [

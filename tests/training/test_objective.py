@@ -132,6 +132,7 @@ def test_packed_with_gradient_accumulation(tmp_path, exs, reference):
     assert_same(step_gradients(tmp_path, [micro], accumulate=2), reference)
 
 
+@pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_two_ddp_processes(tmp_path, exs, reference):
     per_rank = [[pack([0], exs=exs), pack([1, 2], exs=exs)], [PaddingCollator(368)([exs[3]]), pack([], exs=exs)]]
     assert_same(step_gradients(tmp_path, per_rank, accumulate=2, devices=2), reference)
