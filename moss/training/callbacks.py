@@ -20,15 +20,19 @@ import time
 import lightning as L
 import torch
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
-
 
 def peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak of a known GPU, by name; None otherwise (CPU, unknown cards)."""
+    """Dense bf16 peak of the GPU in TFLOPs, from Lightning's table.
+
+    The table tells H100 SXM, PCIe and NVL apart. None on the CPU or an unknown card (then
+    `callbacks.throughput.peak_tflops` sets it).
+    """
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    flops = get_available_flops(device, torch.bfloat16)
+    return flops / 1e12 if flops else None
 
 
 def flop_model(moss) -> dict:
@@ -50,7 +54,7 @@ def step_flops(counts: dict, rows: int, sum_sq_rows: int, lora: bool) -> float:
     return per_row * rows + 6 * counts["layers"] * counts["d_attn"] * sum_sq_rows
 
 
-class ThroughputMonitor(L.Callback):
+class FrameThroughput(L.Callback):
     """Logs every `window` micro-batches.
 
     * `perf/real_frames_per_s` (this device, in the progress bar) and `perf/real_frames_per_s_total` (all ranks);
