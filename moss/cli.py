@@ -131,6 +131,15 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # a syntax error: Hydra's own message says where
+    slots = {str(key).removeprefix("optional ") for entry in _defaults(config_dir, config_name) for key in entry}
+    doubled = [o.key_or_group for o in overrides if o.is_add() and o.key_or_group in slots]
+    if doubled:  # Hydra would say "Multiple values for experiment"
+        problems = [
+            f"+{key}=... adds a second {key}; this command already has the slot {key}: write {key}=NAME"
+            for key in doubled
+        ]
+        print("error: " + "\n  - ".join(["invalid overrides:", *problems]), file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -138,9 +147,17 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
     except HydraException:
         return
     known = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+    slots = {
+        str(k).split("/")[-1].removeprefix("optional ")
+        for entry in _defaults(config_dir, config_name)
+        for k in (entry if isinstance(entry, dict) else {})
+    }
     problems = []
     for override in overrides:
         key = override.key_or_group
+        if override.is_add() and key in slots:
+            problems.append(f"+{key}=... adds a second {key}; this config has a {key} slot: write {key}=NAME")
+            continue
         if override.type.name != "CHANGE" or override.package or key.split("/")[0] in groups:
             continue  # an addition, a deletion or a group choice (`model=tiny`, `hydra/job_logging=...`)
         if key.startswith("hydra."):
@@ -155,6 +172,13 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
     if problems:
         print("error: unknown settings:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         sys.exit(USAGE_ERROR)
+
+
+def _defaults(config_dir: Path, config_name: str) -> list:
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(config_dir / f"{config_name}.yaml")).get("defaults") or []
+    return [entry for entry in entries if isinstance(entry, dict)]
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:

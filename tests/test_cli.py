@@ -185,3 +185,9 @@ def test_overrides_of_keys_that_do_not_exist_name_the_closest_real_key(capsys):
     assert "trainer.max_step is not a setting of this command; did you mean trainer.max_steps=...?" in err
     assert "did you mean data.num_workers=...?" in err
     check_override_keys(REPO / "conf", "infer", ["infer.py", "checkpoint=x", "codec=tiny", "text='[S1]a'"])
+
+
+def test_a_plus_on_a_group_with_a_slot_says_to_drop_the_plus(capsys):
+    with pytest.raises(SystemExit) as stop:
+        check_override_keys(REPO / "conf", "train", ["train.py", "+experiment=tiny_lora"])
+    assert stop.value.code == 2 and "write experiment=NAME" in capsys.readouterr().err
