@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, quote_values, require
 from moss.codec import codec_problems, load_codec
 from moss.generation import sampling_config
@@ -44,7 +45,7 @@ def infer(cfg: DictConfig) -> list[Result]:
             attn_implementation=cfg.attn_implementation,
         )
     codec = load_codec(cfg.codec, device=device)
-    generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * 12.5), cfg.seed)
+    generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * FRAME_RATE), cfg.seed)
     synth = Synthesizer(
         model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size
     )

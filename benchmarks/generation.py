@@ -18,10 +18,9 @@ import time
 import torch
 from torch import nn
 
+from moss.audio import FRAME_RATE
 from moss.generation import GenerationConfig, generate
 from moss.model import MossTTSD, MossTTSDConfig
-
-FRAME_RATE = 12.5
 
 
 class SpeechOnly(nn.Module):

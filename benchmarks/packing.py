@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from moss.audio import FRAME_RATE
 from moss.data.collate import PaddingCollator, model_inputs
 from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards
 from moss.data.packing import BestFitPacker, collate_packs
@@ -36,8 +37,6 @@ from moss.model import MossTTSD, MossTTSDConfig
 from moss.text import PromptBuilder
 from moss.text.tiny_tokenizer import TINY_WORDS as WORDS
 from moss.text.tiny_tokenizer import build_tiny_tokenizer
-
-FRAME_RATE = 12.5
 
 
 def reference_lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

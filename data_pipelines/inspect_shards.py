@@ -14,9 +14,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command
 
-FRAME_RATE = 12.5
 EDGES_SECONDS = (0, 5, 10, 30, 60, 120, 300, 600, 960, 1700, float("inf"))
 
 

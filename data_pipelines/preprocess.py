@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.workers import WorkerFailure, WorkerPool
+from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, require
 from moss.codec.checkpoint import codec_problems
 from moss.data.schema import SampleError, ShardSample
@@ -395,7 +396,7 @@ def summarize(output_dir: Path, slots: list[int]) -> dict:
                 reasons[json.loads(line)["reason"].split(" (")[0]] += 1
     summary = {
         "samples": samples,
-        "hours": frames / 12.5 / 3600,
+        "hours": frames / FRAME_RATE / 3600,
         "skipped": sum(reasons.values()),
         "skip_reasons": dict(reasons),
         # Peak resident memory of this process and of the largest finished child (loader or device process).

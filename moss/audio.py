@@ -18,6 +18,7 @@ import torch
 import torchaudio
 
 SAMPLE_RATE = 16000
+FRAME_RATE = 12.5  # codec frames per second (16 kHz / 1280 samples): one row of a code grid
 # torchaudio's sinc kernel has about (out/g) * (in/g) taps; above this soxr resamples in bounded memory.
 MAX_KERNEL_TAPS = 1_000_000
 BLOCK_SECONDS = 10

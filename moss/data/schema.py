@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moss.audio import FRAME_RATE
 from moss.model.loss import IGNORE_INDEX
 
 CODES = "codes.npy"
@@ -31,7 +32,6 @@ GRID = "input_ids.npy"
 GRID_LABELS = "labels.npy"
 META = "json"
 MANIFEST = "manifest.json"
-FRAME_RATE = 12.5
 CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
 # 4 hours of codes (180,000 frames x 8): no sample is longer; a header claiming more is refused unread.

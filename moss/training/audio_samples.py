@@ -15,6 +15,7 @@ import lightning as L
 import soundfile as sf
 import torch
 
+from moss.audio import FRAME_RATE
 from moss.generation import sampling_config
 from moss.inference import Synthesizer, parse_item
 from moss.text.normalize import normalizer
@@ -40,7 +41,7 @@ class AudioSamples(L.Callback):
     ):
         self.codec_paths = (codec_config, codec_checkpoint)
         self.texts, self.output_dir, self.every = list(texts), Path(output_dir), every_n_steps
-        self.generation = sampling_config(dict(sampling or {"do_sample": False}), int(max_seconds * 12.5), seed)
+        self.generation = sampling_config(dict(sampling or {"do_sample": False}), int(max_seconds * FRAME_RATE), seed)
         self.normalize = normalize
         self._codec = None
         self._done_step = -1
