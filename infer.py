@@ -31,84 +31,20 @@ def infer(cfg: DictConfig) -> list[Result]:
     """Synthesise every item of `cfg.input` (or `cfg.text`); returns one Result per item, in input order."""
     check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if Path(cfg.checkpoint).suffix == ".ckpt":  # a training run's checkpoint: the training layer reads it
-        from moss.training.export import model_from_checkpoint
-
-        model, tokenizer = model_from_checkpoint(cfg.checkpoint, cfg.tokenizer, device, cfg.attn_implementation)
-    else:  # a model folder: no Lightning involved
-        model, tokenizer = load_model(
-            cfg.checkpoint,
-            base_model=cfg.base_model,
-            tokenizer=cfg.tokenizer,
-            device=device,
-            dtype=cfg.dtype,
-            attn_implementation=cfg.attn_implementation,
-        )
+    model, tokenizer = _load(cfg, device)
     codec = load_codec(cfg.codec, device=device)
     generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * FRAME_RATE), cfg.seed)
     synth = Synthesizer(
         model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size
     )
-    raw = read_items(cfg.input) if cfg.input else [{"text": cfg.text}]
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = cfg.base_path or (str(Path(cfg.input).parent) if cfg.input else None)
-    results: dict[int, Result] = {}
-    items: list[Item] = []
-    for index, data in enumerate(raw):
-        try:
-            if isinstance(data, Exception):
-                raise data
-            items.append(parse_item(data, index, base, cfg.silence_seconds))
-        except Exception as err:  # noqa: BLE001 - one bad item is reported; the others are still produced
-            reason = str(err) if isinstance(err, ItemError) else f"{type(err).__name__}: {err}"
-            results[index] = Result(index, _text_of(data), error=reason)
-            log.warning("item %d skipped: %s", index, reason)
-
-    def path_of(item: Item) -> Path:
-        return out_dir / f"output_{item.index:04d}.{cfg.format}"
-
-    def result(item: Item, samples: int, first: float | None = None) -> Result:
-        if samples == 0:
-            path_of(item).unlink(missing_ok=True)
-            return Result(item.index, item.text, error="generated no audio (the model ended at once)")
-        text = normalize_text(item.text, cfg.normalize) if cfg.normalize else item.text
-        return Result(
-            item.index, item.text, text, str(path_of(item)), samples / codec.output_sample_rate, first_audio_s=first
-        )
-
-    def write(item: Item, wave: torch.Tensor) -> Result:
-        sf.write(path_of(item), wave.float().cpu().numpy(), codec.output_sample_rate, subtype=cfg.subtype)
-        return result(item, wave.numel())
-
-    def stream(item: Item) -> Result:
-        with sf.SoundFile(path_of(item), "w", codec.output_sample_rate, 1, subtype=cfg.subtype) as f:
-            count = [0]
-
-            def on_chunk(wave):
-                f.write(wave.float().cpu().numpy())
-                count[0] += wave.numel()
-
-            first = synth.stream(item, on_chunk)
-        return result(item, count[0], first)
-
-    def batch(group: list[Item]) -> list[Result]:
-        """A batch, or, when it fails, each of its items alone: one failing item costs only itself."""
-        try:
-            return [stream(group[0])] if cfg.streaming else synth.synthesize(group, write)
-        except Exception as err:  # noqa: BLE001 - reported per item below
-            if len(group) > 1:
-                log.warning("a batch of %d items failed (%s); synthesising them one by one", len(group), err)
-                return [res for item in group for res in batch([item])]
-            log.warning("item %d failed: %s", group[0].index, err)
-            return [Result(group[0].index, group[0].text, error=f"synthesis failed ({type(err).__name__}: {err})")]
-
+    writer = AudioWriter(Path(cfg.output_dir), cfg.format, cfg.subtype, codec.output_sample_rate, cfg.normalize)
+    items, results = _parse_items(cfg)
     bar = tqdm(total=len(items), unit="item", disable=not cfg.progress)
     size = 1 if cfg.streaming else cfg.batch_size
     try:
         for start in range(0, len(items), size):
             group = items[start : start + size]
-            for res in batch(group):
+            for res in _synthesize(group, synth, writer, cfg.streaming):
                 results[res.index] = res
             bar.update(len(group))
     finally:  # results.jsonl is written whatever happens, with the items not reached marked as such
@@ -116,18 +52,107 @@ def infer(cfg: DictConfig) -> list[Result]:
         for item in items:
             results.setdefault(item.index, Result(item.index, item.text, error="not synthesised: the run stopped"))
         ordered = [results[i] for i in sorted(results)]
-        with open(out_dir / "results.jsonl", "wb") as f:
-            for res in ordered:
-                line = json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False)
-                line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")  # line breaks to splitlines()
-                f.write(line.encode("utf-8", "backslashreplace") + b"\n")
+        writer.write_results(ordered)
     done = [r for r in ordered if r.error is None]
     summary = (
-        f"wrote {len(done)} of {len(ordered)} items to {out_dir} ({sum(r.duration_s for r in done):.1f} s of audio)"
+        f"wrote {len(done)} of {len(ordered)} items to {writer.out_dir} "
+        f"({sum(r.duration_s for r in done):.1f} s of audio)"
     )
     summary += "".join(f"\n  item {r.index}: {r.error}" for r in ordered if r.error)
     print(summary.encode("utf-8", "backslashreplace").decode("utf-8"))
     return ordered
+
+
+def _load(cfg: DictConfig, device: str):
+    """The model and tokenizer of `cfg.checkpoint`: a model folder (no Lightning), or a run's `.ckpt`."""
+    if Path(cfg.checkpoint).suffix == ".ckpt":  # a training run's checkpoint: the training layer reads it
+        from moss.training.export import model_from_checkpoint
+
+        return model_from_checkpoint(cfg.checkpoint, cfg.tokenizer, device, cfg.attn_implementation)
+    return load_model(
+        cfg.checkpoint,
+        base_model=cfg.base_model,
+        tokenizer=cfg.tokenizer,
+        device=device,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def _parse_items(cfg: DictConfig) -> tuple[list[Item], dict[int, Result]]:
+    """The valid items of the input, and a Result with its error for each rejected line."""
+    raw = read_items(cfg.input) if cfg.input else [{"text": cfg.text}]
+    base = cfg.base_path or (str(Path(cfg.input).parent) if cfg.input else None)
+    items, rejected = [], {}
+    for index, data in enumerate(raw):
+        try:
+            if isinstance(data, Exception):
+                raise data
+            items.append(parse_item(data, index, base, cfg.silence_seconds))
+        except Exception as err:  # noqa: BLE001 - one bad item is reported; the others are still produced
+            reason = str(err) if isinstance(err, ItemError) else f"{type(err).__name__}: {err}"
+            rejected[index] = Result(index, _text_of(data), error=reason)
+            log.warning("item %d skipped: %s", index, reason)
+    return items, rejected
+
+
+def _synthesize(group: list[Item], synth: Synthesizer, writer: AudioWriter, streaming: bool) -> list[Result]:
+    """A batch, or, when it fails, each of its items alone: one failing item costs only itself."""
+    try:
+        return [writer.stream(group[0], synth)] if streaming else synth.synthesize(group, writer.write)
+    except Exception as err:  # noqa: BLE001 - reported per item below
+        if len(group) > 1:
+            log.warning("a batch of %d items failed (%s); synthesising them one by one", len(group), err)
+            return [res for item in group for res in _synthesize([item], synth, writer, streaming)]
+        log.warning("item %d failed: %s", group[0].index, err)
+        return [Result(group[0].index, group[0].text, error=f"synthesis failed ({type(err).__name__}: {err})")]
+
+
+class AudioWriter:
+    """Writes each item's audio (`output_NNNN.<format>`) and the run's `results.jsonl` into `out_dir`."""
+
+    def __init__(self, out_dir: Path, fmt: str, subtype: str | None, sample_rate: int, normalize: str | None):
+        self.out_dir, self.format, self.subtype = out_dir, fmt, subtype
+        self.sample_rate, self.normalize = sample_rate, normalize
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, item: Item) -> Path:
+        return self.out_dir / f"output_{item.index:04d}.{self.format}"
+
+    def result(self, item: Item, samples: int, first: float | None = None) -> Result:
+        """The item's Result; no audio at all is an error (the model ended at once), and no file is left."""
+        if samples == 0:
+            self.path(item).unlink(missing_ok=True)
+            return Result(item.index, item.text, error="generated no audio (the model ended at once)")
+        text = normalize_text(item.text, self.normalize) if self.normalize else item.text
+        return Result(
+            item.index, item.text, text, str(self.path(item)), samples / self.sample_rate, first_audio_s=first
+        )
+
+    def write(self, item: Item, wave: torch.Tensor) -> Result:
+        sf.write(self.path(item), wave.float().cpu().numpy(), self.sample_rate, subtype=self.subtype)
+        return self.result(item, wave.numel())
+
+    def stream(self, item: Item, synth: Synthesizer) -> Result:
+        """Synthesise one item, writing its audio window by window as the decoder produces it."""
+        samples = 0
+        with sf.SoundFile(self.path(item), "w", self.sample_rate, 1, subtype=self.subtype) as f:
+
+            def on_chunk(wave: torch.Tensor) -> None:
+                nonlocal samples
+                f.write(wave.float().cpu().numpy())
+                samples += wave.numel()
+
+            first = synth.stream(item, on_chunk)
+        return self.result(item, samples, first)
+
+    def write_results(self, results: list[Result]) -> None:
+        """`results.jsonl`, one line per item in input order; U+2028/2029 escaped so every reader splits lines alike."""
+        with open(self.out_dir / "results.jsonl", "wb") as f:
+            for res in results:
+                line = json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False)
+                line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+                f.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
 
 CHOICES = {"format": ("wav", "flac"), "normalize": ("v0.5", "v0.7", None), "dtype": ("float32", "bfloat16")}
