@@ -191,3 +191,16 @@ def test_a_plus_on_a_group_with_a_slot_says_to_drop_the_plus(capsys):
     with pytest.raises(SystemExit) as stop:
         check_override_keys(REPO / "conf", "train", ["train.py", "+experiment=tiny_lora"])
     assert stop.value.code == 2 and "write experiment=NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode, expected", [("bar", "4/4"), ("log", "step 4/4 (100%)")])
+def test_progress_counts_optimiser_steps_of_the_whole_run(tmp_path, capsys, caplog, mode, expected):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="moss.training.progress")
+    overrides = ["debug=fast_dev_run", *FAST, f"callbacks.progress.bar={mode}", "callbacks.progress.interval_s=0"]
+    train(compose_train(tmp_path, overrides))
+    err = capsys.readouterr().err
+    shown = err if mode == "bar" else caplog.text
+    assert expected in shown, shown[-2000:]
+    assert "Epoch" not in err  # Lightning's epoch bar is off
