@@ -1,13 +1,16 @@
-"""Exporting trained models: merged HF-format folders and peft adapters.
+"""A run's model outside the run: merged HF-format folders, peft adapters, and a `.ckpt` read back.
 
 The merged folder has the original layout (config.json + safetensors, tied heads omitted) plus the tokenizer
-files, so `MossTTSD.from_pretrained` and the original OpenMOSS loader both read it.
+files, so `MossTTSD.from_pretrained` and the original OpenMOSS loader both read it. A Lightning checkpoint
+records its base model as plain data (`describe_base`, written by the LitModule), and
+`model_from_checkpoint` rebuilds the model from that record alone.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +20,24 @@ from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.checkpoint import usual_permissions
 from moss.model.lora import apply_lora, merged, unwrap
 from moss.training.sharding import full_state_dict, is_sharded
+
+# The key of a Lightning checkpoint that records the run's base model (written by the LitModule, read below).
+BASE_KEY = "moss_base"
+
+
+def describe_base(net: Callable, config: MossTTSDConfig) -> dict:
+    """What the frozen base of a run is, as plain data: a checkpoint folder, or a seeded random init.
+
+    Saved in every Lightning checkpoint, so inference and export rebuild the model from this description
+    instead of instantiating anything named in a run folder's YAML (which could name any callable).
+    """
+    func, keywords = getattr(net, "func", None), dict(getattr(net, "keywords", {}) or {})
+    if func == MossTTSD.from_pretrained and keywords.get("path") is not None:
+        return {"kind": "pretrained", "path": str(Path(keywords["path"]).resolve())}
+    if func == MossTTSD.from_config:
+        seed = keywords.get("seed")
+        return {"kind": "random", "seed": None if seed is None else int(seed), "config": config.to_dict("moss_ttsd")}
+    return {"kind": "custom"}
 
 
 def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -> torch.nn.Module | None:
@@ -110,8 +131,6 @@ def model_from_checkpoint(
     Nothing is instantiated from the run folder: a `.hydra/config.yaml` can name any callable, so it is not read.
     """
     from transformers import AutoTokenizer
-
-    from moss.training.lit_module import BASE_KEY
 
     path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -7,7 +7,6 @@ the right device; the loss lives in `moss.model.loss`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -17,25 +16,10 @@ from moss.data.collate import HOST_KEYS, model_inputs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, unwrap
 from moss.model.loss import weighted_loss
+from moss.training.export import BASE_KEY, describe_base
 from moss.training.sharding import is_sharded, shard_model
 
 FINETUNE_CHANNEL_WEIGHTS = (8, 2, 1, 1, 1, 1, 1, 1)
-BASE_KEY = "moss_base"
-
-
-def describe_base(net: Callable, config: MossTTSDConfig) -> dict:
-    """What the frozen base of a run is, as plain data: a checkpoint folder, or a seeded random init.
-
-    Saved in every Lightning checkpoint, so inference and export rebuild the model from this description
-    instead of instantiating anything named in a run folder's YAML (which could name any callable).
-    """
-    func, keywords = getattr(net, "func", None), dict(getattr(net, "keywords", {}) or {})
-    if func == MossTTSD.from_pretrained and keywords.get("path") is not None:
-        return {"kind": "pretrained", "path": str(Path(keywords["path"]).resolve())}
-    if func == MossTTSD.from_config:
-        seed = keywords.get("seed")
-        return {"kind": "random", "seed": None if seed is None else int(seed), "config": config.to_dict("moss_ttsd")}
-    return {"kind": "custom"}
 
 
 class MossTTSDLitModule(L.LightningModule):
