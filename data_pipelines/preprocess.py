@@ -40,22 +40,13 @@ from moss.cli import check_override_keys, command, fail, require
 from moss.codec.checkpoint import codec_problems
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
+from moss.distributed import launcher_rank
 from moss.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def launcher_rank() -> tuple[int, int, int | None]:
-    """(global rank, world size, local rank) from torchrun or SLURM; (0, 1, None) when run directly."""
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_NTASKS" in env:
-        return int(env.get("SLURM_PROCID", 0)), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, None
-
-
 def local_devices(setting, local_rank: int | None) -> list[str]:
     """`auto`: one device per process under a launcher, else every local GPU, else the CPU."""
     if setting == "cpu" or not torch.cuda.is_available():

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from moss.distributed import is_initialized, rank_and_world
 from moss.errors import ConfigError
 
 
@@ -38,11 +39,22 @@ class StepWindowLoader:
         self._window_start: dict | None = None
         self._offset = 0
         self._skip = 0
+        self._active: Iterator[dict] | None = None
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[dict]:
+        self._active = self._windows()
+        return self._active
+
+    def close(self) -> None:
+        """Let go of the loader: its worker processes stop once nothing else holds it (end of training)."""
+        if self._active is not None:
+            self._active.close()
+        self._active, self.loader = None, None
+
+    def _windows(self) -> Iterator[dict]:
         iterator = iter(self.loader)
         while True:
             self._window_start = self.loader.state_dict()
@@ -74,7 +86,7 @@ class StepWindowLoader:
     def state_dict(self) -> dict:
         """`{"ranks": [state of rank 0, rank 1, ...]}`; a collective call under torch.distributed."""
         local = self._local_state()
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_initialized():
             return {"ranks": [local]}
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, local)
@@ -88,9 +100,7 @@ class StepWindowLoader:
                 position belongs to one reader layout).
         """
         ranks = state["ranks"]
-        rank, world = (
-            (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        )
+        rank, world = rank_and_world()
         if len(ranks) != world:
             raise ConfigError(
                 f"the checkpoint's data streams come from {len(ranks)} ranks, this run has {world}; resume with "
@@ -132,7 +142,7 @@ class EvenBatches:
         self.loader, self.placeholder = loader, placeholder
 
     def __iter__(self) -> Iterator[dict]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not is_initialized() or dist.get_world_size() == 1:
             yield from self.loader
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
