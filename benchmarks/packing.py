@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 
 from moss.audio import FRAME_RATE
 from moss.data.collate import PaddingCollator, model_inputs
-from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards
+from moss.data.dataset import ShardStream, expand_shards
+from moss.data.examples import ExampleBuilder
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import ShardSample
 from moss.data.writer import write_shards

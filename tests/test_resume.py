@@ -1,6 +1,7 @@
 """Stopping and resuming continues with exactly the batches and losses of an uninterrupted run (invariant 6)."""
 
 import json
+import multiprocessing
 
 import pytest
 
@@ -34,6 +35,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, accumulate):
             f"+callbacks.recorder={{_target_: tests.conftest.BatchRecorder, path: '{log}'}}",
         ]
         train(compose_train(tmp_path, overrides))
+        assert not multiprocessing.active_children(), "loader workers outlived the run"
         return log
 
     straight = records(run("straight", []))

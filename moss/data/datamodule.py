@@ -13,12 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards, manifest_samples, rank_and_world
+from moss.data.dataset import ShardStream, expand_shards, manifest_samples
+from moss.data.examples import ExampleBuilder
 from moss.data.loader import EvenBatches, StepWindowLoader
 from moss.data.synthetic import write_synthetic_corpus
+from moss.distributed import rank_and_world
 from moss.model.config import MossTTSDConfig
 from moss.text.prompt import PromptBuilder
 
@@ -89,6 +92,7 @@ class MossDataModule(L.LightningDataModule):
         )
         self.report_dir, self.synthetic = report_dir, synthetic
         self.tokenizer, self.model_config = tokenizer, model_config
+        self._train_window: StepWindowLoader | None = None
         prompt = PromptBuilder(
             tokenizer,
             speech_offset=model_config.speech_offset,
@@ -162,11 +166,11 @@ class MossDataModule(L.LightningDataModule):
             pin_memory=self._pin_memory,
             worker_init_fn=ignore_interrupts,
         )
-        self._train_loader = loader
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
-        return StepWindowLoader(loader, accumulate=accumulate, length=max_steps * accumulate)
+        self._train_window = StepWindowLoader(loader, accumulate=accumulate, length=max_steps * accumulate)
+        return self._train_window
 
     def val_dataloader(self) -> EvenBatches | list:
         if not self.val_urls:
@@ -181,13 +185,11 @@ class MossDataModule(L.LightningDataModule):
         return EvenBatches(loader, stream.placeholder_batch)
 
     def teardown(self, stage: str | None = None) -> None:
-        """Stop the persistent loader workers now, rather than whenever the loader is garbage-collected."""
-        loader = getattr(self, "_train_loader", None)
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._train_loader = None
+        """Stop the loader workers now, rather than whenever the loader is garbage-collected."""
+        if self._train_window is not None:
+            self._train_window.close()
+            self._train_window = None
 
     @property
     def _pin_memory(self) -> bool:
-        return bool(self.trainer and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
+        return bool(self.trainer and isinstance(self.trainer.accelerator, CUDAAccelerator))

@@ -96,11 +96,12 @@ class AudioSamples(L.Callback):
 
     @staticmethod
     def _publish(trainer, index: int, wave: torch.Tensor, rate: int, step: int) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
         for logger in trainer.loggers:
-            name = type(logger).__name__
-            if name == "TensorBoardLogger":
+            if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_audio(f"samples/{index}", wave[None], step, sample_rate=rate)
-            elif name == "WandbLogger":
+            elif isinstance(logger, WandbLogger):
                 import wandb
 
                 logger.experiment.log({f"samples/{index}": wandb.Audio(wave.numpy(), sample_rate=rate)}, step=step)

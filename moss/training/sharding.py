@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from moss.model.lora import unwrap
 
@@ -30,7 +31,7 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) 
 
 def is_sharded(model: nn.Module) -> bool:
     """True when parameters are DTensors (FSDP2)."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

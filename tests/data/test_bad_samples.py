@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from moss.data.dataset import ExampleBuilder, ShardStream, expand_shards
+from moss.data.dataset import ShardStream, expand_shards
+from moss.data.examples import ExampleBuilder
 from moss.data.schema import ShardSample
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moss.data.dataset import ExampleBuilder
+from moss.data.examples import ExampleBuilder
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.synthetic import generate_samples
 from moss.model import MossTTSD

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from moss.data.collate import PaddingCollator
-from moss.data.dataset import ExampleBuilder, rank_and_world
+from moss.data.examples import ExampleBuilder
 from moss.data.loader import StepWindowLoader
 from moss.data.packing import collate_packs
 from moss.data.synthetic import generate_samples
+from moss.distributed import rank_and_world
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.loss import channel_cross_entropy, normalized_weights
 from moss.text import PromptBuilder

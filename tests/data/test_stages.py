@@ -1,0 +1,136 @@
+"""The stream's stages: what their saved states hold, and resuming at every micro-batch."""
+
+import json
+
+import pytest
+
+from moss.data.dataset import ShardStream, expand_shards
+from moss.data.examples import ExampleBuilder
+from moss.data.stages import ShardReader, _tar_samples
+from moss.data.synthetic import generate_samples
+from moss.data.writer import write_shards
+from moss.text import PromptBuilder
+
+PACKER = {"budget": 512, "window": 16, "min_fill": 0.97}  # leaves samples in the packer, packs in its queue
+
+
+@pytest.fixture
+def builder(tiny_tokenizer):
+    return ExampleBuilder(PromptBuilder(tiny_tokenizer, speech_offset=384), text_pad_id=368, max_rows=512)
+
+
+def make(urls, builder, packed, repeat=True, shuffle=True):
+    if packed:
+        return ShardStream(urls, builder, repeat, shuffle, seed=7, shuffle_buffer=8, packer=PACKER, packs_per_batch=2)
+    return ShardStream(urls, builder, repeat, shuffle, seed=7, shuffle_buffer=8, batch_size=3)
+
+
+def held_keys(stream, urls) -> list[str]:
+    """Keys of the samples that the saved stage states hold (buffer, packer, batcher), looked up by location."""
+    state = stream.state_dict()
+    reader = ShardReader(urls, 0, 1, stream.shuffle, stream.seed, stream.repeat, skips=None, liveness=None)
+    keys = {}
+    for epoch, pos, index in {tuple(loc) for name in ("buffer", "packer", "batcher") for loc in _locs(state, name)}:
+        for i, raw in enumerate(_tar_samples(reader.shards(epoch)[pos])):
+            if i == index:
+                keys[(epoch, pos, index)] = raw["__key__"]
+    return sorted(keys.values())
+
+
+def _locs(state, name):
+    stage = state.get(name, {})
+    flat = []
+    for key in ("buffer", "pending", "out", "group"):
+        for item in stage.get(key, []):
+            flat.extend(item if item and isinstance(item[0], list) else [item])
+    return flat
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_every_sample_read_is_either_emitted_or_held_in_a_stage(tiny_shards, builder, packed):
+    """At every micro-batch: samples read so far (reader position) = samples emitted + samples the states hold."""
+    urls = expand_shards(str(tiny_shards))
+    stream = make(urls, builder, packed, repeat=False, shuffle=True)
+    order = ShardReader(urls, 0, 1, True, 7, False, skips=None, liveness=None).shards(0)
+    per_shard = [[raw["__key__"] for raw in _tar_samples(url)] for url in order]
+    emitted = []
+    for batch in stream:
+        emitted += batch["keys"]
+        reader = stream.state_dict()["reader"]
+        if reader["epoch"] > 0:
+            read = [k for keys in per_shard for k in keys]
+        else:
+            read = [k for keys in per_shard[: reader["shard"]] for k in keys]
+            read += per_shard[reader["shard"]][: reader["index"]] if reader["shard"] < len(per_shard) else []
+        assert sorted(emitted + held_keys(stream, urls)) == sorted(read)
+        assert len(set(emitted)) == len(emitted)
+    assert sorted(emitted) == sorted(s.key for s in generate_samples(48, seed=3))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_resuming_at_any_micro_batch_continues_exactly(tiny_shards, builder, packed):
+    urls = expand_shards(str(tiny_shards))
+    reference = make(urls, builder, packed)
+    iterator = iter(reference)
+    states, batches = [], []
+    for _ in range(24):  # two passes and more
+        batches.append(next(iterator)["keys"])
+        states.append(json.loads(json.dumps(reference.state_dict())))
+    for k in range(0, 21, 2 if packed else 3):
+        resumed = make(urls, builder, packed)
+        resumed.load_state_dict(states[k])
+        again = iter(resumed)
+        assert [next(again)["keys"] for _ in range(3)] == batches[k + 1 : k + 4], f"resumed after batch {k}"
+
+
+def test_a_state_saved_before_the_stage_split_still_resumes(tiny_shards, builder):
+    """Checkpoints written by the one-generator stream (a flat state) restore to the same continuation."""
+    urls = expand_shards(str(tiny_shards))
+    for packed in (True, False):
+        reference = make(urls, builder, packed)
+        iterator = iter(reference)
+        for _ in range(5):
+            next(iterator)
+        # A point with samples waiting in the packer, and no packs made but not yet batched (the flat layout
+        # had no place for those).
+        for _ in range(40):
+            staged = reference.state_dict()
+            if not packed or (staged["packer"]["pending"] and not staged["packer"]["out"]):
+                break
+            next(iterator)
+        assert staged["buffer"]["buffer"] and (not packed or staged["packer"]["pending"])
+        tail = [next(iterator)["keys"] for _ in range(4)]
+        flat = {**staged["reader"], **staged["buffer"], "skipped": staged["skipped"]}
+        if packed:
+            flat.update(
+                pending=staged["packer"]["pending"], ages=staged["packer"]["ages"], ready=staged["batcher"]["group"]
+            )
+        else:
+            flat.update(pending=staged["batcher"]["group"], ages=[], ready=[])
+        resumed = make(urls, builder, packed)
+        resumed.load_state_dict(json.loads(json.dumps(flat)))
+        again = iter(resumed)
+        assert [next(again)["keys"] for _ in range(4)] == tail
+
+
+def test_resuming_with_another_packing_setting_is_refused(tiny_shards, builder):
+    urls = expand_shards(str(tiny_shards))
+    packed = make(urls, builder, packed=True)
+    next(iter(packed))
+    padded = make(urls, builder, packed=False)
+    padded.load_state_dict(packed.state_dict())
+    with pytest.raises(Exception, match="same data.packing setting"):
+        next(iter(padded))
+
+
+def test_a_training_stream_of_only_over_long_samples_stops_with_the_shards_named(tmp_path, builder):
+    import numpy as np
+
+    from moss.data.schema import ShardSample
+
+    long = [ShardSample(f"long-{i}", np.zeros((2000, 8), np.int16), "[S1]hello", "test") for i in range(3)]
+    write_shards(long, tmp_path, prefix="long", max_samples=3)
+    stream = ShardStream(expand_shards(str(tmp_path)), builder, repeat=True, shuffle=False)
+    with pytest.raises(RuntimeError, match="found no usable sample .* in 3 passes over its 1 shards"):
+        next(iter(stream))
+    assert stream.skipped == {"over-long sample": 3}  # counted once, in the first pass
