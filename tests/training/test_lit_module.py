@@ -58,6 +58,17 @@ def test_warmup_cosine_schedule():
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5))) and lrs[100] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="set trainer.max_steps"):
         warmup_cosine(opt, total_steps=0)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched = warmup_cosine(opt, total_steps=20, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [2.0 * s / 4 for s in range(4)] + [
+        2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16))) for s in range(4, 21)
+    ]
+    assert lrs == pytest.approx(expected) and lrs[-1] == pytest.approx(0.2)
 
 
 def _perturb_lora(model):
