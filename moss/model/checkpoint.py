@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -114,34 +113,17 @@ def usual_permissions(*paths: Path) -> None:
 
 
 def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", max_shard_size: int = 5 * 2**30):
-    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size` bytes)."""
+    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size` bytes).
+
+    Sharding, the index and the removal of an earlier export's shards are huggingface_hub's
+    `save_torch_state_dict`, the writer transformers uses.
+    """
+    from huggingface_hub import save_torch_state_dict
+
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out_dir, layout=layout)
-    state = {
-        k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)
-    }
-    shards, current, size = [], {}, 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = state[key]
-        size += nbytes
-    shards.append(current)
-    for stale in WEIGHT_FILES:
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)}
+    for stale in WEIGHT_FILES:  # a .bin export of the same folder would be read before the new weights
         (out_dir / stale).unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        usual_permissions(out_dir / "model.safetensors")
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        usual_permissions(out_dir / name)
-        for key, tensor in shard.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size)
+    usual_permissions(*weight_files(out_dir))

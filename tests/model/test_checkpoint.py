@@ -1,6 +1,8 @@
 """Checkpoint I/O: our saved folders reload to the same logits in every layout; bad folders fail clearly."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -40,6 +42,11 @@ def test_sharded_and_bin_checkpoints_load(tiny_model, tmp_path):
     for folder in (sharded, binary):
         for a, b in zip(reference, logits_of(MossTTSD.from_pretrained(folder), ids), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in weight_files(sharded)} == {0o666 & ~mask}
+    tiny_model.save_pretrained(sharded)  # a second export into the folder replaces the shards and the index
+    assert sorted(p.name for p in sharded.iterdir()) == ["config.json", "model.safetensors"]
 
 
 @requires_golden
