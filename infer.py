@@ -21,7 +21,8 @@ from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, quote_values, require
 from moss.codec import codec_problems, load_codec
 from moss.generation import sampling_config
-from moss.inference import Item, ItemError, Result, Synthesizer, load_model, parse_item, read_items
+from moss.inference import Item, ItemError, Result, Synthesizer, parse_item, read_items
+from moss.model.checkpoint import load_model
 from moss.text.normalize import normalize_text, normalizer
 
 log = logging.getLogger("infer")

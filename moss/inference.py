@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from moss.audio import SAMPLE_RATE, read_audio
-from moss.errors import ConfigError
 from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
 from moss.model.delay import apply_delay_pattern
 from moss.text.prompt import PromptBuilder
@@ -255,58 +254,3 @@ def read_items(path: str | Path, max_line_bytes: int = 1 << 20) -> list[dict | E
         except ItemError as err:
             out.append(err)
     return out
-
-
-def load_model(
-    checkpoint: str | Path,
-    *,
-    base_model: str | None = None,
-    tokenizer: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    attn_implementation: str = "sdpa",
-):
-    """A MossTTSD (LoRA merged) and its tokenizer from a model folder, without Lightning or Hydra.
-
-    `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`) or a peft adapter folder (its base from
-    `base_model` or the adapter's `base_model_name_or_path`). A training run's `.ckpt` is the training layer's
-    to read (`moss.training.export.model_from_checkpoint`; `infer.py` takes either). `tokenizer` overrides where
-    the tokenizer is read from.
-
-    Raises:
-        FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
-    """
-    from transformers import AutoTokenizer
-
-    from moss.model import MossTTSD
-
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
-        if not (Path(base) / "config.json").is_file():
-            raise ConfigError(
-                f"the base model of the adapter {path} ({base}, recorded in adapter_config.json) is not a model "
-                f"folder here; set base_model=/path/to/MOSS-TTSD"
-            )
-        model = MossTTSD.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation, device=device)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        tok_path = tokenizer or base
-    elif path.is_dir() and (path / "config.json").is_file():
-        model = MossTTSD.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
-        tok_path = tokenizer or path
-    elif path.is_file() and path.suffix == ".ckpt":
-        raise ConfigError(
-            f"checkpoint={path} is a training run's checkpoint: load it with "
-            f"moss.training.export.model_from_checkpoint, or export it once (python export.py checkpoint={path} "
-            f"output_dir=...) and use the folder"
-        )
-    else:
-        raise FileNotFoundError(
-            f"checkpoint={path} is neither an HF-format folder (config.json), a LoRA adapter folder "
-            f"(adapter_config.json) nor a Lightning .ckpt file"
-        )
-    return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))

@@ -73,7 +73,7 @@ def test_inference_of_a_model_folder_needs_neither_lightning_nor_hydra(tmp_path,
     MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
     code = (
-        "import sys; from moss.inference import Synthesizer, load_model; "
+        "import sys; from moss.inference import Synthesizer; from moss.model.checkpoint import load_model; "
         f"model, tok = load_model({str(tmp_path / 'model')!r}); "
         "loaded = sorted(m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules); "
         "assert not loaded, loaded"

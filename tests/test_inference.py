@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from infer import infer
-from moss.inference import ItemError, load_model, parse_item
+from moss.inference import ItemError, parse_item
 from moss.model import ConfigError
+from moss.model.checkpoint import load_model
 from tests.conftest import REPO, compose_config, requires_golden
 
 

@@ -75,7 +75,7 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
     assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
     # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
-    from moss.inference import load_model
+    from moss.model.checkpoint import load_model
     from moss.training.export import model_from_checkpoint
 
     from_ckpt, _ = model_from_checkpoint(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too

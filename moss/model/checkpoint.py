@@ -4,6 +4,8 @@ Readable: `model.safetensors`, sharded `model.safetensors.index.json`, `pytorch_
 index; `.bin` files are opened with `torch.load(weights_only=True)` only, never as arbitrary pickle.
 Written: `config.json` + `model.safetensors` (or shards + index), keys `model.embedding_list.*`,
 `model.language_model.*`; tied `lm_heads.*` are omitted, as the original's `save_pretrained` does.
+`load_model` opens any model folder this project meets (ours, the original's, a peft adapter over either)
+with the tokenizer beside it; a training run's `.ckpt` is the training layer's to read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from moss.errors import ConfigError
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -127,3 +131,58 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", 
         (out_dir / stale).unlink(missing_ok=True)
     save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size)
     usual_permissions(*weight_files(out_dir))
+
+
+def load_model(
+    checkpoint: str | Path,
+    *,
+    base_model: str | None = None,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+):
+    """A MossTTSD (LoRA merged) and its tokenizer from a model folder, without Lightning or Hydra.
+
+    `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`) or a peft adapter folder (its base from
+    `base_model` or the adapter's `base_model_name_or_path`). A training run's `.ckpt` is the training layer's
+    to read (`moss.training.export.model_from_checkpoint`; `infer.py` takes either). `tokenizer` overrides where
+    the tokenizer is read from.
+
+    Raises:
+        FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
+    """
+    from transformers import AutoTokenizer
+
+    from moss.model.modeling import MossTTSD
+
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
+        if not (Path(base) / "config.json").is_file():
+            raise ConfigError(
+                f"the base model of the adapter {path} ({base}, recorded in adapter_config.json) is not a model "
+                f"folder here; set base_model=/path/to/MOSS-TTSD"
+            )
+        model = MossTTSD.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        tok_path = tokenizer or base
+    elif path.is_dir() and (path / "config.json").is_file():
+        model = MossTTSD.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+        tok_path = tokenizer or path
+    elif path.is_file() and path.suffix == ".ckpt":
+        raise ConfigError(
+            f"checkpoint={path} is a training run's checkpoint: load it with "
+            f"moss.training.export.model_from_checkpoint, or export it once (python export.py checkpoint={path} "
+            f"output_dir=...) and use the folder"
+        )
+    else:
+        raise FileNotFoundError(
+            f"checkpoint={path} is neither an HF-format folder (config.json), a LoRA adapter folder "
+            f"(adapter_config.json) nor a Lightning .ckpt file"
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))

@@ -97,7 +97,7 @@ def export_checkpoint(
 
     Accepts a run's Lightning `.ckpt`, a LoRA adapter folder or an HF folder.
     """
-    from moss.inference import load_model
+    from moss.model.checkpoint import load_model
 
     if Path(checkpoint).suffix == ".ckpt":
         model, tok = model_from_checkpoint(checkpoint, tokenizer)
