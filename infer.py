@@ -67,7 +67,7 @@ def infer(cfg: DictConfig) -> list[Result]:
 def _load(cfg: DictConfig, device: str):
     """The model and tokenizer of `cfg.checkpoint`: a model folder (no Lightning), or a run's `.ckpt`."""
     if Path(cfg.checkpoint).suffix == ".ckpt":  # a training run's checkpoint: the training layer reads it
-        from moss.training.export import model_from_checkpoint
+        from moss.training.run_checkpoint import model_from_checkpoint
 
         return model_from_checkpoint(cfg.checkpoint, cfg.tokenizer, device, cfg.attn_implementation)
     return load_model(

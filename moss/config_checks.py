@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from moss.errors import ConfigError
+from moss.model.loss import normalized_weights
 from moss.model.modeling import ATTN_IMPLEMENTATIONS
 from moss.training.launch import relaunched_rank
 
@@ -100,10 +101,23 @@ def _model_problems(cfg: DictConfig) -> list[str]:
             f"model.net.attn_implementation={attn} needs packed batches; set data.packing (see conf/data/) "
             f"or use model.net.attn_implementation=sdpa with data.packing=null"
         )
-    weights = _select(cfg, "model.channel_weights")
-    if weights is not None and len(weights) != 8:
-        problems.append(f"model.channel_weights needs 8 values (one per channel), got {list(weights)}")
+    weights, channels = _select(cfg, "model.channel_weights"), _channels(cfg)
+    if weights is not None and channels is not None:
+        try:
+            normalized_weights(list(weights), channels)
+        except ValueError as err:
+            problems.append(f"model.{err}")
     return problems
+
+
+def _channels(cfg: DictConfig) -> int | None:
+    """The model's channel count, from its config alone (a config.json, or a built-in architecture)."""
+    from hydra.utils import instantiate
+
+    try:
+        return int(instantiate(cfg.model.config).channels)
+    except Exception:  # noqa: BLE001 - an unreadable model config is reported by the path check
+        return None
 
 
 def _data_problems(cfg: DictConfig) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.training.export import model_from_checkpoint as load_model  # a run's .ckpt
+from moss.training.run_checkpoint import model_from_checkpoint as load_model  # a run's .ckpt
 
 TINY_BASE = {"kind": "random", "seed": 0, "config": MossTTSDConfig.tiny().to_dict("moss_ttsd")}
 

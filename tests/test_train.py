@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from moss.config_checks import ConfigError, validate
 from moss.model import MossTTSD
+from moss.model.lora import unwrap
 from tests.conftest import REPO, compose_train, random_batch
 from train import train
 
@@ -54,7 +55,7 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
     os.umask(mask)
     assert stat.S_IMODE((out / "export" / "model.safetensors").stat().st_mode) == 0o666 & ~mask  # not 0600
     exported = MossTTSD.from_pretrained(out / "export").eval()
-    trained = result["module"].moss.eval()
+    trained = unwrap(result["module"].model).eval()
     ids, _ = random_batch(exported.config)
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits[0], trained(ids).logits[0], atol=0, rtol=0)
@@ -76,7 +77,7 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
     # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
     from moss.model.checkpoint import load_model
-    from moss.training.export import model_from_checkpoint
+    from moss.training.run_checkpoint import model_from_checkpoint
 
     from_ckpt, _ = model_from_checkpoint(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
     exported, _ = load_model(out / "export")
@@ -119,7 +120,8 @@ def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
     )
     assert cfg.model.peft.r == 16 and cfg.model.peft.lora_alpha == 32 and cfg.model.peft.use_rslora
     assert cfg.model.optimizer.lr == 1e-4 and cfg.model.scheduler.warmup_ratio == 0.1
-    assert list(cfg.model.channel_weights) == [8, 2, 1, 1, 1, 1, 1, 1]
+    module = instantiate(cfg.model)  # the model config from model.path; weights load later, in configure_model
+    assert module.hparams.channel_weights == [8, 2, 1, 1, 1, 1, 1, 1] and module.config.channels == 8
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy.static_graph
     assert cfg.model.net.dtype == "bfloat16" and cfg.model.gradient_checkpointing
 
@@ -140,6 +142,12 @@ def test_validate_reports_every_problem_with_its_fix(tmp_path):
         "resume=/nope.ckpt is not a checkpoint",
     ):
         assert fix in message
+
+
+def test_channel_weights_must_match_the_model(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.channel_weights has 3 values, the model 8 channels.*\[8.0, 2.0"):
+        validate(compose_train(tmp_path, ["model.channel_weights=[1,2,3]"]))
+    validate(compose_train(tmp_path, ["model.channel_weights=[1,1,1,1,1,1,1,1]", "model.ce_chunk_rows=256"]))
 
 
 def test_varlen_attention_requires_packing(tmp_path):

@@ -146,8 +146,8 @@ def load_model(
 
     `checkpoint` is an HF-format folder (ours or `fnlp/MOSS-TTSD-v0.5`) or a peft adapter folder (its base from
     `base_model` or the adapter's `base_model_name_or_path`). A training run's `.ckpt` is the training layer's
-    to read (`moss.training.export.model_from_checkpoint`; `infer.py` takes either). `tokenizer` overrides where
-    the tokenizer is read from.
+    to read (`moss.training.run_checkpoint.model_from_checkpoint`; `infer.py` takes either). `tokenizer`
+    overrides where the tokenizer is read from.
 
     Raises:
         FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
@@ -177,8 +177,8 @@ def load_model(
     elif path.is_file() and path.suffix == ".ckpt":
         raise ConfigError(
             f"checkpoint={path} is a training run's checkpoint: load it with "
-            f"moss.training.export.model_from_checkpoint, or export it once (python export.py checkpoint={path} "
-            f"output_dir=...) and use the folder"
+            f"moss.training.run_checkpoint.model_from_checkpoint, or export it once "
+            f"(python export.py checkpoint={path} output_dir=...) and use the folder"
         )
     else:
         raise FileNotFoundError(

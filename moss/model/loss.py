@@ -288,9 +288,23 @@ def channel_cross_entropy(
     return ChannelCE(torch.stack(sums), torch.stack(counts))
 
 
-def normalized_weights(weights: Sequence[float]) -> torch.Tensor:
-    """Channel weights scaled to sum to 1 (the original divides by their sum); a CPU tensor."""
+def finetune_channel_weights(channels: int) -> list[float]:
+    """The original's fine-tuning loss weights: text 8, the first codebook 2, every other codebook 1."""
+    return [8.0, 2.0] + [1.0] * (channels - 2)
+
+
+def normalized_weights(weights: Sequence[float], channels: int | None = None) -> torch.Tensor:
+    """Channel weights scaled to sum to 1 (the original divides by their sum); a CPU tensor.
+
+    Raises:
+        ValueError: not one weight per channel (when `channels` is given), negative, or summing to 0.
+    """
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device="cpu")
+    if channels is not None and w.shape != (channels,):
+        raise ValueError(
+            f"channel_weights has {len(weights)} values, the model {channels} channels: give one weight per "
+            f"channel, or null for the fine-tuning default {finetune_channel_weights(channels)}"
+        )
     if w.ndim != 1 or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"channel weights must be non-negative with a positive sum, got {list(weights)}")
     return w / w.sum()

@@ -18,6 +18,7 @@ import torch
 from moss.audio import FRAME_RATE
 from moss.generation import sampling_config
 from moss.inference import Synthesizer, parse_item
+from moss.model.lora import unwrap
 from moss.text.normalize import normalizer
 from moss.training.sharding import is_sharded
 
@@ -64,7 +65,7 @@ class AudioSamples(L.Callback):
 
         if self._codec is None:
             self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=str(pl_module.device))
-        model = pl_module.moss
+        model = unwrap(pl_module.model)
         was_training, attention = model.training, model.attn_implementation
         model.eval()
         if attention == "varlen_sdpa":

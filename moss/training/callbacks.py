@@ -20,6 +20,8 @@ import time
 import lightning as L
 import torch
 
+from moss.model.lora import unwrap
+
 
 def peak_tflops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU in TFLOPs, from Lightning's table.
@@ -76,8 +78,9 @@ class FrameThroughput(L.Callback):
         self._rows = self._computed = self._samples = self._batches = self._sq = 0
         self._total_rows = self._total_computed = self._total_flops = 0
         self._skipped: dict[int, dict] = {}
-        self._flops = flop_model(pl_module.moss)
-        self._lora = any(not p.requires_grad for p in pl_module.moss.model.language_model.layers.parameters())
+        moss = unwrap(pl_module.model)
+        self._flops = flop_model(moss)
+        self._lora = any(not p.requires_grad for p in moss.model.language_model.layers.parameters())
         self._peak = self.peak_override or peak_tflops(pl_module.device)
 
     def _step_flops(self, rows: int, sum_sq: int) -> float:

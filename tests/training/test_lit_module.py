@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.model.lora import apply_lora
+from moss.model.lora import apply_lora, unwrap
 from moss.training import MossTTSDLitModule
 from moss.training.export import export_hf, save_adapter
 from moss.training.optim import warmup_cosine
@@ -43,7 +43,7 @@ def test_full_finetune_freezes_only_the_unused_token_table(tiny_config):
     module = make_module(tiny_config)
     frozen = [n for n, p in module.model.named_parameters() if not p.requires_grad]
     assert frozen == ["model.language_model.embed_tokens.weight"]
-    assert module.moss.channel_weights == [8, 2, 1, 1, 1, 1, 1, 1]
+    assert unwrap(module.model).channel_weights == [8, 2, 1, 1, 1, 1, 1, 1]
 
 
 def test_warmup_cosine_schedule():
@@ -107,7 +107,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
     grads = []
     for checkpointing in (False, True):
         module = make_module(tiny_config, gradient_checkpointing=checkpointing)
-        assert module.moss.model.language_model.layers[0].gradient_checkpointing is checkpointing
+        assert unwrap(module.model).model.language_model.layers[0].gradient_checkpointing is checkpointing
         module.model.train()
         module({"input_ids": ids, "labels": labels}).loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
