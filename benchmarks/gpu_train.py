@@ -30,7 +30,7 @@ from moss.data.collate import PaddingCollator, model_inputs
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
-from moss.model.loss import linear_cross_entropy
+from moss.model.loss import finetune_channel_weights, linear_cross_entropy
 from moss.training.callbacks import flop_model, peak_tflops, step_flops
 
 # name -> (layout, attention, gradient checkpointing)
@@ -176,7 +176,7 @@ def main() -> None:
         base = MossTTSD(config, attn_implementation="sdpa").to(
             torch.bfloat16 if device.type == "cuda" else torch.float32
         )
-    base.set_channel_weights([8, 2, 1, 1, 1, 1, 1, 1])
+    base.set_channel_weights(finetune_channel_weights(8))
     base.model.language_model.embed_tokens.requires_grad_(False)
     model = apply_lora(base)
     flops = flop_model(base)

@@ -35,6 +35,7 @@ from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import ShardSample
 from moss.data.writer import write_shards
 from moss.model import MossTTSD, MossTTSDConfig
+from moss.model.loss import finetune_channel_weights
 from moss.text import PromptBuilder
 from moss.text.tiny_tokenizer import TINY_WORDS as WORDS
 from moss.text.tiny_tokenizer import build_tiny_tokenizer
@@ -90,7 +91,7 @@ def train_throughput(examples: list[dict], budget: int) -> dict:
     results = {}
     for name, (attn, batches) in layouts.items():
         model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0, attn_implementation=attn)
-        model.set_channel_weights([8, 2, 1, 1, 1, 1, 1, 1])
+        model.set_channel_weights(finetune_channel_weights(8))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         real = computed = 0
         start = time.perf_counter()
