@@ -131,83 +131,124 @@ def generate(
     `use_cache=False` recomputes the whole sequence every step (the reference the cached path is tested
     against). `on_row` receives every generated row `[B, C]` (streaming).
     """
-    mc = model.config
-    batch, total, channels = input_ids.shape
-    tail = channels - 1
-    prompt_rows = total - tail
-    eos, pad, (lo, hi) = mc.speech_eos_token, mc.speech_pad_token, mc.speech_token_range
-    device = input_ids.device
-    processors = [c.processors() for c in config.channels]
-    generator = None
-    if any(c.do_sample for c in config.channels):
-        generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    # Preallocated rows and mask: each step writes one row in place instead of re-concatenating the sequence.
-    capacity = prompt_rows + config.max_new_tokens + tail
-    ids = input_ids.new_empty((batch, capacity, channels))
-    ids[:, :prompt_rows] = input_ids[:, :prompt_rows]
-    mask = torch.zeros((batch, capacity), dtype=torch.long, device=device)
-    mask[:, :prompt_rows] = attention_mask[:, :prompt_rows]
-    last_position = position_ids_from_mask(mask[:, :prompt_rows])[:, -1]
-    # Without left padding the mask is all ones: passing none lets attention skip masking altogether.
-    padded = not bool(mask[:, :prompt_rows].all())
-    length = prompt_rows
+    tail = input_ids.shape[-1] - 1
+    rows = _Rows(input_ids, attention_mask, config.max_new_tokens + tail)
+    rules = _DelayRules(model.config, input_ids[:, rows.prompt_rows :])
+    sampler = _Sampler(config, input_ids.device)
     cache = DynamicCache(config=model.model.language_model.config) if use_cache else None
-    needs = torch.full((batch,), -1, dtype=torch.long, device=device)
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    finished_row = torch.tensor([eos] + [pad] * tail, device=device)
     all_logits = [] if output_logits else None
     for step in range(config.max_new_tokens + tail):
-        if step == 0 or not use_cache:
-            feed, positions = ids[:, :length], position_ids_from_mask(mask[:, :length])
-        else:
-            feed, positions = ids[:, length - 1 : length], last_position[:, None]
+        feed, positions, mask = rows.inputs(whole=step == 0 or not use_cache)
         out = model(
             feed,
-            attention_mask=mask[:, :length] if padded else None,
+            attention_mask=mask,
             position_ids=positions,
             use_cache=use_cache,
             cache=cache,
             output_logits=True,
             logits_to_keep=1,
         )
-        logits = [head[:, -1].float().clone() for head in out.logits]
-        for c in range(1, channels):
-            if step >= c:
-                logits[c][:, pad] = -torch.inf
-        if step <= tail - 1:
-            logits[0][:, eos] = -torch.inf
+        logits = rules.mask_logits([head[:, -1].float().clone() for head in out.logits], step)
         if all_logits is not None:
             all_logits.append(tuple(x.clone() for x in logits))
-        history = ids[:, :length]
-        tokens = torch.stack(
-            [
-                _pick(processors[c], config.channels[c].do_sample, history[..., c], logits[c], generator)
-                for c in range(channels)
-            ],
-            dim=-1,
-        )
-        is_speech = (tokens[:, 0] >= lo) & (tokens[:, 0] < hi)
-        needs = torch.where(~is_speech & (needs < 0), torch.full_like(needs, tail), needs)
-        if step <= tail - 1:
-            tokens[:, step + 1 :] = input_ids[:, prompt_rows + step, step + 1 :]
-        drain = (needs > 0) & (needs < tail)
-        tokens[drain, 0] = eos
-        for c in range(1, channels):
-            tokens[drain & (needs < channels - c), c] = pad
-        tokens = torch.where(unfinished[:, None], tokens, finished_row)
-        ids[:, length] = tokens
-        mask[:, length] = 1
-        length += 1
-        last_position = last_position + 1
+        tokens = rules.enforce(sampler(rows.history(), logits), step)
+        rows.append(tokens)
         if on_row is not None:
             on_row(tokens)
-        needs = torch.where(needs > 0, needs - 1, needs)
-        stop = (tokens[:, 0] == eos) | (needs == 0)
-        unfinished = (unfinished & ~stop) | (needs > 0)
-        if not unfinished.any():  # the one host read per step: whether to go on
+        if not rules.advance(tokens):  # the one host read per step: whether to go on
             break
-    return GenerationOutput(ids[:, :length], prompt_rows, all_logits)
+    return GenerationOutput(rows.ids[:, : rows.length], rows.prompt_rows, all_logits)
+
+
+class _Rows:
+    """The sequences being generated: preallocated rows and mask, one row written in place per step."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_rows: int):
+        batch, total, channels = input_ids.shape
+        self.prompt_rows = self.length = total - (channels - 1)  # the delay tail is replayed, not fed
+        self.ids = input_ids.new_empty((batch, self.prompt_rows + new_rows, channels))
+        self.ids[:, : self.prompt_rows] = input_ids[:, : self.prompt_rows]
+        self.mask = torch.zeros(self.ids.shape[:2], dtype=torch.long, device=input_ids.device)
+        self.mask[:, : self.prompt_rows] = attention_mask[:, : self.prompt_rows]
+        self.last_position = position_ids_from_mask(self.mask[:, : self.prompt_rows])[:, -1]
+        # Without left padding the mask is all ones: passing none lets attention skip masking altogether.
+        self.padded = not bool(self.mask[:, : self.prompt_rows].all())
+
+    def inputs(self, whole: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rows, positions, mask) to feed: every row so far, or only the newest (with a KV cache)."""
+        mask = self.mask[:, : self.length] if self.padded else None
+        if whole:
+            return self.ids[:, : self.length], position_ids_from_mask(self.mask[:, : self.length]), mask
+        return self.ids[:, self.length - 1 : self.length], self.last_position[:, None], mask
+
+    def history(self) -> torch.Tensor:
+        return self.ids[:, : self.length]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.ids[:, self.length] = tokens
+        self.mask[:, self.length] = 1
+        self.length += 1
+        self.last_position = self.last_position + 1
+
+
+class _DelayRules:
+    """What the delay pattern demands of each generated row, and when a sequence is finished."""
+
+    def __init__(self, model_config, prompt_tail: torch.Tensor):
+        self.eos, self.pad = model_config.speech_eos_token, model_config.speech_pad_token
+        self.lo, self.hi = model_config.speech_token_range
+        self.prompt_tail = prompt_tail  # `[B, C - 1, C]`: teacher-forced into the first C - 1 rows
+        batch, self.tail, self.channels = prompt_tail.shape
+        device = prompt_tail.device
+        self.needs = torch.full((batch,), -1, dtype=torch.long, device=device)  # rows left of the drain
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        self.finished_row = torch.tensor([self.eos] + [self.pad] * self.tail, device=device)
+
+    def mask_logits(self, logits: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        for c in range(1, min(step, self.channels - 1) + 1):
+            logits[c][:, self.pad] = -torch.inf  # channel c may not pad once its delay has passed
+        if step < self.tail:
+            logits[0][:, self.eos] = -torch.inf  # no end of speech inside the prompt's delay tail
+        return logits
+
+    def enforce(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """Teacher forcing of the tail, the drain after the first non-speech text token, finished rows."""
+        is_speech = (tokens[:, 0] >= self.lo) & (tokens[:, 0] < self.hi)
+        start = ~is_speech & (self.needs < 0)
+        self.needs = torch.where(start, torch.full_like(self.needs, self.tail), self.needs)
+        if step < self.tail:
+            tokens[:, step + 1 :] = self.prompt_tail[:, step, step + 1 :]
+        drain = (self.needs > 0) & (self.needs < self.tail)
+        tokens[drain, 0] = self.eos
+        for c in range(1, self.channels):
+            tokens[drain & (self.needs < self.channels - c), c] = self.pad
+        return torch.where(self.unfinished[:, None], tokens, self.finished_row)
+
+    def advance(self, tokens: torch.Tensor) -> bool:
+        """Count the drain down after a row; whether any sequence is unfinished (reads the device)."""
+        self.needs = torch.where(self.needs > 0, self.needs - 1, self.needs)
+        stop = (tokens[:, 0] == self.eos) | (self.needs == 0)
+        self.unfinished = (self.unfinished & ~stop) | (self.needs > 0)
+        return bool(self.unfinished.any())
+
+
+class _Sampler:
+    """Picks each channel's token: its logits processors, then greedy or a draw from a seeded generator."""
+
+    def __init__(self, config: GenerationConfig, device: torch.device):
+        self.channels = config.channels
+        self.processors = [c.processors() for c in config.channels]
+        self.generator = None
+        if any(c.do_sample for c in config.channels):
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    def __call__(self, history: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+        picks = [
+            _pick(self.processors[c], sampling.do_sample, history[..., c], logits[c], self.generator)
+            for c, sampling in enumerate(self.channels)
+        ]
+        return torch.stack(picks, dim=-1)
 
 
 def _pick(processors, do_sample: bool, history: torch.Tensor, logits: torch.Tensor, generator) -> torch.Tensor:
