@@ -103,33 +103,9 @@ def import_legacy(pkl: str | Path, output_dir: str | Path, records_per_shard: in
     ends = bounds[np.searchsorted(bounds, offsets, side="right")]
     skipped: list[dict] = []
     output_dir = Path(output_dir)
-
     with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else io.BytesIO() as data:
-
-        def samples():
-            for i, offset in enumerate(offsets):
-                where = f"{pkl}:record {i} (byte {int(offset)})"
-                try:
-                    grid, labels = read_record(data, int(offset), int(ends[i]), where)
-                    if metas.shape[0] > 1 and int(metas[1][i]) != len(grid):
-                        raise ValueError(f"{where}: {len(grid)} rows, metas say {int(metas[1][i])}")
-                except Exception as err:  # noqa: BLE001 - one bad record is reported, the import goes on
-                    reason = str(err) if where in str(err) else f"{where}: {type(err).__name__}: {err}"
-                    skipped.append({"record": i, "reason": reason[:500]})
-                    continue
-                frames = int(metas[2][i]) if metas.shape[0] > 2 else int((labels[:, 1] != -100).sum())
-                yield ShardSample(
-                    key=f"{pkl.stem}-{i:08d}",
-                    codes=np.zeros((0, CODEBOOKS), np.int16),
-                    text="",
-                    source=f"{pkl}:{i}",
-                    grid=grid,
-                    grid_labels=labels,
-                    audio_frames=frames,
-                )
-
         with ShardSetWriter(output_dir, prefix=pkl.stem, max_samples=records_per_shard) as writer:
-            for sample in samples():
+            for sample in _samples(data, pkl, metas, ends, skipped):
                 writer.write(sample)
     written = sum(s["samples"] for s in writer.shards)
     report = output_dir / "skipped.jsonl"
@@ -143,6 +119,30 @@ def import_legacy(pkl: str | Path, output_dir: str | Path, records_per_shard: in
         f"(reasons in {report})"
     )
     return {"records": len(offsets), "imported": written, "skipped": skipped}
+
+
+def _samples(data, pkl: Path, metas: np.ndarray, ends: np.ndarray, skipped: list[dict]):
+    """The records of a mapped `.pkl` as shard samples; a record that fails is appended to `skipped`."""
+    for i, offset in enumerate(metas[0]):
+        where = f"{pkl}:record {i} (byte {int(offset)})"
+        try:
+            grid, labels = read_record(data, int(offset), int(ends[i]), where)
+            if metas.shape[0] > 1 and int(metas[1][i]) != len(grid):
+                raise ValueError(f"{where}: {len(grid)} rows, metas say {int(metas[1][i])}")
+        except Exception as err:  # noqa: BLE001 - one bad record is reported, the import goes on
+            reason = str(err) if where in str(err) else f"{where}: {type(err).__name__}: {err}"
+            skipped.append({"record": i, "reason": reason[:500]})
+            continue
+        frames = int(metas[2][i]) if metas.shape[0] > 2 else int((labels[:, 1] != -100).sum())
+        yield ShardSample(
+            key=f"{pkl.stem}-{i:08d}",
+            codes=np.zeros((0, CODEBOOKS), np.int16),
+            text="",
+            source=f"{pkl}:{i}",
+            grid=grid,
+            grid_labels=labels,
+            audio_frames=frames,
+        )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import_legacy")
