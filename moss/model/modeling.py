@@ -216,32 +216,9 @@ class MossTTSD(nn.Module):
         """
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        attn = self.attn_implementation
-        packed = cu_seqlens is not None
-        if (packed or attn == varlen.NAME) and (attention_mask is not None or use_cache):
-            raise ValueError(
-                "packed batches (cu_seqlens) and varlen_sdpa attention take no attention mask and no KV cache "
-                "(either would let samples attend to each other); use attn_implementation=sdpa for padded batches "
-                "and generation"
-            )
         batch, length = input_ids.shape[:2]
-        embeds = self.model.embed(input_ids)
-        kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
-        if packed:
-            # One flattened row: transformers isolates segments from restarting position_ids only at batch 1,
-            # and varlen kernels take offsets over all rows.
-            embeds = embeds.reshape(1, batch * length, -1)
-            if position_ids is None:
-                raise ValueError("packed batches need position_ids restarting at 0 for every sample")
-            position_ids = position_ids.reshape(1, batch * length)
-            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, embeds.device))
-        out = self.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
+        out = self._backbone(
+            input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, use_cache, cache, output_hidden_states
         )
         hidden = out.last_hidden_state.reshape(batch, length, -1)
         states = None
@@ -267,6 +244,38 @@ class MossTTSD(nn.Module):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             result.logits = tuple(head(kept) for head in self.lm_heads)
         return result
+
+    def _backbone(
+        self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, use_cache, cache, output_hidden_states
+    ):
+        """The summed channel embeddings through the Qwen3 decoder; packed batches as one flattened row."""
+        attn = self.attn_implementation
+        packed = cu_seqlens is not None
+        if (packed or attn == varlen.NAME) and (attention_mask is not None or use_cache):
+            raise ValueError(
+                "packed batches (cu_seqlens) and varlen_sdpa attention take no attention mask and no KV cache "
+                "(either would let samples attend to each other); use attn_implementation=sdpa for padded batches "
+                "and generation"
+            )
+        batch, length = input_ids.shape[:2]
+        embeds = self.model.embed(input_ids)
+        kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
+        if packed:
+            # One flattened row: transformers isolates segments from restarting position_ids only at batch 1,
+            # and varlen kernels take offsets over all rows.
+            embeds = embeds.reshape(1, batch * length, -1)
+            if position_ids is None:
+                raise ValueError("packed batches need position_ids restarting at 0 for every sample")
+            position_ids = position_ids.reshape(1, batch * length)
+            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, embeds.device))
+        return self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
 
     def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, device: torch.device) -> dict:
         """Segment boundaries as the attention implementation takes them, with no device-to-host read."""
