@@ -116,14 +116,12 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
     """Refuse `key=value` overrides of keys the config does not have, naming the closest real key (exit 2).
 
     Hydra refuses them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices
-    (`model=tiny`, `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra.
+    (`model=tiny`, `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra, except
+    `+experiment=NAME` for a slot the defaults list already has (Hydra: "Multiple values for experiment").
     """
-    import difflib
-
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
     args = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
     groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
@@ -131,33 +129,41 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # a syntax error: Hydra's own message says where
-    slots = {str(key).removeprefix("optional ") for entry in _defaults(config_dir, config_name) for key in entry}
+    slots = {
+        str(key).removeprefix("optional ").split("/")[-1]
+        for entry in _defaults(config_dir, config_name)
+        for key in (entry if isinstance(entry, dict) else [entry])
+    }
     doubled = [o.key_or_group for o in overrides if o.is_add() and o.key_or_group in slots]
-    if doubled:  # Hydra would say "Multiple values for experiment"
-        problems = [
-            f"+{key}=... adds a second {key}; this command already has the slot {key}: write {key}=NAME"
-            for key in doubled
-        ]
-        print("error: " + "\n  - ".join(["invalid overrides:", *problems]), file=sys.stderr)
-        sys.exit(USAGE_ERROR)
+    if doubled:
+        _usage_error(
+            "invalid overrides:",
+            [
+                f"+{key}=... adds a second {key}; this command already has the slot {key}: write {key}=NAME"
+                for key in doubled
+            ],
+        )
     choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
     except HydraException:
         return
+    problems = _unknown_settings(cfg, overrides, groups)
+    if problems:
+        _usage_error("unknown settings:", problems)
+
+
+def _unknown_settings(cfg, overrides, groups: set[str]) -> list[str]:
+    """`key=value` changes of keys `cfg` lacks, each with the closest key it has."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
     known = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
-    slots = {
-        str(k).split("/")[-1].removeprefix("optional ")
-        for entry in _defaults(config_dir, config_name)
-        for k in (entry if isinstance(entry, dict) else {})
-    }
     problems = []
     for override in overrides:
         key = override.key_or_group
-        if override.is_add() and key in slots:
-            problems.append(f"+{key}=... adds a second {key}; this config has a {key} slot: write {key}=NAME")
-            continue
         if override.type.name != "CHANGE" or override.package or key.split("/")[0] in groups:
             continue  # an addition, a deletion or a group choice (`model=tiny`, `hydra/job_logging=...`)
         if key.startswith("hydra."):
@@ -169,9 +175,12 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
         hint = f"did you mean {close[0]}=...?" if close else "see the comments in conf/ for the settings there are"
         problems.append(f"{key} is not a setting of this command; {hint}")
-    if problems:
-        print("error: unknown settings:\n  - " + "\n  - ".join(problems), file=sys.stderr)
-        sys.exit(USAGE_ERROR)
+    return problems
+
+
+def _usage_error(title: str, problems: list[str]) -> None:
+    print("error: " + "\n  - ".join([title, *problems]), file=sys.stderr)
+    sys.exit(USAGE_ERROR)
 
 
 def _defaults(config_dir: Path, config_name: str) -> list:
