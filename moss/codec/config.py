@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from moss.audio import SAMPLE_RATE
+
 SECTIONS = (
     "feature_extractor_kwargs",
     "semantic_encoder_kwargs",
@@ -54,7 +56,7 @@ class XYTokenizerConfig:
 
     @property
     def input_sample_rate(self) -> int:
-        return int(self.params.get("input_sample_rate", 16000))
+        return int(self.params.get("input_sample_rate", SAMPLE_RATE))
 
     @property
     def output_sample_rate(self) -> int:
@@ -122,7 +124,7 @@ class XYTokenizerConfig:
         hop = {32000: 320, 24000: 240}[output_sample_rate]
         enc = dict(
             num_mel_bins=80,
-            sampling_rate=16000,
+            sampling_rate=SAMPLE_RATE,
             hop_length=160,
             stride_size=2,
             kernel_size=3,
@@ -148,10 +150,15 @@ class XYTokenizerConfig:
         wide = 4 * d_model
         return cls(
             dict(
-                input_sample_rate=16000,
+                input_sample_rate=SAMPLE_RATE,
                 output_sample_rate=output_sample_rate,
                 feature_extractor_kwargs=dict(
-                    chunk_length=30, feature_size=80, hop_length=160, n_fft=400, n_samples=480000, sampling_rate=16000
+                    chunk_length=30,
+                    feature_size=80,
+                    hop_length=160,
+                    n_fft=400,
+                    n_samples=30 * SAMPLE_RATE,
+                    sampling_rate=SAMPLE_RATE,
                 ),
                 semantic_encoder_kwargs=enc,
                 semantic_encoder_adapter_kwargs=adapter,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+from moss.audio import SAMPLE_RATE
+
 # Frames kept past the longest clip: the encoder's convolutions look 3 mel frames beyond a clip's end.
 MARGIN_FRAMES = 4
 
@@ -26,7 +28,7 @@ class LogMel(torch.nn.Module):
         n_fft: int = 400,
         hop_length: int = 160,
         n_mels: int = 80,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         window_samples: int = 480000,
     ):
         super().__init__()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moss.audio import SAMPLE_RATE
+
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
     """Whisper's positional table `[length, channels]`: sines then cosines, geometric timescales."""
@@ -106,7 +108,7 @@ class AudioEncoder(TransformerStack):
         stride_size=2,
         kernel_size=3,
         max_audio_seconds=30,
-        sampling_rate=16000,
+        sampling_rate=SAMPLE_RATE,
         hop_length=160,
         **_,
     ):
@@ -163,7 +165,7 @@ class AudioDecoder(TransformerStack):
         stride_size=2,
         kernel_size=3,
         max_audio_seconds=30,
-        sampling_rate=16000,
+        sampling_rate=SAMPLE_RATE,
         hop_length=160,
         **_,
     ):

@@ -21,6 +21,7 @@ import torch
 import torchaudio
 from torch import nn
 
+from moss.audio import SAMPLE_RATE
 from moss.codec.config import XYTokenizerConfig
 from moss.codec.features import LogMel
 from moss.codec.layers import Adapter, AudioDecoder, AudioEncoder, ResidualDownConv, UpConv
@@ -130,7 +131,11 @@ class XYTokenizer(nn.Module):
 
     @torch.inference_mode()
     def encode(
-        self, waveforms: Sequence, sample_rate: int = 16000, batch_size: int = 16, dtype: torch.dtype | None = None
+        self,
+        waveforms: Sequence,
+        sample_rate: int = SAMPLE_RATE,
+        batch_size: int = 16,
+        dtype: torch.dtype | None = None,
     ) -> list[torch.Tensor]:
         """Encode clips of any length and channel count.
 

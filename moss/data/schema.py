@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moss.audio import FRAME_RATE
+from moss.audio import FRAME_RATE, SAMPLE_RATE
 from moss.model.loss import IGNORE_INDEX
 
 CODES = "codes.npy"
@@ -51,7 +51,7 @@ class ShardSample:
     text: str
     source: str
     codec: str = "xy_tokenizer"
-    codec_sample_rate: int = 16000
+    codec_sample_rate: int = SAMPLE_RATE
     ref_codes: np.ndarray | None = None
     ref_text: str | None = None
     grid: np.ndarray | None = None
