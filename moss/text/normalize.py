@@ -23,7 +23,7 @@ _SPLIT = re.compile(r"(?=\[S\d+\])")
 _TAG = re.compile(r"^\[S\d+\]")
 _DELETE = str.maketrans("", "", '【】《》（）『』「」"-_“”～~')
 _ZH_LAUGH = re.compile(r"哈{2,}")
-_EN_LAUGH = re.compile(r"\bha(?:\s?ha)+\b", re.IGNORECASE)
+_EN_LAUGH = re.compile(r"\bha(?:\s*ha)+\b", re.IGNORECASE)  # any run of spaces between, as the original
 _COMMAS = {
     "v0.5": (str.maketrans({c: "，" for c in "！；：、？"}), str.maketrans({c: "," for c in "!;:?"})),
     "v0.7": (str.maketrans({c: "，" for c in "；：、"}), str.maketrans({c: "," for c in ";:"})),

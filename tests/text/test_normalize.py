@@ -53,3 +53,15 @@ def test_normalised_training_grids(golden, variant, version):
 def test_unknown_version():
     with pytest.raises(ValueError, match="unknown normalisation version 'v9'"):
         normalize_text("x", "v9")
+
+
+@pytest.mark.parametrize(
+    "text, v05, v07",
+    [
+        ("[S1]ha  ha, fine", "[S1](laughs), fine", "[S1][laugh], fine"),  # any run of spaces, as the original `\s*`
+        ("[S1]Ha   HA ha hahaha ok", "[S1](laughs) ok", "[S1][laugh] ok"),
+        ("[S1]hahah no", "[S1]hahah no", "[S1]hahah no"),  # not a whole word: kept
+    ],
+)
+def test_english_laughter_takes_any_spacing(text, v05, v07):
+    assert normalize_text(text, "v0.5") == v05 and normalize_text(text, "v0.7") == v07
