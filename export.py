@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moss.cli import check_override_keys, command
 from moss.training.export import export_checkpoint
@@ -20,7 +20,8 @@ from moss.training.export import export_checkpoint
 @command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer)
+    sampling = OmegaConf.to_container(cfg.sampling) if cfg.sampling is not None else None
+    path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer, sampling)
     print(f"exported {cfg.checkpoint} to {path}")
 
 

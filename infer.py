@@ -20,7 +20,7 @@ from tqdm import tqdm
 from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, quote_values, require
 from moss.codec import codec_problems, load_codec
-from moss.generation import sampling_config
+from moss.generation import generation_for
 from moss.inference import Item, ItemError, Result, Synthesizer, parse_item, read_items
 from moss.model.checkpoint import load_model
 from moss.text.normalize import normalize_text, normalizer
@@ -34,7 +34,13 @@ def infer(cfg: DictConfig) -> list[Result]:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load(cfg, device)
     codec = load_codec(cfg.codec, device=device)
-    generation = sampling_config(OmegaConf.to_container(cfg.sampling), int(cfg.max_seconds * FRAME_RATE), cfg.seed)
+    generation = generation_for(
+        model.generation_config,
+        OmegaConf.to_container(cfg.sampling) if cfg.sampling is not None else None,
+        int(cfg.max_seconds * FRAME_RATE) if cfg.max_seconds else None,
+        cfg.seed,
+    )
+    log.info("generation: %s", generation)
     synth = Synthesizer(
         model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size
     )

@@ -78,7 +78,10 @@ def train(cfg: DictConfig) -> dict:
             if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter
                 # absolute: infer.py may run from another directory
                 model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
-            exported["export"] = export_hf(model, output_dir / "export", tokenizer, layout=cfg.export.layout)
+            sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
+            exported["export"] = export_hf(
+                model, output_dir / "export", tokenizer, layout=cfg.export.layout, sampling=sampling
+            )
             OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
             exported["adapter"] = save_adapter(model, output_dir / "adapter")
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}

@@ -62,6 +62,11 @@ class ChannelSampling:
         return out
 
 
+# Sampling when neither the checkpoint nor the user says: the values of OpenMOSS' own v0.5 client.
+DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
+DEFAULT_MAX_NEW_TOKENS = 12000  # 960 s at 12.5 frames/s, the v0.5 length limit
+
+
 @dataclass
 class GenerationConfig:
     """Per-channel sampling and length.
@@ -71,13 +76,30 @@ class GenerationConfig:
     """
 
     channels: list[ChannelSampling] = field(default_factory=lambda: [ChannelSampling() for _ in range(8)])
-    max_new_tokens: int = 12000
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None
+
+    def to_dict(self, model_config=None) -> dict:
+        """The original's `generation_config.json` form: `do_samples` and one `layers` dict per channel.
+
+        The original `_sample` reads `do_samples[i]` and builds channel i's processors from `layers[i]`
+        (repetition penalty, temperature, top-k, top-p); the token ids come from the model's config.
+        """
+        keys = ("repetition_penalty", "temperature", "top_k", "top_p")
+        data = {
+            "do_sample": any(c.do_sample for c in self.channels),
+            "do_samples": [bool(c.do_sample) for c in self.channels],
+            "layers": [{k: getattr(c, k) for k in keys if getattr(c, k) is not None} for c in self.channels],
+            "max_new_tokens": int(self.max_new_tokens),
+        }
+        backbone = getattr(model_config, "backbone", {}) or {}
+        data.update({k: backbone[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in backbone})
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, channels: int = 8) -> GenerationConfig:
         """From the original `generation_config.json` (`do_samples` + `layers`) or global sampling keys."""
-        max_new = int(data.get("max_new_tokens") or 12000)
+        max_new = int(data.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         if data.get("do_samples") is not None:
             layers = data.get("layers") or [{}] * channels
             per = [
@@ -330,3 +352,21 @@ def sampling_config(channels: Sequence[dict] | dict, max_new_tokens: int, seed: 
     """A GenerationConfig from one sampling dict for every channel, or one per channel."""
     per = [channels] * 8 if isinstance(channels, dict) else list(channels)
     return GenerationConfig([ChannelSampling(**dict(c)) for c in per], max_new_tokens, seed)
+
+
+def generation_for(
+    saved: dict | None,
+    sampling: Sequence[dict] | dict | None = None,
+    max_new_tokens: int | None = None,
+    seed: int | None = None,
+) -> GenerationConfig:
+    """What to generate with.
+
+    `sampling` and `max_new_tokens` where given, else the checkpoint's `generation_config.json` (`saved`), else
+    `DEFAULT_SAMPLING` and `DEFAULT_MAX_NEW_TOKENS`.
+    """
+    default = sampling_config(DEFAULT_SAMPLING, DEFAULT_MAX_NEW_TOKENS, None)
+    base = GenerationConfig.from_dict(saved) if saved else default
+    if sampling is not None:
+        base = sampling_config(sampling, base.max_new_tokens, None)
+    return GenerationConfig(base.channels, int(max_new_tokens or base.max_new_tokens), seed)

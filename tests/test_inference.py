@@ -24,8 +24,8 @@ def infer_cfg(tmp_path, golden, **overrides):
     cfg.codec.config = str(golden / "codec" / "xy_tokenizer_tiny_config.yaml")
     cfg.codec.checkpoint = str(golden / "codec" / "xy_tokenizer_tiny.ckpt")
     cfg.output_dir, cfg.progress, cfg.attn_implementation = str(tmp_path / "out"), False, "eager"
-    cfg.sampling = {"do_sample": False}
-    cfg.max_seconds = 12 / 12.5  # the golden generation config: max_new_tokens 12
+    # sampling and max_seconds stay null: the checkpoint's generation_config.json (greedy, max_new_tokens 12)
+    # is what the original pipeline generated with.
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     return cfg

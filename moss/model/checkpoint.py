@@ -25,6 +25,7 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+GENERATION_CONFIG = "generation_config.json"
 # Parameters a checkpoint may lack: the unused Qwen3 token table (we keep a zero table) and the tied heads.
 OPTIONAL_PREFIXES = ("model.language_model.embed_tokens.",)
 TIED_PREFIX = "lm_heads."
@@ -116,9 +117,16 @@ def usual_permissions(*paths: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", max_shard_size: int = 5 * 2**30):
-    """Write `config.json` and safetensors weights (sharded with an index above `max_shard_size` bytes).
+def save_model(
+    model: torch.nn.Module,
+    out_dir: Path,
+    layout: str = "original",
+    max_shard_size: int = 5 * 2**30,
+    generation_config: dict | None = None,
+):
+    """Write `config.json`, safetensors weights and `generation_config.json` (none when it is None).
 
+    Weights above `max_shard_size` bytes are sharded with an index.
     Sharding, the index and the removal of an earlier export's shards are huggingface_hub's
     `save_torch_state_dict`, the writer transformers uses.
     """
@@ -131,6 +139,29 @@ def save_model(model: torch.nn.Module, out_dir: Path, layout: str = "original", 
         (out_dir / stale).unlink(missing_ok=True)
     save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size)
     usual_permissions(*weight_files(out_dir))
+    generation = out_dir / GENERATION_CONFIG
+    if generation_config:
+        generation.write_text(json.dumps(generation_config, indent=2) + "\n")
+    else:
+        generation.unlink(missing_ok=True)  # an earlier export's sampling does not belong to this model
+
+
+def read_generation_config(path: Path) -> dict | None:
+    """A checkpoint folder's `generation_config.json` as a dict, or None when it has none.
+
+    Raises:
+        ConfigError: the file is not a JSON object.
+    """
+    file = path / GENERATION_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_model(

@@ -129,6 +129,8 @@ class MossTTSD(nn.Module):
         self.ce_chunk_rows = ce_chunk_rows
         self.ce_impl = check_ce_impl(ce_impl)
         self.set_channel_weights(channel_weights if channel_weights is not None else [1.0] * config.channels)
+        # The folder's generation_config.json as read (the original's sampling form); `moss.generation` parses it.
+        self.generation_config: dict | None = None
 
     # ------------------------------------------------------------------ structure
     def _init_embeddings(self) -> None:
@@ -333,11 +335,12 @@ class MossTTSD(nn.Module):
             ConfigError: config.json of another model.
             KeyError: weights with missing or unexpected parameters.
         """
-        from moss.model.checkpoint import load_state_dict_into
+        from moss.model.checkpoint import load_state_dict_into, read_generation_config
 
         config = config if config is not None else MossTTSDConfig.from_pretrained(path)
         model = cls.empty(config, attn_implementation=attn_implementation, device=device, **kwargs)
         load_state_dict_into(model, Path(path), dtype=_as_dtype(dtype))
+        model.generation_config = read_generation_config(Path(path))
         return model
 
     @classmethod
@@ -354,11 +357,21 @@ class MossTTSD(nn.Module):
         model.tie_weights()
         return model
 
-    def save_pretrained(self, out_dir: str | Path, layout: str = "original", max_shard_size: int = 5 * 2**30) -> None:
-        """Write config.json + safetensors in the original key layout (tied heads omitted)."""
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        layout: str = "original",
+        max_shard_size: int = 5 * 2**30,
+        generation_config: dict | None = None,
+    ) -> None:
+        """Write config.json + safetensors (original key layout, tied heads omitted) + generation_config.json.
+
+        The generation config written is `generation_config`, else the model's own (none when both are None).
+        """
         from moss.model.checkpoint import save_model
 
-        save_model(self, Path(out_dir), layout=layout, max_shard_size=max_shard_size)
+        generation = generation_config if generation_config is not None else self.generation_config
+        save_model(self, Path(out_dir), layout=layout, max_shard_size=max_shard_size, generation_config=generation)
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from moss.generation import generation_for
 from moss.model import MossTTSD
 from moss.model.checkpoint import usual_permissions
 from moss.model.lora import apply_lora, merged, unwrap
@@ -33,6 +34,7 @@ def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -
     moss = unwrap(model)
     copy = MossTTSD.empty(moss.config, attn_implementation=moss.attn_implementation)
     copy.set_channel_weights(moss.channel_weights)
+    copy.generation_config = moss.generation_config
     copy = apply_lora(copy, **peft) if peft else copy
     copy.load_state_dict(state)
     return copy.eval()
@@ -44,13 +46,19 @@ def export_hf(
     tokenizer=None,
     layout: str = "original",
     dtype: torch.dtype | None = None,
+    sampling: dict | list | None = None,
 ) -> Path:
-    """Write `model` (LoRA merged) as an HF-format folder; returns `out_dir`."""
+    """Write `model` (LoRA merged) as an HF-format folder; returns `out_dir`.
+
+    Its `generation_config.json` is in the original's form (per-channel `do_samples` + `layers`): `sampling`
+    when given, else the base checkpoint's, else OpenMOSS' client defaults (`moss.generation.generation_for`).
+    """
     out_dir = Path(out_dir)
     merged_copy = merged(model)
     if dtype is not None:
         merged_copy = copy.deepcopy(merged_copy).to(dtype) if merged_copy is model else merged_copy.to(dtype)
-    merged_copy.save_pretrained(out_dir, layout=layout)
+    generation = generation_for(merged_copy.generation_config, sampling).to_dict(merged_copy.config)
+    merged_copy.save_pretrained(out_dir, layout=layout, generation_config=generation)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -71,6 +79,7 @@ def export_checkpoint(
     layout: str = "original",
     base_model: str | None = None,
     tokenizer: str | None = None,
+    sampling: dict | list | None = None,
 ) -> Path:
     """Export any checkpoint `infer.py` reads as a merged HF-format folder with its tokenizer.
 
@@ -82,4 +91,4 @@ def export_checkpoint(
         model, tok = model_from_checkpoint(checkpoint, tokenizer)
     else:
         model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
-    return export_hf(model, out_dir, tok, layout=layout)
+    return export_hf(model, out_dir, tok, layout=layout, sampling=sampling)

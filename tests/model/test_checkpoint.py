@@ -99,3 +99,32 @@ def test_wrong_channel_count_and_unknown_attention(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash3'.*model.attn_implementation"):
         MossTTSD.from_pretrained(tmp_path, attn_implementation="flash3")
+
+
+def test_export_writes_the_original_generation_config_and_infer_reads_it(tiny_model, tmp_path):
+    """The export's generation_config.json has the original's per-channel form; loading it gives back the same
+    sampling; a base's own file is carried over; transformers' GenerationConfig reads it as the original does."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from moss.generation import DEFAULT_SAMPLING, ChannelSampling, GenerationConfig, generation_for
+    from moss.training.export import export_hf
+
+    per_channel = [{"do_sample": c > 0, "temperature": 0.7 + c / 10, "top_k": 20 + c} for c in range(8)]
+    export_hf(tiny_model, tmp_path / "a", sampling=per_channel)
+    written = json.loads((tmp_path / "a" / "generation_config.json").read_text())
+    assert written["do_samples"] == [False] + [True] * 7 and written["max_new_tokens"] == 12000
+    assert written["layers"][3] == {"temperature": pytest.approx(1.0), "top_k": 23}
+    assert written["eos_token_id"] == tiny_model.config.backbone["eos_token_id"]
+    hf = HFGenerationConfig.from_pretrained(tmp_path / "a")  # how the original loader reads it
+    assert hf.do_samples == written["do_samples"] and hf.layers == written["layers"]
+    loaded = MossTTSD.from_pretrained(tmp_path / "a")
+    expected = GenerationConfig([ChannelSampling(**c) for c in per_channel], 12000, None)
+    assert generation_for(loaded.generation_config) == expected
+
+    export_hf(loaded, tmp_path / "b")  # no sampling given: the base's file is kept
+    assert json.loads((tmp_path / "b" / "generation_config.json").read_text()) == written
+    tiny_model.generation_config = None
+    export_hf(tiny_model, tmp_path / "c")  # a model without one: OpenMOSS' client defaults
+    defaults = generation_for(MossTTSD.from_pretrained(tmp_path / "c").generation_config)
+    assert defaults.channels == [ChannelSampling(**DEFAULT_SAMPLING)] * 8
+    assert generation_for(loaded.generation_config, {"do_sample": False}, 50).channels == [ChannelSampling()] * 8
