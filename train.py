@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.cli import check_override_keys, command
 from moss.config_checks import validate
+from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
+from moss.training.run_checkpoint import load_best
 
 log = logging.getLogger("train")
 
@@ -63,7 +65,7 @@ def train(cfg: DictConfig) -> dict:
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
-    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()}
+    callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
 
@@ -73,6 +75,8 @@ def train(cfg: DictConfig) -> dict:
     stopped = getattr(callbacks.get("preemption"), "received", None)
     exported = {}
     if cfg.export.enabled and not stopped:  # a stopped run exports when it finishes (resume=auto)
+        if cfg.export["from"] == "best" and trainer.is_global_zero:
+            exported["weights"] = load_best(module, callbacks.get("best_checkpoint"))
         model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
         if model is not None:
             if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter

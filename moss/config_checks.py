@@ -205,6 +205,9 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
 
 def _run_problems(cfg: DictConfig) -> list[str]:
     """A resume target that does not exist, or a run directory that already holds another run."""
+    source = _select(cfg, "export.from")
+    if source not in (None, "best", "last"):
+        return [f"export.from={source} is unknown; use export.from=best (lowest val/loss) or export.from=last"]
     resume = _select(cfg, "resume")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         return [f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt"]

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from moss.config_checks import validate
 from moss.errors import ConfigError
+from moss.training.callbacks import build_callbacks
 from tests.conftest import REPO, compose_train
 
 CONF = REPO / "conf"
@@ -63,7 +64,7 @@ def test_every_option_composes_validates_and_instantiates(
                 validate(cfg)
                 module = instantiate(cfg.model)
                 data = instantiate(cfg.data, _partial_=True)(tokenizer=tiny_tokenizer, model_config=module.config)
-                callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+                callbacks = list(build_callbacks(cfg.get("callbacks")).values())
                 loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
                 trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
             except Exception as err:  # noqa: BLE001 - name the combination that failed

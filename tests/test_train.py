@@ -43,6 +43,7 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
     assert losses[0] > 6.5 and losses[-1] < losses[0] - 1.5, losses  # from ~log(1025) = 6.9, visibly down
     assert len(logged(out, "val/loss")) == 2 and logged(out, "train/grad_norm")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "best.ckpt",
         "last.ckpt",
         "step_0000020.ckpt",
         "step_0000040.ckpt",
@@ -54,13 +55,22 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((out / "export" / "model.safetensors").stat().st_mode) == 0o666 & ~mask  # not 0600
+    # export.from=best (the default): the export holds the weights of best.ckpt, the lowest val/loss.
+    best = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    best_step = best["global_step"]
+    val = dict(zip((20, 40), logged(out, "val/loss"), strict=True))
+    assert best_step == min(val, key=val.get)
     exported = MossTTSD.from_pretrained(out / "export").eval()
+    for key, value in exported.state_dict().items():
+        if f"model.{key}" in best["state_dict"]:
+            torch.testing.assert_close(value, best["state_dict"][f"model.{key}"], atol=0, rtol=0)
     trained = unwrap(result["module"].model).eval()
     ids, _ = random_batch(exported.config)
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits[0], trained(ids).logits[0], atol=0, rtol=0)
     printed = capsys.readouterr().out
     assert f"export:        {out / 'export'}" in printed and "real frames/s" in printed
+    assert f"weights:       best.ckpt: val/loss {val[best_step]:.4f} at step {best_step}" in printed
 
 
 def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
@@ -72,16 +82,21 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["adapter_only"] and {k.removeprefix("model.") for k in ckpt["state_dict"]} == trainable
-    second = train(compose_train(tmp_path, [*overrides, "resume=auto", "trainer.max_steps=6"]))
-    assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
-    assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
-    # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
+    # The export of the first run (adapter-only checkpoints, export.from=best) is its best checkpoint, rebuilt.
     from moss.model.checkpoint import load_model
     from moss.training.run_checkpoint import model_from_checkpoint
 
-    from_ckpt, _ = model_from_checkpoint(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
+    best, _ = model_from_checkpoint(out / "checkpoints" / "best.ckpt")
     exported, _ = load_model(out / "export")
     ids = torch.randint(0, 300, (1, 6, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(best(ids).logits, exported(ids).logits)
+    second = train(compose_train(tmp_path, [*overrides, "resume=auto", "trainer.max_steps=6", "export.from=last"]))
+    assert second["trainer"].global_step == 6 and first["trainer"].global_step == 4
+    assert (out / "checkpoints" / "step_0000006.ckpt").is_file()
+    # The adapter-only checkpoint rebuilds (recorded seeded base + LoRA settings) into the exported model.
+    from_ckpt, _ = model_from_checkpoint(out / "checkpoints" / "step_0000006.ckpt")  # the export is of step 6 too
+    exported, _ = load_model(out / "export")
     with torch.no_grad():
         torch.testing.assert_close(from_ckpt(ids).logits, exported(ids).logits)
 
@@ -223,3 +238,15 @@ def test_a_user_shard_folder_is_read_never_written(tmp_path, tiny_shards):
     with pytest.raises(ConfigError, match="no shards match data.train_shards"):
         train(compose_train(tmp_path, ["debug=fast_dev_run", "data.num_workers=0", f"data.train_shards={missing}"]))
     assert not (tmp_path / "nope").exists()
+
+
+def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path):
+    # min_delta 100: the second validation cannot improve enough, so patience 1 stops the run there.
+    overrides = ["debug=fast_dev_run", "trainer.max_steps=10", "data.num_workers=0"]
+    early = ["callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=100"]
+    result = train(compose_train(tmp_path, [*overrides, *early]))
+    assert result["trainer"].global_step == 4 and not result["stopped"]
+    assert (result["output_dir"] / "export" / "model.safetensors").is_file()
+    assert result["exported"]["weights"].startswith("best.ckpt")
+    with pytest.raises(ConfigError, match="export.from=newest is unknown"):
+        validate(compose_train(tmp_path / "b", ["export.from=newest"]))

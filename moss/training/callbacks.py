@@ -23,6 +23,23 @@ import torch
 from moss.model.lora import unwrap
 
 
+def build_callbacks(group) -> dict[str, L.Callback]:
+    """The callbacks of the `callbacks` config group by name; an entry that is null, or builds to None, is off."""
+    from hydra.utils import instantiate
+
+    built = {name: instantiate(node) for name, node in (group or {}).items() if node is not None}
+    return {name: callback for name, callback in built.items() if callback is not None}
+
+
+def early_stopping(patience: int | None = None, min_delta: float = 0.0) -> L.Callback | None:
+    """Stop when `val/loss` has not improved by `min_delta` for `patience` validations; None: never stop early."""
+    if patience is None:
+        return None
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    return EarlyStopping(monitor="val/loss", mode="min", patience=int(patience), min_delta=float(min_delta))
+
+
 def peak_tflops(device: torch.device) -> float | None:
     """Dense bf16 peak of the GPU in TFLOPs, from Lightning's table.
 

@@ -9,6 +9,7 @@ folder's YAML is instantiated (it could name any callable).
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, merged, unwrap
+
+log = logging.getLogger(__name__)
 
 # The key of a Lightning checkpoint that records the run's base model (written by the LitModule, read below).
 BASE_KEY = "moss_base"
@@ -123,3 +126,28 @@ def model_from_checkpoint(
             raise ValueError(f"{path} is a random model without the tiny vocabulary; set tokenizer=/path/to/tokenizer")
         return model, build_tiny_tokenizer()
     return model, AutoTokenizer.from_pretrained(tok_path)
+
+
+def load_best(module, best_checkpoint) -> str:
+    """Put the weights of the run's best checkpoint (lowest `val/loss`) into `module`, for export; what it holds now.
+
+    `best_checkpoint` is the run's `ModelCheckpoint(monitor="val/loss")`. Without one, before the first
+    validation, or under FSDP (the best checkpoint is a distributed folder there), the last weights stay.
+    """
+    from moss.training.sharding import is_sharded
+
+    path = Path(getattr(best_checkpoint, "best_model_path", "") or "")
+    if not path.is_file() or is_sharded(module.model):
+        why = "no validation has run" if not str(path) or str(path) == "." else f"{path} is not a single file"
+        log.warning("export.from=best: %s; exporting the last weights", why)
+        return f"last weights ({why})"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get(ADAPTER_ONLY):
+        check_trainable(state, trainable_keys(module.model))
+    missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
+    if unexpected or (missing and not state.get(ADAPTER_ONLY)):
+        raise ValueError(
+            f"{path}: weights do not fit this run's model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    score = float(best_checkpoint.best_model_score)
+    return f"{path.name}: val/loss {score:.4f} at step {state.get('global_step')}"
