@@ -10,10 +10,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moss.cli import check_override_keys, command
-from moss.config_checks import validate
+from moss.config_checks import validate, world_size
 from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
@@ -65,6 +65,9 @@ def train(cfg: DictConfig) -> dict:
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
+    plan = datamodule.epoch_plan(world_size(cfg), int(cfg.trainer.get("accumulate_grad_batches") or 1))
+    if plan is not None:
+        apply_epoch_plan(cfg, plan)
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
@@ -90,10 +93,11 @@ def train(cfg: DictConfig) -> dict:
             exported["adapter"] = save_adapter(model, output_dir / "adapter")
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
-        _report(trainer, output_dir, exported, summary, stopped)
+        _report(trainer, output_dir, exported, summary, stopped, plan)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the next job of a multirun starts its own group
     return {
+        "plan": plan,
         "trainer": trainer,
         "module": module,
         "output_dir": output_dir,
@@ -103,7 +107,19 @@ def train(cfg: DictConfig) -> dict:
     }
 
 
-def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict, stopped: str | None) -> None:
+def apply_epoch_plan(cfg: DictConfig, plan) -> None:
+    """Train for the plan's steps, validating and checkpointing once per epoch."""
+    with open_dict(cfg):
+        cfg.trainer.max_steps = plan.max_steps
+        cfg.trainer.val_check_interval = plan.steps_per_epoch
+        if cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint"):
+            cfg.callbacks.model_checkpoint.every_n_train_steps = plan.steps_per_epoch
+    log.info(plan.describe())
+
+
+def _report(
+    trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict, stopped: str | None, plan=None
+) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
     lines = [f"run directory: {output_dir}", f"checkpoints:   {output_dir / 'checkpoints'}"]
     if stopped:
@@ -119,6 +135,11 @@ def _report(trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict,
         lines.append(
             f"throughput:    {summary['real_frames_per_s']:.0f} real frames/s, packing efficiency "
             f"{summary['packing_efficiency']:.1%}, {summary['wall_s']:.1f} s of training"
+        )
+    if plan is not None and summary:
+        lines.append(
+            f"epochs:        {summary['epochs']:.2f} passes over the training shards (rank 0's readers) for "
+            f"data.epochs={plan.epochs:g} ({plan.max_steps} steps planned, {plan.steps_per_epoch} per epoch)"
         )
     lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     print("\n".join(lines))

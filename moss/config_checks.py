@@ -141,10 +141,10 @@ def _data_problems(cfg: DictConfig) -> list[str]:
         except FileNotFoundError as err:
             problems.append(str(err))
     workers = max(1, int(_select(cfg, "data.num_workers") or 0))
-    readers = _world_size(cfg) * workers
+    readers = world_size(cfg) * workers
     if shards.get("train", readers) < readers:
         problems.append(
-            f"data.train_shards has {shards['train']} shards but {_world_size(cfg)} ranks x {workers} workers = "
+            f"data.train_shards has {shards['train']} shards but {world_size(cfg)} ranks x {workers} workers = "
             f"{readers} readers need one each; lower data.num_workers or trainer.devices, or write the set in more "
             f"shards (4x readers or more keeps them evenly loaded)"
         )
@@ -162,7 +162,8 @@ def _synthetic_shards(cfg: DictConfig, split: str, spec) -> int | None:
     return math.ceil(samples / synthetic.get("samples_per_shard", 64))
 
 
-def _world_size(cfg: DictConfig) -> int:
+def world_size(cfg: DictConfig) -> int:
+    """Ranks the run will have (devices x nodes), from the config."""
     devices = _select(cfg, "trainer.devices")
     nodes = int(_select(cfg, "trainer.num_nodes") or 1)
     if isinstance(devices, int) and devices > 0:

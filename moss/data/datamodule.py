@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moss.data.dataset import ShardStream, expand_shards, manifest_samples
+from moss.data.epochs import EpochPlan, plan_epochs
 from moss.data.examples import ExampleBuilder
 from moss.data.loader import EvenBatches, StepWindowLoader
 from moss.data.synthetic import write_synthetic_corpus
@@ -57,6 +58,8 @@ class MossDataModule(L.LightningDataModule):
         synthetic: `{"dir", "train_samples", "val_samples", "samples_per_shard"}`: the built-in corpus, generated in
             `prepare_data` into `dir/train` and `dir/val` only, and only where `train_shards`/`val_shards` point
             there; a location the user set is read, never written.
+        epochs: train for this many passes over the training set instead of `trainer.max_steps` (see
+            `moss.data.epochs`: turned into steps from the manifests before training, by `epoch_plan`).
         tokenizer: the checkpoint's tokenizer (runtime dependency).
         model_config: the model architecture (speech offset, channels, pad code).
     """
@@ -75,6 +78,7 @@ class MossDataModule(L.LightningDataModule):
         normalize: Callable[[str], str] | None = None,
         report_dir: str | None = None,
         synthetic: dict | None = None,
+        epochs: float | None = None,
         *,
         tokenizer,
         model_config: MossTTSDConfig,
@@ -90,7 +94,7 @@ class MossDataModule(L.LightningDataModule):
             shuffle_buffer,
             seed,
         )
-        self.report_dir, self.synthetic = report_dir, synthetic
+        self.report_dir, self.synthetic, self.epochs = report_dir, synthetic, epochs
         self.tokenizer, self.model_config = tokenizer, model_config
         self._train_window: StepWindowLoader | None = None
         prompt = PromptBuilder(
@@ -121,6 +125,14 @@ class MossDataModule(L.LightningDataModule):
         ):
             if samples and isinstance(spec, str | Path) and Path(spec).resolve() == (root / split).resolve():
                 write_synthetic_corpus(root / split, samples, seed=seed, samples_per_shard=per_shard)
+
+    def epoch_plan(self, world_size: int, accumulate: int) -> EpochPlan | None:
+        """The optimiser steps `epochs` passes take (None without `epochs`); writes the built-in corpus first."""
+        if not self.epochs:
+            return None
+        self.prepare_data()
+        urls = expand_shards(self.train_shards, "data.train_shards")
+        return plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, accumulate)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = expand_shards(self.train_shards, "data.train_shards")

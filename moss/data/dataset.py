@@ -64,20 +64,25 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     return sorted(set(urls))
 
 
-def manifest_samples(urls: list[str]) -> int | None:
-    """Samples of a local shard set according to its manifest(s), or None when no manifest covers it.
+def manifest_entries(urls: list[str]) -> list[dict] | None:
+    """The manifest entry of every shard of a local shard set, or None when a shard is in no manifest.
 
     A folder may hold one `manifest.json` or one `manifest-<slot>.json` per preprocessing rank.
     """
     names = {Path(u).name for u in urls}
-    total, covered = 0, set()
-    for folder in {Path(u).parent for u in urls if "://" not in u}:
+    entries: dict[str, dict] = {}
+    for folder in sorted({Path(u).parent for u in urls if "://" not in u}):
         for file in sorted(folder.glob(MANIFEST.replace(".json", "*.json"))):
             for entry in json.loads(file.read_text())["shards"]:
                 if entry["shard"] in names:
-                    total += entry["samples"]
-                    covered.add(entry["shard"])
-    return total if covered == names else None
+                    entries.setdefault(entry["shard"], entry)
+    return list(entries.values()) if set(entries) == names else None
+
+
+def manifest_samples(urls: list[str]) -> int | None:
+    """Samples of a local shard set according to its manifest(s), or None when no manifest covers it."""
+    entries = manifest_entries(urls)
+    return None if entries is None else sum(e["samples"] for e in entries)
 
 
 class ShardStream(IterableDataset):
@@ -164,7 +169,7 @@ class ShardStream(IterableDataset):
         units = examples(stages["buffer"](stages["reader"]))
         for batch in stages["batcher"](stages["packer"](units) if "packer" in stages else units):
             self._state = {name: stage.state_dict() for name, stage in stages.items()}
-            batch["skipped"], batch["reader"] = dict(self.skipped), slot
+            batch["skipped"], batch["reader"], batch["passes"] = dict(self.skipped), slot, stages["reader"].passes
             yield batch
 
     @staticmethod

@@ -106,6 +106,12 @@ class ShardReader:
         self.skips, self.liveness = skips, liveness
         self.position = (0, 0, 0)
 
+    @property
+    def passes(self) -> float:
+        """Passes made so far: the pass index plus the share of this pass's shards already read."""
+        epoch, shard, _ = self.position
+        return epoch + shard / max(1, len(self.shards(epoch)))
+
     def shards(self, epoch: int) -> list[str]:
         order = list(self.urls)
         if self.shuffle:
@@ -143,7 +149,7 @@ class ShardReader:
             self.skips("unreadable shard", f"{url}: {err!r}", epoch)
             return True
 
-        for index, raw in enumerate(_tar_samples(url, unreadable)):
+        for index, raw in enumerate(tar_samples(url, unreadable)):
             if index < start:
                 continue
             try:
@@ -162,7 +168,7 @@ class ShardReader:
             wanted.setdefault((epoch, pos), set()).add(index)
         found = {}
         for (epoch, pos), indices in wanted.items():
-            for index, raw in enumerate(_tar_samples(self.shards(epoch)[pos])):
+            for index, raw in enumerate(tar_samples(self.shards(epoch)[pos])):
                 if index in indices:
                     found[(epoch, pos, index)] = ShardSample.from_wds(raw)
         return found
@@ -314,7 +320,7 @@ class Batcher:
             self.group = [restore.example(loc) for loc in state["group"]]
 
 
-def _tar_samples(url: str, handler: Callable[[Exception], bool] | None = None):
+def tar_samples(url: str, handler: Callable[[Exception], bool] | None = None):
     """WebDataset samples (dicts of raw fields) of one shard; `handler` decides about read errors."""
     expand = wds.tarfile_to_samples(handler=handler) if handler else wds.tarfile_to_samples()
     return wds.DataPipeline(wds.SimpleShardList([url]), expand)

@@ -95,6 +95,7 @@ class FrameThroughput(L.Callback):
         self._rows = self._computed = self._samples = self._batches = self._sq = 0
         self._total_rows = self._total_computed = self._total_flops = 0
         self._skipped: dict[int, dict] = {}
+        self._passes: dict[int, float] = {}  # per reader: passes over its shards (epochs, as the data saw them)
         moss = unwrap(pl_module.model)
         self._flops = flop_model(moss)
         self._lora = any(not p.requires_grad for p in moss.model.language_model.layers.parameters())
@@ -112,6 +113,7 @@ class FrameThroughput(L.Callback):
         self._total_flops += self._step_flops(real, sq)
         self._samples, self._batches = self._samples + batch.get("num_samples", 0), self._batches + 1
         self._skipped[batch.get("reader", 0)] = batch.get("skipped", {})
+        self._passes[batch.get("reader", 0)] = batch.get("passes", 0.0)
         if (batch_idx + 1) % self.window:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -122,6 +124,7 @@ class FrameThroughput(L.Callback):
             "perf/samples_per_batch": self._samples / max(self._batches, 1),
             "perf/tflops_per_device": tflops,
             "perf/peak_memory_gb": self._peak_memory(pl_module.device),
+            "data/epoch": self.epochs,
         }
         for counts in self._skipped.values():
             for reason, n in counts.items():
@@ -159,4 +162,10 @@ class FrameThroughput(L.Callback):
             "tflops_per_device": self._total_flops / max(wall, 1e-9) / 1e12,
             "mfu": (self._total_flops / max(wall, 1e-9) / 1e12 / self._peak) if self._peak else None,
             "skipped": {r: n for counts in self._skipped.values() for r, n in counts.items()},
+            "epochs": self.epochs,
         }
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the training set so far, averaged over this rank's readers (0 before any batch)."""
+        return sum(self._passes.values()) / max(1, len(self._passes))

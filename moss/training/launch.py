@@ -87,7 +87,14 @@ class _DropTip(logging.Filter):
 
 
 def quiet_known_warnings() -> None:
-    """Silence the warnings listed in `_KNOWN_WARNINGS` and Lightning's logger tip; everything else still prints."""
+    """Silence known noise; everything else still prints.
+
+    The warnings listed in `_KNOWN_WARNINGS`, Lightning's logger tip, and huggingface_hub's "saved" notices
+    (its serialisation logger is named after its file).
+    """
+    from huggingface_hub import save_torch_state_dict
+
     for pattern in _KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
+    logging.getLogger(save_torch_state_dict.__code__.co_filename).setLevel(logging.WARNING)

@@ -6,7 +6,7 @@ import pytest
 
 from moss.data.dataset import ShardStream, expand_shards
 from moss.data.examples import ExampleBuilder
-from moss.data.stages import ShardReader, _tar_samples
+from moss.data.stages import ShardReader, tar_samples
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from moss.text import PromptBuilder
@@ -31,7 +31,7 @@ def held_keys(stream, urls) -> list[str]:
     reader = ShardReader(urls, 0, 1, stream.shuffle, stream.seed, stream.repeat, skips=None, liveness=None)
     keys = {}
     for epoch, pos, index in {tuple(loc) for name in ("buffer", "packer", "batcher") for loc in _locs(state, name)}:
-        for i, raw in enumerate(_tar_samples(reader.shards(epoch)[pos])):
+        for i, raw in enumerate(tar_samples(reader.shards(epoch)[pos])):
             if i == index:
                 keys[(epoch, pos, index)] = raw["__key__"]
     return sorted(keys.values())
@@ -52,7 +52,7 @@ def test_every_sample_read_is_either_emitted_or_held_in_a_stage(tiny_shards, bui
     urls = expand_shards(str(tiny_shards))
     stream = make(urls, builder, packed, repeat=False, shuffle=True)
     order = ShardReader(urls, 0, 1, True, 7, False, skips=None, liveness=None).shards(0)
-    per_shard = [[raw["__key__"] for raw in _tar_samples(url)] for url in order]
+    per_shard = [[raw["__key__"] for raw in tar_samples(url)] for url in order]
     emitted = []
     for batch in stream:
         emitted += batch["keys"]
