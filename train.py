@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moss.cli import check_override_keys, command
 from moss.config_checks import validate, world_size
+from moss.model.checkpoint import resolve_model_path
 from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
@@ -56,6 +57,9 @@ def record_config(cfg: DictConfig, output_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Build data, model, callbacks, loggers and trainer from `cfg`, fit, export; return what tests check."""
+    if cfg.model.get("path"):  # a Hub id becomes the local folder it is downloaded to (every ${model.path} follows)
+        with open_dict(cfg):
+            cfg.model.path = resolve_model_path(cfg.model.path)
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if not relaunched_rank():

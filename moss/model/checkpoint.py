@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,34 @@ GENERATION_CONFIG = "generation_config.json"
 # Parameters a checkpoint may lack: the unused Qwen3 token table (we keep a zero table) and the tied heads.
 OPTIONAL_PREFIXES = ("model.language_model.embed_tokens.",)
 TIED_PREFIX = "lm_heads."
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hugging Face Hub spells repositories
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]  # weights, configs, tokenizer
+
+
+def resolve_model_path(path: str | Path) -> str:
+    """A local model folder for `path`: the folder itself, or a Hub id downloaded to the Hugging Face cache.
+
+    A Hub id is `owner/name` (`fnlp/MOSS-TTSD-v0.5`) that is not a local path; the cached copy is reused on
+    later runs, also offline.
+
+    Raises:
+        ConfigError: `path` is not a local folder and is a Hub id that cannot be fetched (offline, unknown).
+    """
+    text = str(path)
+    if Path(text).exists() or not HUB_ID.match(text):
+        return text
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=text, allow_patterns=HUB_FILES)
+    except Exception as err:  # noqa: BLE001 - offline, unknown repository, no access: all the same to the user
+        raise ConfigError(
+            f"{text} is not a local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); on a machine without network, download "
+            f"it elsewhere (huggingface-cli download {text} --local-dir DIR) and pass that folder"
+        ) from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -187,13 +216,14 @@ def load_model(
 
     from moss.model.modeling import MossTTSD
 
-    path = Path(checkpoint)
+    path = Path(resolve_model_path(checkpoint))
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
+        base = resolve_model_path(base)
         if not (Path(base) / "config.json").is_file():
             raise ConfigError(
                 f"the base model of the adapter {path} ({base}, recorded in adapter_config.json) is not a model "

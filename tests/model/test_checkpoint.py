@@ -128,3 +128,30 @@ def test_export_writes_the_original_generation_config_and_infer_reads_it(tiny_mo
     defaults = generation_for(MossTTSD.from_pretrained(tmp_path / "c").generation_config)
     assert defaults.channels == [ChannelSampling(**DEFAULT_SAMPLING)] * 8
     assert generation_for(loaded.generation_config, {"do_sample": False}, 50).channels == [ChannelSampling()] * 8
+
+
+def test_model_path_may_be_a_hub_id(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from moss.errors import ConfigError
+    from moss.model.checkpoint import load_model, resolve_model_path
+
+    tiny_model.save_pretrained(tmp_path / "snapshot")
+    tiny_tokenizer.save_pretrained(tmp_path / "snapshot")
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model, _ = load_model("someone/MOSS-TTSD-tiny")
+    assert asked[0][0] == "someone/MOSS-TTSD-tiny" and "*.safetensors" in asked[0][1]
+    assert model.config.hidden_size == tiny_model.config.hidden_size
+    # Local paths, existing or not, are never sent to the Hub.
+    assert resolve_model_path(tmp_path / "snapshot") == str(tmp_path / "snapshot")
+    assert resolve_model_path("runs/tiny/export") == "runs/tiny/export" and len(asked) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not a local folder, and fetching it from the Hugging Face Hub failed"):
+        resolve_model_path("nobody-here/no-such-model-3f9c")
