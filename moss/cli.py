@@ -30,14 +30,24 @@ def command(task: Callable) -> Callable:
     def run(cfg):
         try:
             return task(cfg)
-        except (ConfigError, FileNotFoundError, MissingMandatoryValue) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except Exception as err:
+            usage = usage_error_behind(err)
+            if usage is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _remove_if_empty(_hydra_run_dir())
-            print(f"error: {usage_message(err)}", file=sys.stderr)
+            print(f"error: {usage_message(usage)}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
 
     return run
+
+
+def usage_error_behind(err: BaseException | None) -> Exception | None:
+    """The usage error behind `err`, also when Hydra's instantiate wrapped it (its `__cause__`), else None."""
+    while err is not None:
+        if isinstance(err, ConfigError | FileNotFoundError | MissingMandatoryValue):
+            return err
+        err = err.__cause__
+    return None
 
 
 def usage_message(err: Exception) -> str:

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from infer import infer
+from moss.cli import usage_error_behind
 from moss.inference import ItemError, parse_item
 from moss.model import ConfigError
 from moss.model.checkpoint import load_model
@@ -196,9 +198,23 @@ def test_audio_samples_during_training(tmp_path):
     config = XYTokenizerConfig.tiny()
     (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
     torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
+    # A voice-cloning script (one prompt per speaker, paths relative to the JSONL) with its expected length.
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", 0.1 * rng.standard_normal(8000).astype(np.float32), 16000)
+    clone = {
+        "text": "[S1]Good morning.[S2]Morning!",
+        "prompt_audio_speaker1": "a.wav",
+        "prompt_text_speaker1": "Hello.",
+        "prompt_audio_speaker2": "b.wav",
+        "prompt_text_speaker2": "Hi.",
+        "expected_seconds": 0.5,
+    }
+    (tmp_path / "scripts.jsonl").write_text(json.dumps(clone) + "\n")
     cfg = compose_train(
         tmp_path,
         [
+            f"callbacks.audio_samples.scripts={tmp_path / 'scripts.jsonl'}",
             "debug=fast_dev_run",
             "data.num_workers=0",
             "callbacks=audio_samples",
@@ -213,9 +229,19 @@ def test_audio_samples_during_training(tmp_path):
     )
     result = train(cfg)
     samples = sorted(p.name for p in (result["output_dir"] / "samples").iterdir())
-    assert samples == ["step_0000002_0.wav", "step_0000004_0.wav"]
+    assert samples == ["step_0000002_0.wav", "step_0000002_1.wav", "step_0000004_0.wav", "step_0000004_1.wav"]
     assert any(sf.info(result["output_dir"] / "samples" / s).frames > 0 for s in samples)  # audio reached the logger
     assert list((result["output_dir"] / "tensorboard").rglob("events.out.tfevents*"))
+    logged = result["trainer"].callback_metrics
+    seconds = sf.info(result["output_dir"] / "samples" / "step_0000004_1.wav").duration
+    assert float(logged["samples/duration_ratio_1"]) == pytest.approx(seconds / 0.5, rel=1e-3)
+    assert float(logged["samples/hit_limit_1"]) == float(seconds >= 0.99) and "samples/duration_ratio_0" not in logged
+    # A script that cannot be synthesised stops the run before it starts, naming its line.
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**clone, "prompt_audio_speaker2": "missing.wav"}) + "\n")
+    cfg.callbacks.audio_samples.scripts = str(tmp_path / "bad.jsonl")
+    with pytest.raises(Exception, match=r"bad.jsonl, line 1: prompt audio .*missing.wav not found") as err:
+        instantiate(cfg.callbacks.audio_samples)
+    assert isinstance(usage_error_behind(err.value), ConfigError)  # what the command line prints as one error line
 
 
 @pytest.fixture

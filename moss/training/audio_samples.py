@@ -1,9 +1,15 @@
 """Listening to a run: every N optimiser steps, synthesise a few scripts with the current weights.
 
+Scripts are plain texts, or a JSONL in the inference formats: text only, per-speaker prompts or a shared
+prompt, so the run shows how the voices it is learning clone (the prompt audio is continued, as at
+inference). A line may add `expected_seconds`: the length the audio should have.
+
 Rank 0 generates each script (LoRA active, eval mode, no gradients), decodes it with the XY-Tokenizer,
-writes `<output_dir>/step_<step>_<i>.wav`, logs `samples/duration_s_<i>`, and hands the audio to the
-TensorBoard or wandb logger when there is one. Under FSDP (sharded weights) sampling is skipped with a
-warning: every rank would have to join each forward pass.
+writes `<output_dir>/step_<step>_<i>.wav`, logs `samples/duration_s_<i>`, `samples/duration_ratio_<i>`
+(generated / expected, when given) and `samples/hit_limit_<i>` (1 when generation ran to `max_seconds`
+without ending: a model that has not learnt to stop), and hands the audio to the TensorBoard or wandb logger
+when there is one. Under FSDP (sharded weights) sampling is skipped with a warning: every rank would have to
+join each forward pass.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import soundfile as sf
 import torch
 
 from moss.audio import FRAME_RATE
+from moss.errors import ConfigError
 from moss.generation import sampling_config
-from moss.inference import Synthesizer, parse_item
+from moss.inference import Item, ItemError, Synthesizer, parse_item, read_items
 from moss.model.lora import unwrap
 from moss.text.normalize import normalizer
 from moss.training.sharding import is_sharded
@@ -32,8 +39,9 @@ class AudioSamples(L.Callback):
         self,
         codec_config: str,
         codec_checkpoint: str,
-        texts: list[str],
-        output_dir: str,
+        texts: list[str] | None = None,
+        output_dir: str = "samples",
+        scripts: str | None = None,
         every_n_steps: int = 1000,
         max_seconds: float = 30.0,
         sampling: dict | None = None,
@@ -41,7 +49,8 @@ class AudioSamples(L.Callback):
         normalize: str | None = "v0.5",
     ):
         self.codec_paths = (codec_config, codec_checkpoint)
-        self.texts, self.output_dir, self.every = list(texts), Path(output_dir), every_n_steps
+        self.output_dir, self.every, self.max_seconds = Path(output_dir), every_n_steps, max_seconds
+        self.items = load_scripts(list(texts or []), scripts)  # read now: a bad script fails the run at its start
         self.generation = sampling_config(dict(sampling or {"do_sample": False}), int(max_seconds * FRAME_RATE), seed)
         self.normalize = normalize
         self._codec = None
@@ -76,24 +85,31 @@ class AudioSamples(L.Callback):
             self._codec,
             self.generation,
             normalizer(self.normalize),
-            batch_size=len(self.texts),
+            batch_size=len(self.items),
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rate = self._codec.output_sample_rate
-        items = [parse_item({"text": t}, i) for i, t in enumerate(self.texts)]
 
         def write(item, wave):
             wave = wave.float().cpu()
             sf.write(self.output_dir / f"step_{step:07d}_{item.index}.wav", wave.numpy(), rate)
             if wave.numel():  # an early model may end at once: nothing to listen to
                 self._publish(trainer, item.index, wave, rate, step)
-            pl_module.log(f"samples/duration_s_{item.index}", wave.numel() / rate, batch_size=1)
+            for key, value in self._measures(item, wave.numel() / rate).items():
+                pl_module.log(f"samples/{key}_{item.index}", torch.tensor(value), batch_size=1)
 
         try:
-            synth.synthesize(items, write)
+            synth.synthesize(self.items, write)
         finally:
             model.set_attn_implementation(attention)
             model.train(was_training)
+
+    def _measures(self, item: Item, seconds: float) -> dict[str, float]:
+        measures = {"duration_s": seconds, "hit_limit": float(seconds >= 0.99 * self.max_seconds)}
+        expected = item.source.get("expected_seconds")
+        if expected:
+            measures["duration_ratio"] = seconds / float(expected)
+        return measures
 
     @staticmethod
     def _publish(trainer, index: int, wave: torch.Tensor, rate: int, step: int) -> None:
@@ -106,3 +122,27 @@ class AudioSamples(L.Callback):
                 import wandb
 
                 logger.experiment.log({f"samples/{index}": wandb.Audio(wave.numpy(), sample_rate=rate)}, step=step)
+
+
+def load_scripts(texts: list[str], scripts: str | None) -> list[Item]:
+    """Text-only `texts`, then the items of the JSONL `scripts` (prompt audio paths relative to its folder).
+
+    Raises:
+        ConfigError: a script that cannot be synthesised, named by its line, or no script at all.
+    """
+    items = [parse_item({"text": t}, i) for i, t in enumerate(texts)]
+    if scripts:
+        base = str(Path(scripts).resolve().parent)
+        for line, data in enumerate(read_items(scripts), start=1):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                expected = data.get("expected_seconds")
+                if expected is not None and not (isinstance(expected, int | float) and expected > 0):
+                    raise ItemError(f"expected_seconds must be a positive number, got {expected!r}")
+                items.append(parse_item(data, len(items), base_path=base))
+            except ItemError as err:
+                raise ConfigError(f"callbacks.audio_samples.scripts={scripts}, line {line}: {err}") from None
+    if not items:
+        raise ConfigError("callbacks.audio_samples needs texts or scripts (a JSONL in the inference formats)")
+    return items
