@@ -21,8 +21,8 @@ from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, quote_values, require
 from moss.codec import codec_problems, load_codec
 from moss.generation import generation_for
-from moss.inference import Item, ItemError, Result, Synthesizer, parse_item, read_items
-from moss.model.checkpoint import load_model
+from moss.inference import DECODERS, Item, ItemError, Result, Synthesizer, parse_item, read_items
+from moss.model.checkpoint import HUB_ID, load_model
 from moss.text.normalize import normalize_text, normalizer
 
 log = logging.getLogger("infer")
@@ -42,7 +42,7 @@ def infer(cfg: DictConfig) -> list[Result]:
     )
     log.info("generation: %s", generation)
     synth = Synthesizer(
-        model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size
+        model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size, cfg.decode
     )
     writer = AudioWriter(Path(cfg.output_dir), cfg.format, cfg.subtype, codec.output_sample_rate, cfg.normalize)
     items, results = _parse_items(cfg)
@@ -162,7 +162,12 @@ class AudioWriter:
                 f.write(line.encode("utf-8", "backslashreplace") + b"\n")
 
 
-CHOICES = {"format": ("wav", "flac"), "normalize": ("v0.5", "v0.7", None), "dtype": ("float32", "bfloat16")}
+CHOICES = {
+    "format": ("wav", "flac"),
+    "normalize": ("v0.5", "v0.7", None),
+    "dtype": ("float32", "bfloat16"),
+    "decode": DECODERS,
+}
 
 
 def check_arguments(cfg: DictConfig) -> None:
@@ -174,7 +179,7 @@ def check_arguments(cfg: DictConfig) -> None:
         problems.append(f"input={cfg.input} is not a file; set input=/path/to/dialogues.jsonl")
     if not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint is not None:
         path = Path(str(cfg.checkpoint))
-        if not (path.is_dir() or (path.is_file() and path.suffix == ".ckpt")):
+        if not (path.is_dir() or (path.is_file() and path.suffix == ".ckpt") or HUB_ID.match(str(path))):
             problems.append(
                 f"checkpoint={path} does not exist; give an HF-format folder (runs/<name>/export), a LoRA adapter "
                 f"folder (runs/<name>/adapter) or a run's .ckpt"
@@ -185,6 +190,11 @@ def check_arguments(cfg: DictConfig) -> None:
             problems.append(f"{key}={cfg[key]} is not one of {list(allowed)}")
     if cfg.device not in ("auto", "cpu") and str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device={cfg.device} but this machine has no CUDA GPU; use device=cpu (or device=auto)")
+    if cfg.streaming and cfg.decode == "prompt_augmented":
+        problems.append(
+            "streaming=true decodes 30 s windows as rows arrive; decode=prompt_augmented needs the whole output: "
+            "use decode=windows with streaming, or streaming=false"
+        )
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size} must be a positive integer")
     fail("invalid inference command", problems)

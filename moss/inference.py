@@ -26,12 +26,18 @@ import numpy as np
 import torch
 
 from moss.audio import SAMPLE_RATE, read_audio
+from moss.codec.prompt_decode import decode_with_prompt
+from moss.errors import ConfigError
 from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
 from moss.model.delay import apply_delay_pattern
 from moss.text.prompt import PromptBuilder
 
 KNOWN_TAGS = re.compile(r"\[S(\d+)\]")
 MIN_PROMPT_SAMPLES = 1280  # one codec frame at 16 kHz: a shorter prompt encodes to nothing
+
+
+# How generated codes become audio: the codec's 30 s windows (v0.5), or windows behind the prompt (v0.7).
+DECODERS = ("windows", "prompt_augmented")
 
 
 class ItemError(ValueError):
@@ -159,8 +165,12 @@ class Synthesizer:
         normalize=None,
         system_prompt: str | None = None,
         batch_size: int = 4,
+        decode: str = "windows",
     ):
+        if decode not in DECODERS:
+            raise ConfigError(f"decode={decode} is unknown; use one of {DECODERS}")
         self.model, self.codec, self.generation, self.batch_size = model.eval(), codec, generation, batch_size
+        self.decode = decode
         kwargs = {} if system_prompt is None else {"system_prompt": system_prompt}
         cfg = model.config
         self.prompt = PromptBuilder(
@@ -197,9 +207,19 @@ class Synthesizer:
             ids, mask = batch_prompts(self.grids(group), self.text_pad_id, self.model.config.speech_pad_token)
             out = generate(self.model, ids.to(self.device), mask.to(self.device), self.generation)
             codes = frames_of(out, self.model.config.speech_offset, self.model.config.speech_pad_token)
-            waves = self.codec.decode([c.to(self.codec.device) for c in codes])
-            results += [write(item, wave) for item, wave in zip(group, waves, strict=True)]
+            results += [write(item, wave) for item, wave in zip(group, self._decode(group, codes), strict=True)]
         return results
+
+    def _decode(self, items: list[Item], codes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Waveforms of generated codes: 30 s windows (v0.5), or behind each item's prompt (v0.7)."""
+        if self.decode == "windows":
+            return self.codec.decode([c.to(self.codec.device) for c in codes])
+        return [
+            self.codec.decode([c.to(self.codec.device)])[0]
+            if item.prompt_audio is None
+            else decode_with_prompt(self.codec, c, item.prompt_audio)
+            for item, c in zip(items, codes, strict=True)
+        ]
 
     def stream(self, item: Item, on_chunk: Callable[[torch.Tensor], None]) -> float | None:
         """Generate one item, handing decoded audio chunks to `on_chunk` as soon as each window is ready.

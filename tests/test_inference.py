@@ -344,3 +344,27 @@ def test_results_are_written_when_the_run_stops(tmp_path, tiny_inference, monkey
     assert [x["error"] for x in lines] == ["not synthesised: the run stopped", "text must be a string, got int"] * 1 + [
         "not synthesised: the run stopped"
     ]
+
+
+def test_release_v07_decodes_behind_the_prompt(tmp_path, tiny_inference):
+    """release=v07: v0.7 normalisation and the prompt-augmented decode (same codes, other samples, same length
+    as the plain decode up to one cross-fade); streaming with it is refused before anything loads."""
+    from moss.codec.prompt_decode import CROSSFADE_SECONDS
+
+    sf.write(tmp_path / "p.wav", 0.1 * np.random.default_rng(1).standard_normal(24000).astype(np.float32), 16000)
+    item = {"text": "[S1]Ha  ha, yes!", "prompt_audio": str(tmp_path / "p.wav"), "prompt_text": "[S1]Well."}
+    (tmp_path / "in.jsonl").write_text(json.dumps(item) + "\n")
+    settings = {"input": str(tmp_path / "in.jsonl"), "subtype": "FLOAT", "max_seconds": 12, "normalize": "v0.7"}
+    base = OmegaConf.merge(tiny_inference, settings)
+    v07 = compose_config("infer", ["checkpoint=x", "output_dir=x", "release=v07"])
+    assert (v07.normalize, v07.decode, v07.max_seconds) == ("v0.7", "prompt_augmented", 1700)
+    plain = infer(OmegaConf.merge(base, {"output_dir": str(tmp_path / "a"), "decode": "windows"}))
+    behind = infer(OmegaConf.merge(base, {"output_dir": str(tmp_path / "b"), "decode": "prompt_augmented"}))
+    assert plain[0].error is None and behind[0].error is None
+    wa, rate = sf.read(plain[0].path, dtype="float32")
+    wb, _ = sf.read(behind[0].path, dtype="float32")
+    assert 0 <= len(wa) - len(wb) <= CROSSFADE_SECONDS * rate and not np.allclose(wa[: len(wb)], wb, atol=1e-4)
+    line = json.loads((tmp_path / "b" / "results.jsonl").read_text().splitlines()[0])
+    assert line["normalized_text"] == "[S1]Well.[laugh], yes!"
+    with pytest.raises(ConfigError, match="decode=prompt_augmented needs the whole output"):
+        infer(OmegaConf.merge(base, {"streaming": True, "decode": "prompt_augmented"}))
