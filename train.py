@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moss.cli import check_override_keys, command
 from moss.config_checks import validate, world_size
+from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
 from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
@@ -60,10 +62,13 @@ def train(cfg: DictConfig) -> dict:
     if cfg.model.get("path"):  # a Hub id becomes the local folder it is downloaded to (every ${model.path} follows)
         with open_dict(cfg):
             cfg.model.path = resolve_model_path(cfg.model.path)
+    raw = point_data_at_raw(cfg)
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if not relaunched_rank():
         record_config(cfg, output_dir)
+        for inputs, out in raw:
+            preprocess_raw(cfg, inputs, out)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.tokenizer)
     module = instantiate(cfg.model)
@@ -111,6 +116,46 @@ def train(cfg: DictConfig) -> dict:
     }
 
 
+def point_data_at_raw(cfg: DictConfig) -> list[tuple[list[str], Path]]:
+    """Point `data.train_shards` (`data.val_shards`) at the folders `raw.train` (`raw.val`) is preprocessed into.
+
+    Returns (inputs, folder) pairs. The built-in validation set is never mixed with the user's data: without
+    `raw.val` there is no validation.
+    """
+    raw = cfg.get("raw") or {}
+    if not raw.get("train"):
+        return []
+    pairs = []
+    with open_dict(cfg):
+        for split in ("train", "val"):
+            inputs = raw.get(split)
+            folder = Path(cfg.paths.output_dir) / "shards" / split
+            if inputs:
+                pairs.append(([str(i) for i in inputs], folder))
+            cfg.data[f"{split}_shards"] = str(folder) if inputs else None
+        cfg.data.synthetic = None
+    return pairs
+
+
+def preprocess_raw(cfg: DictConfig, inputs: list[str], out: Path) -> None:
+    """Preprocess `inputs` into `out` with the run's codec: resumed where it stopped; redone when stale."""
+    from data_pipelines.preprocess import preprocess, preprocess_config, stale_reason
+
+    settings = OmegaConf.to_container(cfg.raw.settings, resolve=True) if cfg.raw.get("settings") else {}
+    pcfg = preprocess_config(inputs, out, cfg.codec, **settings)
+    reason = stale_reason(pcfg)
+    if reason and cfg.get("resume"):
+        raise ConfigError(
+            f"{out} was made from other sources ({reason}), so this run's data position cannot be continued; "
+            f"start a new run (name=...) on the new data, or restore the earlier inputs to resume"
+        )
+    if reason:
+        log.warning("%s was made from other sources (%s): preprocessing again", out, reason)
+        shutil.rmtree(out)
+    log.info("preprocessing %s into %s (done shards are kept)", ", ".join(inputs), out)
+    preprocess(pcfg)
+
+
 def apply_epoch_plan(cfg: DictConfig, plan) -> None:
     """Train for the plan's steps, validating and checkpointing once per epoch."""
     with open_dict(cfg):
@@ -140,10 +185,11 @@ def _report(
             f"throughput:    {summary['real_frames_per_s']:.0f} real frames/s, packing efficiency "
             f"{summary['packing_efficiency']:.1%}, {summary['wall_s']:.1f} s of training"
         )
-    if plan is not None and summary:
+    if plan is not None and summary.get("samples"):
+        epochs = summary["samples"] / plan.samples
         lines.append(
-            f"epochs:        {summary['epochs']:.2f} passes over the training shards (rank 0's readers) for "
-            f"data.epochs={plan.epochs:g} ({plan.max_steps} steps planned, {plan.steps_per_epoch} per epoch)"
+            f"epochs:        {epochs:.2f} trained ({summary['samples']} samples; data.epochs={plan.epochs:g} planned "
+            f"{plan.steps_per_epoch} steps per epoch, measured {trainer.global_step / epochs:.1f})"
         )
     lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     print("\n".join(lines))

@@ -16,6 +16,7 @@ workers that validate records and read, down-mix and resample audio, while it en
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -58,9 +59,37 @@ def local_devices(setting, local_rank: int | None) -> list[str]:
     return [f"cuda:{int(i)}" for i in setting]
 
 
-def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_shard: int) -> dict:
-    """The partition of the work, fixed at the first run so reruns with other device counts agree."""
+def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_shard: int, sources: dict) -> dict:
+    """The partition of the work, fixed at the first run so reruns with other device counts agree.
+
+    `sources` (`fingerprint`) is recorded too: a rerun over changed inputs, another codec or other limits
+    would mix two different shard sets, so it is refused with what changed.
+    """
     path = output_dir / "plan.json"
+    plan = {"inputs": resolve_inputs(inputs), "records_per_shard": records_per_shard, "num_slots": processes}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["inputs"] != plan["inputs"] or saved["records_per_shard"] != records_per_shard:
+            raise ConfigError(
+                f"{output_dir} holds a run over other inputs or shard size ({path}); use a new output_dir or the "
+                f"same inputs and records_per_shard={saved['records_per_shard']}"
+            )
+        changed = fingerprint_changes(saved.get("sources"), sources)
+        if changed:
+            raise ConfigError(
+                f"{output_dir} was written from other sources ({'; '.join(changed)}): its shards would mix with "
+                f"new ones; use a new output_dir, or delete {output_dir} to start again"
+            )
+        return saved
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**plan, "sources": sources}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return plan
+
+
+def resolve_inputs(inputs: list[str]) -> list[str]:
+    """Absolute paths of the input JSONL files, each once."""
     resolved = []
     for given in inputs:
         file = Path(given).resolve()
@@ -70,24 +99,56 @@ def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_s
             log.warning("inputs lists %s twice; it is read once", given)
             continue
         resolved.append(str(file))
-    plan = {
-        "inputs": resolved,
-        "records_per_shard": records_per_shard,
-        "num_slots": processes,
-    }
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["inputs"] != plan["inputs"] or saved["records_per_shard"] != records_per_shard:
-            raise ConfigError(
-                f"{output_dir} holds a run over other inputs or shard size ({path}); use a new output_dir or the "
-                f"same inputs and records_per_shard={saved['records_per_shard']}"
-            )
-        return saved
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, path)
-    return plan
+    return resolved
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """What a shard set is made from: the inputs' contents (SHA-256), the codec files and the limits."""
+    inputs = {}
+    for file in resolve_inputs(list(cfg.inputs)):
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        inputs[file] = digest.hexdigest()
+    codec = OmegaConf.to_container(cfg.codec, resolve=True)
+    for key in ("config", "checkpoint"):  # the files themselves: a checkpoint replaced under the same name
+        if isinstance(codec.get(key), str) and Path(codec[key]).is_file():
+            stat = Path(codec[key]).stat()
+            codec[key] = {"path": str(Path(codec[key]).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    limits = OmegaConf.to_container(cfg.limits, resolve=True)
+    return {"inputs": inputs, "codec": codec, "limits": limits, "base_path": cfg.get("base_path")}
+
+
+def fingerprint_changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between two fingerprints, in words (nothing for a folder written before they existed)."""
+    if saved is None:
+        return []
+    changed = [f"{Path(f).name} changed" for f, digest in now["inputs"].items() if saved["inputs"].get(f) != digest]
+    changed += [key for key in ("codec", "limits", "base_path") if saved.get(key) != now.get(key)]
+    return changed
+
+
+def stale_reason(cfg: DictConfig) -> str | None:
+    """Why the shard set in `cfg.output_dir` cannot be continued with `cfg` (None: absent, or resumable)."""
+    path = Path(cfg.output_dir) / "plan.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["inputs"] != resolve_inputs(list(cfg.inputs)) or saved["records_per_shard"] != cfg.records_per_shard:
+        return "other inputs or shard size"
+    changed = fingerprint_changes(saved.get("sources"), fingerprint(cfg))
+    return "; ".join(changed) or None
+
+
+def preprocess_config(inputs: list[str], output_dir: str | Path, codec, **settings) -> DictConfig:
+    """conf/preprocess.yaml's settings for `inputs` -> `output_dir` with `codec` (for callers other than the CLI)."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "preprocess.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key, None)
+    cfg.codec = codec
+    cfg.inputs, cfg.output_dir = [str(i) for i in inputs], str(output_dir)
+    return OmegaConf.merge(cfg, settings)
 
 
 def shard_name(slot: int, index: int) -> str:
@@ -334,7 +395,7 @@ def preprocess(cfg: DictConfig) -> dict:
     cores = os.cpu_count() or 1
     workers = int(cfg.cpu_workers) if cfg.cpu_workers != "auto" else max(1, cores // len(devices) - 1)
     output_dir = Path(cfg.output_dir)
-    plan = load_plan(output_dir, list(cfg.inputs), world * len(devices), int(cfg.records_per_shard))
+    plan = load_plan(output_dir, list(cfg.inputs), world * len(devices), int(cfg.records_per_shard), fingerprint(cfg))
     processes = world * len(devices)
     assignments = [
         (d, list(range(rank * len(devices) + i, plan["num_slots"], processes))) for i, d in enumerate(devices)

@@ -120,8 +120,26 @@ def _channels(cfg: DictConfig) -> int | None:
         return None
 
 
+def _raw_problems(cfg: DictConfig) -> list[str]:
+    """Raw JSONL inputs that are not files, and the codec they need (`raw.*`, preprocessed by train.py)."""
+    raw = _select(cfg, "raw") or {}
+    listed = [str(f) for split in ("train", "val") for f in (raw.get(split) or [])]
+    if not listed:
+        return []
+    from moss.codec.checkpoint import codec_problems
+
+    problems = [f"raw: {f} is not a file; list JSONL files, e.g. raw.train=[/data/train.jsonl]" for f in listed]
+    problems = [p for p, f in zip(problems, listed, strict=True) if not Path(f).is_file()]
+    if raw.get("val") and not raw.get("train"):
+        problems.append("raw.val needs raw.train (the training JSONL) too")
+    return problems + codec_problems(cfg.codec)
+
+
 def _data_problems(cfg: DictConfig) -> list[str]:
     """Shard specs that match nothing, and fewer training shards than readers (ranks x workers)."""
+    raw = _select(cfg, "raw") or {}
+    if raw.get("train") or raw.get("val"):
+        return _raw_problems(cfg)  # the shards are made from raw.* before training
     if _is_missing(cfg, "data.train_shards"):
         return ["data.train_shards is required; set data.train_shards='/path/to/shards/*.tar'"]
     from moss.data.dataset import expand_shards

@@ -184,7 +184,14 @@ def test_every_documented_command_runs_as_written(tmp_path):
     ok(legacy.replace("output_dir=/data/shards", "output_dir=/data/shards-legacy"))  # beside the other set
     ran[-1] = legacy
 
+    # From raw JSONL + audio in one command: the demo corpus, then preprocessing + epochs + best export.
+    ok(next(c for c in commands if c.startswith("python -m data_pipelines.demo_corpus")))
+    raw = next(c for c in commands if c.startswith("python train.py raw.train="))
+    done = ok(raw)
+    assert (work / "runs" / "from-raw" / "shards" / "train" / "plan.json").is_file()
+    assert re.search(r"epochs: +10\.00 trained", done.stdout) and "weights:       best.ckpt" in done.stdout, done.stdout
+
     not_run = {c for c in commands if any(c.startswith(prefix) for prefix in NOT_RUN)}
     assert set(commands) - not_run - set(ran) == set(), "documented but neither run nor skipped with a reason"
     assert snapshot(tmp_path / "user") == user  # nothing was written into the user's folders
-    assert sorted(p.name for p in work.iterdir()) == ["exported", "out", "runs"]
+    assert sorted(p.name for p in work.iterdir()) == ["demo", "exported", "out", "runs"]

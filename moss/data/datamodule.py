@@ -97,6 +97,7 @@ class MossDataModule(L.LightningDataModule):
         self.report_dir, self.synthetic, self.epochs = report_dir, synthetic, epochs
         self.tokenizer, self.model_config = tokenizer, model_config
         self._train_window: StepWindowLoader | None = None
+        self.epoch_samples: int | None = None
         prompt = PromptBuilder(
             tokenizer,
             speech_offset=model_config.speech_offset,
@@ -132,7 +133,9 @@ class MossDataModule(L.LightningDataModule):
             return None
         self.prepare_data()
         urls = expand_shards(self.train_shards, "data.train_shards")
-        return plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, accumulate)
+        plan = plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, accumulate)
+        self.epoch_samples = plan.samples  # the throughput callback logs data/epoch from it
+        return plan
 
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = expand_shards(self.train_shards, "data.train_shards")

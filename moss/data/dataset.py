@@ -169,7 +169,7 @@ class ShardStream(IterableDataset):
         units = examples(stages["buffer"](stages["reader"]))
         for batch in stages["batcher"](stages["packer"](units) if "packer" in stages else units):
             self._state = {name: stage.state_dict() for name, stage in stages.items()}
-            batch["skipped"], batch["reader"], batch["passes"] = dict(self.skipped), slot, stages["reader"].passes
+            batch["skipped"], batch["reader"] = dict(self.skipped), slot
             yield batch
 
     @staticmethod

@@ -12,7 +12,7 @@ turned into `max_steps` before training, from the shard manifests:
 * steps: micro-batches over (ranks x gradient accumulation).
 
 It is an estimate (text length varies, packs fill a little better than `min_fill`): the plan says so, and
-the stream reports the passes each reader really made (`data/epoch`).
+training logs the epochs it really trained (`data/epoch`: samples trained on / samples per epoch).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class EpochPlan:
         return (
             f"data.epochs={self.epochs:g}: {self.samples} samples (~{self.rows} rows) per epoch -> "
             f"~{self.micro_batches_per_epoch:.1f} micro-batches -> {self.steps_per_epoch} optimiser steps per epoch, "
-            f"trainer.max_steps={self.max_steps} (estimated from the manifests; data/epoch logs the passes made)"
+            f"trainer.max_steps={self.max_steps} (estimated from the manifests; data/epoch logs the epochs trained)"
         )
 
 

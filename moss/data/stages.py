@@ -106,12 +106,6 @@ class ShardReader:
         self.skips, self.liveness = skips, liveness
         self.position = (0, 0, 0)
 
-    @property
-    def passes(self) -> float:
-        """Passes made so far: the pass index plus the share of this pass's shards already read."""
-        epoch, shard, _ = self.position
-        return epoch + shard / max(1, len(self.shards(epoch)))
-
     def shards(self, epoch: int) -> list[str]:
         order = list(self.urls)
         if self.shuffle:

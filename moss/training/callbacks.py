@@ -95,7 +95,9 @@ class FrameThroughput(L.Callback):
         self._rows = self._computed = self._samples = self._batches = self._sq = 0
         self._total_rows = self._total_computed = self._total_flops = 0
         self._skipped: dict[int, dict] = {}
-        self._passes: dict[int, float] = {}  # per reader: passes over its shards (epochs, as the data saw them)
+        self._total_samples = 0
+        # Samples of one epoch, when the run was planned in epochs (`MossDataModule.epoch_plan`).
+        self._epoch_samples = getattr(trainer.datamodule, "epoch_samples", None) if trainer.datamodule else None
         moss = unwrap(pl_module.model)
         self._flops = flop_model(moss)
         self._lora = any(not p.requires_grad for p in moss.model.language_model.layers.parameters())
@@ -113,7 +115,7 @@ class FrameThroughput(L.Callback):
         self._total_flops += self._step_flops(real, sq)
         self._samples, self._batches = self._samples + batch.get("num_samples", 0), self._batches + 1
         self._skipped[batch.get("reader", 0)] = batch.get("skipped", {})
-        self._passes[batch.get("reader", 0)] = batch.get("passes", 0.0)
+        self._total_samples += batch.get("num_samples", 0)
         if (batch_idx + 1) % self.window:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -124,8 +126,9 @@ class FrameThroughput(L.Callback):
             "perf/samples_per_batch": self._samples / max(self._batches, 1),
             "perf/tflops_per_device": tflops,
             "perf/peak_memory_gb": self._peak_memory(pl_module.device),
-            "data/epoch": self.epochs,
         }
+        if self._epoch_samples:
+            metrics["data/epoch"] = self._total_samples * trainer.world_size / self._epoch_samples
         for counts in self._skipped.values():
             for reason, n in counts.items():
                 key = "data/skipped_" + reason.replace(" ", "_").replace("-", "_")
@@ -162,10 +165,5 @@ class FrameThroughput(L.Callback):
             "tflops_per_device": self._total_flops / max(wall, 1e-9) / 1e12,
             "mfu": (self._total_flops / max(wall, 1e-9) / 1e12 / self._peak) if self._peak else None,
             "skipped": {r: n for counts in self._skipped.values() for r, n in counts.items()},
-            "epochs": self.epochs,
+            "samples": self._total_samples * trainer.world_size,  # trained on (this rank's count x ranks)
         }
-
-    @property
-    def epochs(self) -> float:
-        """Passes over the training set so far, averaged over this rank's readers (0 before any batch)."""
-        return sum(self._passes.values()) / max(1, len(self._passes))
