@@ -189,7 +189,8 @@ def test_every_documented_command_runs_as_written(tmp_path):
     raw = next(c for c in commands if c.startswith("python train.py raw.train="))
     done = ok(raw)
     assert (work / "runs" / "from-raw" / "shards" / "train" / "plan.json").is_file()
-    assert re.search(r"epochs: +10\.00 trained", done.stdout) and "weights:       best.ckpt" in done.stdout, done.stdout
+    trained = float(re.search(r"epochs: +([\d.]+) trained", done.stdout).group(1))
+    assert 9.5 <= trained <= 10.5 and "weights:       best.ckpt" in done.stdout, done.stdout
 
     not_run = {c for c in commands if any(c.startswith(prefix) for prefix in NOT_RUN)}
     assert set(commands) - not_run - set(ran) == set(), "documented but neither run nor skipped with a reason"
