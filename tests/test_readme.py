@@ -192,7 +192,12 @@ def test_every_documented_command_runs_as_written(tmp_path):
     trained = float(re.search(r"epochs: +([\d.]+) trained", done.stdout).group(1))
     assert 9.5 <= trained <= 10.5 and "weights:       best.ckpt" in done.stdout, done.stdout
 
+    # One-speaker recordings (the demo corpus's monologues) -> cloning pairs and spliced dialogues.
+    for command in [c for c in commands if c.startswith("python -m data_pipelines.single_speaker")]:
+        done = ok(command)
+        assert re.search(r"(pairs|dialogues): [1-9]\d* records", done.stdout), done.stdout
+
     not_run = {c for c in commands if any(c.startswith(prefix) for prefix in NOT_RUN)}
     assert set(commands) - not_run - set(ran) == set(), "documented but neither run nor skipped with a reason"
     assert snapshot(tmp_path / "user") == user  # nothing was written into the user's folders
-    assert sorted(p.name for p in work.iterdir()) == ["demo", "exported", "out", "runs"]
+    assert sorted(p.name for p in work.iterdir()) == ["demo", "dialogues", "exported", "out", "pairs", "runs"]
