@@ -84,22 +84,8 @@ def train(cfg: DictConfig) -> dict:
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
 
-    stopped = getattr(callbacks.get("preemption"), "received", None)
-    exported = {}
-    if cfg.export.enabled and not stopped:  # a stopped run exports when it finishes (resume=auto)
-        if cfg.export["from"] == "best" and trainer.is_global_zero:
-            exported["weights"] = load_best(module, callbacks.get("best_checkpoint"))
-        model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
-        if model is not None:
-            if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter
-                # absolute: infer.py may run from another directory
-                model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
-            sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
-            exported["export"] = export_hf(
-                model, output_dir / "export", tokenizer, layout=cfg.export.layout, sampling=sampling
-            )
-            OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
-            exported["adapter"] = save_adapter(model, output_dir / "adapter")
+    stopped = getattr(callbacks.get("preemption"), "received", None)  # a stopped run exports when it finishes
+    exported = export(cfg, module, tokenizer, callbacks, trainer) if cfg.export.enabled and not stopped else {}
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
         _report(trainer, output_dir, exported, summary, stopped, plan)
@@ -114,6 +100,24 @@ def train(cfg: DictConfig) -> dict:
         "summary": summary,
         "stopped": stopped,
     }
+
+
+def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Trainer) -> dict:
+    """The run's model as an HF folder (+ adapter): the best or the last weights (`export.from`)."""
+    output_dir, exported = Path(cfg.paths.output_dir), {}
+    if cfg.export["from"] == "best" and trainer.is_global_zero:
+        exported["weights"] = load_best(module, callbacks.get("best_checkpoint"))
+    model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
+    if model is None:
+        return exported
+    if module.hparams.peft and module.hparams.path:  # lets infer.py find the base of the adapter
+        # absolute: infer.py may run from another directory
+        model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
+    sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
+    exported["export"] = export_hf(model, output_dir / "export", tokenizer, layout=cfg.export.layout, sampling=sampling)
+    OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
+    exported["adapter"] = save_adapter(model, output_dir / "adapter")
+    return exported
 
 
 def point_data_at_raw(cfg: DictConfig) -> list[tuple[list[str], Path]]:
