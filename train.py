@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moss.cli import check_override_keys, command
 from moss.config_checks import validate, world_size
+from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
 from moss.training.callbacks import build_callbacks
@@ -69,6 +71,8 @@ def train(cfg: DictConfig) -> dict:
         record_config(cfg, output_dir)
         for inputs, out in raw:
             preprocess_raw(cfg, inputs, out)
+    if raw:
+        fit_workers_to_shards(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.tokenizer)
     module = instantiate(cfg.model)
@@ -146,6 +150,10 @@ def preprocess_raw(cfg: DictConfig, inputs: list[str], out: Path) -> None:
     from data_pipelines.preprocess import preprocess, preprocess_config, stale_reason
 
     settings = OmegaConf.to_container(cfg.raw.settings, resolve=True) if cfg.raw.get("settings") else {}
+    if "records_per_shard" not in settings:  # enough shards for every reader, 4 each, as a small set needs
+        readers = world_size(cfg) * max(1, int(cfg.data.num_workers))
+        records = sum(1 for f in inputs for line in open(f, "rb") if line.strip())
+        settings["records_per_shard"] = max(1, min(1000, math.ceil(records / (4 * readers))))
     pcfg = preprocess_config(inputs, out, cfg.codec, **settings)
     reason = stale_reason(pcfg)
     if reason and cfg.get("resume"):
@@ -158,6 +166,23 @@ def preprocess_raw(cfg: DictConfig, inputs: list[str], out: Path) -> None:
         shutil.rmtree(out)
     log.info("preprocessing %s into %s (done shards are kept)", ", ".join(inputs), out)
     preprocess(pcfg)
+
+
+def fit_workers_to_shards(cfg: DictConfig) -> None:
+    """A set preprocessed from a few records may have fewer shards than ranks x loader workers: use fewer workers."""
+    shards, world = len(expand_shards(cfg.data.train_shards)), world_size(cfg)
+    most = max(1, shards // world)
+    if int(cfg.data.num_workers) > most:
+        log.warning(
+            "%s has %d shards for %d ranks: data.num_workers %d -> %d",
+            cfg.data.train_shards,
+            shards,
+            world,
+            cfg.data.num_workers,
+            most,
+        )
+        with open_dict(cfg):
+            cfg.data.num_workers = most
 
 
 def apply_epoch_plan(cfg: DictConfig, plan) -> None:
