@@ -64,7 +64,7 @@ def write_demo_corpus(output_dir: str | Path, dialogues: int = 48, val: int = 8,
         lines["train" if i < dialogues else "val"].append(json.dumps(record, ensure_ascii=False))
     for i in range(dialogues):
         speaker = i % speakers
-        text, wave = _utterance([speaker] * int(rng.integers(1, 3)), rng)
+        text, wave = _utterance([speaker] * int(rng.integers(3, 7)), rng)  # 3-9 s: references need 3 s
         text = "[S1]" + text.replace("[S1]", "").replace("[S2]", " ")
         sf.write(out / "audio" / f"monologue-{i:04d}.wav", wave, SAMPLE_RATE)
         record = {"file_path": f"audio/monologue-{i:04d}.wav", "full_transcript": text, "speaker": f"spk{speaker}"}
