@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from moss.data.dataset import manifest_entries
 from moss.data.examples import ExampleBuilder
-from moss.data.schema import SampleError, ShardSample
+from moss.data.schema import ShardSample
 from moss.data.stages import tar_samples
 from moss.errors import ConfigError
 
@@ -69,7 +69,7 @@ def rows_per_frame(urls: list[str], builder: ExampleBuilder, probe: int = 64) ->
             try:
                 sample = ShardSample.from_wds(raw)
                 example = builder(sample)
-            except (SampleError, ValueError):
+            except ValueError:  # a bad sample (SampleError) is skipped in training too
                 continue
             rows, frames, seen = rows + example["rows"], frames + max(sample.frames, 1), seen + 1
             if seen >= probe:
