@@ -21,7 +21,9 @@ from moss.training.export import export_checkpoint
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     sampling = OmegaConf.to_container(cfg.sampling) if cfg.sampling is not None else None
-    path = export_checkpoint(cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer, sampling)
+    path = export_checkpoint(
+        cfg.checkpoint, cfg.output_dir, cfg.layout, cfg.base_model, cfg.tokenizer, sampling, overwrite=cfg.overwrite
+    )
     print(f"exported {cfg.checkpoint} to {path}")
 
 

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from peft import PeftModel
 
 from moss.cli import check_override_keys, command
 from moss.config_checks import validate, world_size
@@ -20,9 +21,10 @@ from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
 from moss.training.callbacks import build_callbacks
+from moss.outputs import OutputFolder
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
-from moss.training.run_checkpoint import load_best
+from moss.training.run_checkpoint import checkpoint_problem, load_best
 
 log = logging.getLogger("train")
 
@@ -30,17 +32,25 @@ log = logging.getLogger("train")
 def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
     """`resume`: null -> fresh run; auto -> this run's newest checkpoint if any; a path is used as given.
 
-    Checkpoints are written atomically, so the most recently written one is the newest complete one.
+    Checkpoints are written atomically, but a file can still be cut short (a full disk, a copy, a hand-made
+    file): `auto` takes the newest checkpoint that loads, and says which it passed over and why.
     """
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
         found = sorted((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-        if not found:
-            log.warning("resume=auto: no checkpoint in %s; starting from step 0", output_dir / "checkpoints")
-            return None
-        log.info("resume=auto: continuing from %s", found[-1])
-        return str(found[-1])
+        for path in reversed(found):
+            if (problem := checkpoint_problem(path)) is None:
+                log.info("resume=auto: continuing from %s", path)
+                return str(path)
+            log.warning("resume=auto: passing over %s (%s)", path, problem)
+        if found:
+            raise ConfigError(
+                f"resume=auto: none of the {len(found)} checkpoints in {output_dir / 'checkpoints'} loads (see the "
+                f"warnings above); move them away to start again from step 0, or give resume=/path/to/a.ckpt"
+            )
+        log.warning("resume=auto: no checkpoint in %s; starting from step 0", output_dir / "checkpoints")
+        return None
     log.info("resume: continuing from %s", cfg.resume)
     return str(cfg.resume)
 
@@ -118,9 +128,15 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
         # absolute: infer.py may run from another directory
         model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
     sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
-    exported["export"] = export_hf(model, output_dir / "export", tokenizer, layout=cfg.export.layout, sampling=sampling)
-    OmegaConf.save(cfg, output_dir / "export" / "training_config.yaml", resolve=True)
-    exported["adapter"] = save_adapter(model, output_dir / "adapter")
+    # Both folders are the run's own: a resumed run replaces its earlier export, each file atomically.
+    with OutputFolder(output_dir / "export", "export", overwrite=True).check().staged() as stage:
+        export_hf(model, stage, tokenizer, layout=cfg.export.layout, sampling=sampling)
+        OmegaConf.save(cfg, stage / "training_config.yaml", resolve=True)
+    exported["export"] = output_dir / "export"
+    if isinstance(model, PeftModel):
+        with OutputFolder(output_dir / "adapter", "adapter", overwrite=True).check().staged() as stage:
+            save_adapter(model, stage)
+        exported["adapter"] = output_dir / "adapter"
     return exported
 
 

@@ -32,6 +32,8 @@ import numpy as np
 from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
 
 SPEAKER_TAG = re.compile(r"\[S?[12]\]")
+OTHER_SPEAKER = re.compile(r"\[S(?![12]\])\d+\]")  # [S3], [S12]: speakers the model has no token pattern for
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, line feed and carriage return are text
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 FORMATS = {
@@ -207,6 +209,20 @@ def _text(item: dict, key: str) -> str:
     return value
 
 
+def check_transcript(key: str, text: str) -> None:
+    """A transcript the model can learn from: words (not only speaker tags), no control characters, no speaker
+    but [S1]/[S2] (raises RecordError)."""
+    if bad := CONTROL.search(text):
+        reason = f"control character U+{ord(bad.group()):04X} in {key} at character {bad.start() + 1}"
+        raise RecordError("validate", reason)
+    if unknown := sorted(set(OTHER_SPEAKER.findall(text))):
+        raise RecordError("validate", f"unknown speaker tags {unknown} in {key}: MOSS-TTSD speaks [S1] and [S2]")
+    if not text.strip():
+        raise RecordError("validate", "empty transcript")
+    if not SPEAKER_TAG.sub("", text).strip():
+        raise RecordError("validate", f"empty transcript ({key} holds only speaker tags)")
+
+
 def _resolve(value: str, item: dict, record: Record) -> Path:
     base = item.get("base_path")
     if base is not None and not isinstance(base, str):
@@ -272,8 +288,8 @@ def parse(record: Record, limits: Limits | None = None) -> tuple[dict, list[Path
         raise RecordError("validate", f"missing fields ({', '.join(missing)})")
     texts = {k: _text(item, k) for k in keys}
     text = "".join(texts[k] for k in text_keys)
-    if not text.strip() or not texts[text_keys[-1]].strip():
-        raise RecordError("validate", "empty transcript")
+    for k in text_keys:
+        check_transcript(k, texts[k])
     if len(text) > limits.max_seconds * limits.max_chars_per_second:
         reason = f"transcript too long ({len(text)} characters for at most {limits.max_seconds:g} s of audio)"
         raise RecordError("validate", reason)

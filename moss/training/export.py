@@ -16,6 +16,7 @@ from moss.generation import generation_for
 from moss.model import MossTTSD
 from moss.model.checkpoint import usual_permissions
 from moss.model.lora import apply_lora, merged, unwrap
+from moss.outputs import OutputFolder
 from moss.training.run_checkpoint import model_from_checkpoint
 from moss.training.sharding import full_state_dict, is_sharded
 
@@ -80,15 +81,21 @@ def export_checkpoint(
     base_model: str | None = None,
     tokenizer: str | None = None,
     sampling: dict | list | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export any checkpoint `infer.py` reads as a merged HF-format folder with its tokenizer.
 
-    Accepts a run's Lightning `.ckpt`, a LoRA adapter folder or an HF folder.
+    Accepts a run's Lightning `.ckpt`, a LoRA adapter folder or an HF folder. `out_dir` is checked before the
+    model is loaded (`moss.outputs.OutputFolder`: a folder of someone else's files is refused, an earlier
+    export is replaced only with `overwrite`), and the export is written beside it and moved into place.
     """
     from moss.model.checkpoint import load_model
 
+    folder = OutputFolder(out_dir, "export", overwrite=overwrite).check()
     if Path(checkpoint).suffix == ".ckpt":
         model, tok = model_from_checkpoint(checkpoint, tokenizer)
     else:
         model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
-    return export_hf(model, out_dir, tok, layout=layout, sampling=sampling)
+    with folder.staged() as stage:
+        export_hf(model, stage, tok, layout=layout, sampling=sampling)
+    return Path(out_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, merged, unwrap
 
@@ -92,7 +93,7 @@ def model_from_checkpoint(
     from transformers import AutoTokenizer
 
     path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_run_checkpoint(path)
     base = state.get(BASE_KEY) if isinstance(state, dict) else None
     hparams = state.get("hyper_parameters") or {} if isinstance(state, dict) else {}
     if not isinstance(base, dict) or base.get("kind") not in ("pretrained", "random"):
@@ -151,3 +152,49 @@ def load_best(module, best_checkpoint) -> str:
         )
     score = float(best_checkpoint.best_model_score)
     return f"{path.name}: val/loss {score:.4f} at step {state.get('global_step')}"
+
+
+def read_run_checkpoint(path: str | Path) -> dict:
+    """A run's `.ckpt` as a dict (tensors and plain data only: `weights_only=True`).
+
+    Raises:
+        ConfigError: `path` is a folder, missing, truncated, not a torch checkpoint, or not a dict; one line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"{path} is a folder, not a run's .ckpt file; give the file (runs/<name>/checkpoints/last.ckpt), or the "
+            f"folder without the .ckpt suffix if it is an exported model"
+        )
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; give a run's .ckpt (runs/<name>/checkpoints/last.ckpt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, empty, foreign or refused by weights_only: one message
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+        raise ConfigError(f"{path} is not a readable run checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a run checkpoint")
+    return state
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (None: it loads).
+
+    A single file is opened memory-mapped (its tensors are not read); a distributed checkpoint (FSDP: a folder)
+    must have its `.metadata`, the file the distributed reader starts from.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return None if (path / ".metadata").is_file() else "a checkpoint folder without its .metadata"
+    try:
+        if path.stat().st_size == 0:
+            return "an empty file"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure to load is the reason it is passed over
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0][:200] if lines else 'unreadable'}"
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "not a Lightning checkpoint (no state_dict)"
+    return None

@@ -75,8 +75,8 @@ def write_audio(folder: Path) -> tuple[list[str], list[str]]:
     put("one-sample.wav", False, lambda p: sf.write(p, np.ones(1, np.float32) * 0.5, 16000))
     put("rate1.wav", False, lambda p: p.write_bytes(wav_bytes(tone(2.0), 1)))
     put("rate1M.wav", False, lambda p: p.write_bytes(wav_bytes(tone(2.0), 1_000_000)))
-    # A header claiming 10^9 frames over 1 s of data: decoded as the 1 s that is there.
-    put("liar.wav", True, lambda p: p.write_bytes(wav_bytes(tone(1.0), 16000, claimed_frames=10**9)))
+    # A header claiming 10^9 frames over 1 s of data: a file cut short, refused (its transcript is of the whole).
+    put("liar.wav", False, lambda p: p.write_bytes(wav_bytes(tone(1.0), 16000, claimed_frames=10**9)))
     put("long.wav", False, lambda p: sf.write(p, tone(12.0), 16000))
     put("many-channels.wav", False, lambda p: p.write_bytes(wav_bytes(np.tile(tone(0.05), 40), 16000, channels=40)))
     (folder / "a-directory.wav").mkdir(exist_ok=True)

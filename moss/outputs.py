@@ -1,0 +1,235 @@
+"""Output folders are the user's: a tool writes only its own files there, atomically, and remembers them.
+
+Every tool that writes into a folder a user names (export, infer, preprocessing, the corpus builders, train's
+export step) goes through `OutputFolder`. It keeps a record of the files the tool wrote (`.moss-outputs.json`)
+and, before anything is written:
+
+* refuses a folder that holds files the tool did not write, unless `overwrite=true`; even then those files are
+  kept, and an output whose name one of them already has is refused rather than replaced;
+* refuses a folder holding an earlier output of a tool that does not resume, unless `overwrite=true`, which
+  replaces that earlier output (files of it not written again are removed: none is left to be mistaken for new);
+* refuses a folder that is a file, or cannot be written.
+
+Files reach their final name by `os.replace` from a temporary name in the same folder, so a kill leaves either
+the old file or the new one. The record lists a file before it appears under its name, so a killed run never
+leaves a file of its own that a rerun would take for the user's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from moss.errors import ConfigError
+
+RECORD = ".moss-outputs.json"
+STAGING = ".moss-staging-"  # prefix of the folder a whole output is written into before it is put in place
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` with a temporary path beside `path`, then move it onto `path` in one step."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: writers infer formats
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`path` holds `text` (UTF-8), written atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+
+
+def writable_folder_problem(path: Path, setting: str) -> str | None:
+    """Why `path` cannot be an output folder (a file, or not writable), as a message naming `setting`."""
+    if path.exists() and not path.is_dir():
+        return f"{setting}={path} is a file, not a folder; give a folder path (it is created if missing)"
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{setting}={path}: {existing} is a file, so the folder cannot be created; give another path"
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{setting}={path}: {existing} is not writable; give a folder you can write to"
+    return None
+
+
+class OutputFolder:
+    """The folder `path` as `tool`'s output folder (see the module docstring).
+
+    Args:
+        path: the folder (created when missing).
+        tool: the writing tool's name, kept in the record (another tool's record counts as foreign files).
+        overwrite: the user's `overwrite=true`.
+        resumable: the tool continues its own earlier output (preprocessing): its files are no reason to refuse.
+        patterns: file names (fnmatch) that are this tool's by construction, also in folders written before the
+            record existed, e.g. `shard-*.tar` for preprocessing or `infer.log`.
+        setting: the setting that named the folder, for messages.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tool: str,
+        overwrite: bool = False,
+        resumable: bool = False,
+        patterns: Iterable[str] = (),
+        setting: str = "output_dir",
+    ):
+        self.path, self.tool, self.overwrite, self.resumable = Path(path), tool, bool(overwrite), resumable
+        self.patterns, self.setting = tuple(patterns), setting
+        self.written: set[str] = set()  # files this run put in place
+        self._earlier = self._read_record()
+
+    # -- what is there ---------------------------------------------------------------------------------------
+    def _read_record(self) -> set[str]:
+        try:
+            record = json.loads((self.path / RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(record, dict) or record.get("tool") != self.tool or not isinstance(record.get("files"), list):
+            return set()
+        return {f for f in record["files"] if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")}
+
+    def own(self, name: str) -> bool:
+        """Whether `name` in the folder was written by this tool (recorded, or named as only it names files)."""
+        return name in self._earlier or name in self.written or any(fnmatch.fnmatch(name, p) for p in self.patterns)
+
+    def entries(self) -> list[str]:
+        """Names in the folder, less the record and staging folders."""
+        if not self.path.is_dir():
+            return []
+        return sorted(n for n in os.listdir(self.path) if n != RECORD and not n.startswith(STAGING))
+
+    def foreign(self) -> list[str]:
+        return [n for n in self.entries() if not self.own(n)]
+
+    # -- the checks, before anything is written --------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every reason to refuse the folder, each with its fix (empty: it may be written)."""
+        if problem := writable_folder_problem(self.path, self.setting):
+            return [problem]
+        foreign, own = self.foreign(), [n for n in self.entries() if self.own(n)]
+        if foreign and not self.overwrite:
+            return [
+                f"{self.setting}={self.path} holds {len(foreign)} file(s) that {self.tool} did not write "
+                f"({_listing(foreign)}); choose a new folder, or add overwrite=true to write beside them "
+                f"(they are kept, never replaced)"
+            ]
+        if own and not self.overwrite and not self.resumable:
+            return [
+                f"{self.setting}={self.path} holds an earlier {self.tool} output ({_listing(own)}); add "
+                f"overwrite=true to replace it, or choose a new folder"
+            ]
+        return []
+
+    def check(self) -> OutputFolder:
+        """Raise one ConfigError when the folder may not be written; create it otherwise."""
+        if problems := self.problems():
+            raise ConfigError("\n".join(problems))
+        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.glob(STAGING + "*"):  # a killed run's unfinished output
+            if leftover.is_dir() and not _alive(leftover.name[len(STAGING) :]):
+                shutil.rmtree(leftover, ignore_errors=True)
+        return self
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def _claim(self, names: Iterable[str]) -> None:
+        """Refuse names that are someone else's; record the rest before they appear under their names."""
+        names = [n for n in names if n not in self.written]
+        self.refuse_taken(names)
+        self._save_record(self._earlier | self.written | set(names))
+        self.written.update(names)
+
+    def _save_record(self, files: set[str]) -> None:
+        files = {f for f in files if f != RECORD}
+        atomic_write_text(self.path / RECORD, json.dumps({"tool": self.tool, "files": sorted(files)}, indent=0) + "\n")
+
+    def put(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Write one file `name` atomically through `write(tmp_path)`."""
+        self._claim([name])
+        return atomic_write(self.path / name, write)
+
+    def put_text(self, name: str, text: str) -> Path:
+        return self.put(name, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+
+    def refuse_taken(self, names: Iterable[str]) -> None:
+        """Raise before any work when one of the names the tool will write is a file of someone else's."""
+        taken = [n for n in names if (self.path / n).exists() and not self.own(n)]
+        if taken:
+            raise ConfigError(self._taken_message(taken))
+
+    def _taken_message(self, taken: list[str]) -> str:
+        return (
+            f"{self.setting}={self.path}: {self.tool} would replace {_listing(taken)}, which it did not write; "
+            f"move them away or choose a new folder (overwrite=true never replaces files of others)"
+        )
+
+    def record(self, names: Iterable[str]) -> None:
+        """Record files the tool writes itself (atomically, e.g. shards by tmp + rename) under these names."""
+        self._claim(list(names))
+
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A private folder to write a whole output into; on success its files are moved into place.
+
+        Files of an earlier output of this tool that the new one does not have are removed afterwards; on an
+        error nothing is moved and the earlier output is left as it was.
+        """
+        stage = self.path / f"{STAGING}{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        try:
+            yield stage
+            self.commit(stage)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def commit(self, stage: Path) -> None:
+        """Move the files of `stage` into the folder (one `os.replace` each) and drop stale earlier outputs."""
+        names = sorted(p.name for p in stage.iterdir())
+        nested = [n for n in names if (stage / n).is_dir()]
+        if nested:
+            raise ValueError(f"{self.tool} staged folders ({nested}); only files are supported")
+        self._claim(names)
+        for name in names:
+            os.replace(stage / name, self.path / name)
+        self.finish()
+
+    def finish(self) -> None:
+        """Remove the files of the earlier output that this run did not write again, and record what is left."""
+        for name in sorted(self._earlier - self.written):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
+        self._earlier = set()
+        self._save_record(self.written)
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process `pid` (a staging folder's owner) still runs."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # our own leftover from an earlier attempt in this process
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
