@@ -6,8 +6,11 @@ Usage: python infer.py checkpoint=... codec.config=... codec.checkpoint=... inpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,15 +26,26 @@ from moss.codec import codec_problems, load_codec
 from moss.generation import generation_for
 from moss.inference import DECODERS, Item, ItemError, Result, Synthesizer, parse_item, read_items
 from moss.model.checkpoint import HUB_ID, load_model
+from moss.outputs import OutputFolder
 from moss.text.normalize import normalize_text, normalizer
 
 log = logging.getLogger("infer")
+RESULTS = "results.jsonl"
+OWN_FILES = ("infer.log",)  # written by Hydra's logging into output_dir, for this tool
 
 
 def infer(cfg: DictConfig) -> list[Result]:
-    """Synthesise every item of `cfg.input` (or `cfg.text`); returns one Result per item, in input order."""
-    check_arguments(cfg)
+    """Synthesise every item of `cfg.input` (or `cfg.text`); returns one Result per item, in input order.
+
+    `results.jsonl` gets a line as each item ends (flushed: a kill loses at most the items in flight) and is
+    rewritten in input order at the end, also when SIGTERM, SIGUSR1 or Ctrl-C stops the run after the item in
+    progress. An earlier run's list is replaced at the start (with `overwrite=true`), so no line ever describes
+    a file of another run.
+    """
+    folder = check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    items, results = _parse_items(cfg)
+    folder.refuse_taken([RESULTS] + [f"output_{it.index:04d}.{cfg.format}" for it in items])
     model, tokenizer = _load(cfg, device)
     codec = load_codec(cfg.codec, device=device)
     generation = generation_for(
@@ -44,22 +58,26 @@ def infer(cfg: DictConfig) -> list[Result]:
     synth = Synthesizer(
         model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size, cfg.decode
     )
-    writer = AudioWriter(Path(cfg.output_dir), cfg.format, cfg.subtype, codec.output_sample_rate, cfg.normalize)
-    items, results = _parse_items(cfg)
+    items = _within_limits(items, results, synth, cfg.max_rows or model.config.backbone.get("max_position_embeddings"))
+    writer = AudioWriter(folder, cfg.format, cfg.subtype, codec.output_sample_rate, cfg.normalize)
+    for res in results.values():
+        writer.append(res)
     bar = tqdm(total=len(items), unit="item", disable=not cfg.progress)
     size = 1 if cfg.streaming else cfg.batch_size
     try:
-        for start in range(0, len(items), size):
-            group = items[start : start + size]
-            for res in _synthesize(group, synth, writer, cfg.streaming):
-                results[res.index] = res
-            bar.update(len(group))
-    finally:  # results.jsonl is written whatever happens, with the items not reached marked as such
+        with stop_signals_raise():
+            for start in range(0, len(items), size):
+                group = items[start : start + size]
+                for res in _synthesize(group, synth, writer, cfg.streaming):
+                    results[res.index] = res
+                    writer.append(res)
+                bar.update(len(group))
+    finally:  # results.jsonl is completed whatever happens, with the items not reached marked as such
         bar.close()
         for item in items:
             results.setdefault(item.index, Result(item.index, item.text, error="not synthesised: the run stopped"))
         ordered = [results[i] for i in sorted(results)]
-        writer.write_results(ordered)
+        writer.finish(ordered)
     done = [r for r in ordered if r.error is None]
     summary = (
         f"wrote {len(done)} of {len(ordered)} items to {writer.out_dir} "
@@ -68,6 +86,36 @@ def infer(cfg: DictConfig) -> list[Result]:
     summary += "".join(f"\n  item {r.index}: {r.error}" for r in ordered if r.error)
     print(summary.encode("utf-8", "backslashreplace").decode("utf-8"))
     return ordered
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """SIGTERM and SIGUSR1 (what schedulers send) stop the run like Ctrl-C: the item in progress is given up and
+    `results.jsonl` is completed."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _within_limits(items: list[Item], results: dict[int, Result], synth: Synthesizer, max_rows: int | None):
+    """The items whose prompt and generation fit `max_rows`; the others get their Result with the reason."""
+    if not max_rows:
+        return items
+    kept = []
+    for item in items:
+        if reason := synth.too_long(item, int(max_rows)):
+            results[item.index] = Result(item.index, item.text, error=reason)
+            log.warning("item %d skipped: %s", item.index, reason)
+        else:
+            kept.append(item)
+    return kept
 
 
 def _load(cfg: DictConfig, device: str):
@@ -95,7 +143,7 @@ def _parse_items(cfg: DictConfig) -> tuple[list[Item], dict[int, Result]]:
         try:
             if isinstance(data, Exception):
                 raise data
-            items.append(parse_item(data, index, base, cfg.silence_seconds))
+            items.append(parse_item(data, index, base, cfg.silence_seconds, cfg.max_prompt_seconds))
         except Exception as err:  # noqa: BLE001 - one bad item is reported; the others are still produced
             reason = str(err) if isinstance(err, ItemError) else f"{type(err).__name__}: {err}"
             rejected[index] = Result(index, _text_of(data), error=reason)
@@ -115,51 +163,89 @@ def _synthesize(group: list[Item], synth: Synthesizer, writer: AudioWriter, stre
         return [Result(group[0].index, group[0].text, error=f"synthesis failed ({type(err).__name__}: {err})")]
 
 
-class AudioWriter:
-    """Writes each item's audio (`output_NNNN.<format>`) and the run's `results.jsonl` into `out_dir`."""
+class _NoAudio(Exception):
+    """The model ended at once: nothing to put in place."""
 
-    def __init__(self, out_dir: Path, fmt: str, subtype: str | None, sample_rate: int, normalize: str | None):
-        self.out_dir, self.format, self.subtype = out_dir, fmt, subtype
+
+class AudioWriter:
+    """Writes each item's audio (`output_NNNN.<format>`) and the run's `results.jsonl` into an OutputFolder."""
+
+    def __init__(self, folder: OutputFolder, fmt: str, subtype: str | None, sample_rate: int, normalize: str | None):
+        self.folder, self.out_dir, self.format, self.subtype = folder, folder.path, fmt, subtype
         self.sample_rate, self.normalize = sample_rate, normalize
-        out_dir.mkdir(parents=True, exist_ok=True)
+        folder.put_text(RESULTS, "")  # a fresh list before any file of this run is in place
+
+    def name(self, item: Item) -> str:
+        return f"output_{item.index:04d}.{self.format}"
 
     def path(self, item: Item) -> Path:
-        return self.out_dir / f"output_{item.index:04d}.{self.format}"
+        return self.out_dir / self.name(item)
 
     def result(self, item: Item, samples: int, first: float | None = None) -> Result:
-        """The item's Result; no audio at all is an error (the model ended at once), and no file is left."""
+        """The item's Result; no audio at all is an error (the model ended at once), and no file of it is placed."""
         if samples == 0:
-            self.path(item).unlink(missing_ok=True)
             return Result(item.index, item.text, error="generated no audio (the model ended at once)")
         text = normalize_text(item.text, self.normalize) if self.normalize else item.text
         return Result(
             item.index, item.text, text, str(self.path(item)), samples / self.sample_rate, first_audio_s=first
         )
 
+    def _sound_file(self, tmp: Path):
+        return sf.SoundFile(tmp, "w", self.sample_rate, 1, subtype=self.subtype, format=self.format.upper())
+
     def write(self, item: Item, wave: torch.Tensor) -> Result:
-        sf.write(self.path(item), wave.float().cpu().numpy(), self.sample_rate, subtype=self.subtype)
+        if wave.numel() == 0:
+            return self.result(item, 0)
+
+        def write(tmp: Path) -> None:
+            with self._sound_file(tmp) as f:
+                f.write(wave.float().cpu().numpy())
+
+        self.folder.put(self.name(item), write)
         return self.result(item, wave.numel())
 
     def stream(self, item: Item, synth: Synthesizer) -> Result:
         """Synthesise one item, writing its audio window by window as the decoder produces it."""
-        samples = 0
-        with sf.SoundFile(self.path(item), "w", self.sample_rate, 1, subtype=self.subtype) as f:
+        samples, first = 0, None
 
-            def on_chunk(wave: torch.Tensor) -> None:
-                nonlocal samples
-                f.write(wave.float().cpu().numpy())
-                samples += wave.numel()
+        def write(tmp: Path) -> None:
+            nonlocal samples, first
+            with self._sound_file(tmp) as f:
 
-            first = synth.stream(item, on_chunk)
+                def on_chunk(wave: torch.Tensor) -> None:
+                    nonlocal samples
+                    f.write(wave.float().cpu().numpy())
+                    samples += wave.numel()
+
+                first = synth.stream(item, on_chunk)
+            if samples == 0:
+                raise _NoAudio
+
+        try:
+            self.folder.put(self.name(item), write)
+        except _NoAudio:
+            pass
         return self.result(item, samples, first)
 
-    def write_results(self, results: list[Result]) -> None:
-        """`results.jsonl`, one line per item in input order; U+2028/2029 escaped so every reader splits lines alike."""
-        with open(self.out_dir / "results.jsonl", "wb") as f:
-            for res in results:
-                line = json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False)
-                line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-                f.write(line.encode("utf-8", "backslashreplace") + b"\n")
+    def append(self, res: Result) -> None:
+        """One line for `res`, flushed to disk before the next item starts."""
+        with open(self.out_dir / RESULTS, "ab") as f:
+            f.write(_result_line(res))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, results: list[Result]) -> None:
+        """`results.jsonl` in input order (atomically), and the earlier run's files this run did not rewrite
+        removed: every file the list names is this run's, and none other of the tool's is left."""
+        self.folder.put(RESULTS, lambda tmp: tmp.write_bytes(b"".join(_result_line(r) for r in results)))
+        self.folder.finish()
+
+
+def _result_line(res: Result) -> bytes:
+    """One JSON line; U+2028/2029 escaped so every reader splits lines alike."""
+    line = json.dumps({k: v for k, v in vars(res).items() if v is not None}, ensure_ascii=False)
+    line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return line.encode("utf-8", "backslashreplace") + b"\n"
 
 
 CHOICES = {
@@ -170,16 +256,34 @@ CHOICES = {
 }
 
 
-def check_arguments(cfg: DictConfig) -> None:
-    """Every problem of the command at once, each with its fix, before any model or codec is loaded."""
+def check_arguments(cfg: DictConfig) -> OutputFolder | None:
+    """Every problem of the command at once, each with its fix, before any model or codec is loaded.
+
+    Returns the output folder, checked (someone else's files, or an earlier run without `overwrite=true`, are
+    refused) and created.
+    """
     problems = require(cfg, {"checkpoint": "runs/<name>/export", "output_dir": "out/"})
+    folder = None
+    if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
+        folder = OutputFolder(cfg.output_dir, "infer", overwrite=cfg.overwrite, patterns=OWN_FILES)
+        problems += folder.problems()
     if (cfg.input is None) == (cfg.text is None):
         problems.append("give exactly one of input=dialogues.jsonl or \"text='[S1]...[S2]...'\" (quoted)")
     elif cfg.input is not None and not Path(str(cfg.input)).is_file():
         problems.append(f"input={cfg.input} is not a file; set input=/path/to/dialogues.jsonl")
     if not OmegaConf.is_missing(cfg, "checkpoint") and cfg.checkpoint is not None:
         path = Path(str(cfg.checkpoint))
-        if not (path.is_dir() or (path.is_file() and path.suffix == ".ckpt") or HUB_ID.match(str(path))):
+        if path.suffix == ".ckpt" and path.is_dir():
+            problems.append(
+                f"checkpoint={path} is a folder, but a .ckpt names a run's checkpoint file; give the file "
+                f"(runs/<name>/checkpoints/last.ckpt) or an exported model folder"
+            )
+        elif path.is_file() and path.suffix != ".ckpt":
+            problems.append(
+                f"checkpoint={path} is a file; give the model folder that holds it (runs/<name>/export), an "
+                f"adapter folder, or a run's .ckpt"
+            )
+        elif not (path.is_dir() or (path.is_file() and path.suffix == ".ckpt") or HUB_ID.match(str(path))):
             problems.append(
                 f"checkpoint={path} does not exist; give an HF-format folder (runs/<name>/export), a LoRA adapter "
                 f"folder (runs/<name>/adapter) or a run's .ckpt"
@@ -198,6 +302,7 @@ def check_arguments(cfg: DictConfig) -> None:
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size} must be a positive integer")
     fail("invalid inference command", problems)
+    return folder.check()
 
 
 def _text_of(data) -> str:

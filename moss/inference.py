@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moss.audio import SAMPLE_RATE, read_audio
+from moss.audio import FRAME_RATE, SAMPLE_RATE, AudioLimits, read_audio
 from moss.codec.prompt_decode import decode_with_prompt
 from moss.errors import ConfigError
 from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
@@ -34,6 +34,7 @@ from moss.text.prompt import PromptBuilder
 
 KNOWN_TAGS = re.compile(r"\[S(\d+)\]")
 MIN_PROMPT_SAMPLES = 1280  # one codec frame at 16 kHz: a shorter prompt encodes to nothing
+MAX_PROMPT_SECONDS = 120.0  # per clip, from its header: a prompt is a voice sample (the originals use <= 20 s)
 
 
 # How generated codes become audio: the codec's 30 s windows (v0.5), or windows behind the prompt (v0.7).
@@ -70,12 +71,12 @@ def _string(data: dict, key: str, required: bool = False) -> str | None:
     return value
 
 
-def _prompt_wave(clip: str, base: str | None) -> np.ndarray:
+def _prompt_wave(clip: str, base: str | None, max_seconds: float = MAX_PROMPT_SECONDS) -> np.ndarray:
     path = Path(clip) if base is None or Path(clip).is_absolute() else Path(base) / clip
     try:
         if not path.is_file():
             raise ItemError(f"prompt audio {path} not found (or not a regular file)")
-        wave = read_audio(path)
+        wave = read_audio(path, limits=AudioLimits(max_seconds=max_seconds))  # the length checked from the header
     except ItemError:
         raise
     except (ValueError, RuntimeError, OSError) as err:  # AudioError, soundfile's errors, odd paths
@@ -90,8 +91,14 @@ def _prompt_wave(clip: str, base: str | None) -> np.ndarray:
     return wave
 
 
-def parse_item(data: dict, index: int, base_path: str | None = None, silence_seconds: float = 0.0) -> Item:
-    """Resolve one input dict of any of the three formats.
+def parse_item(
+    data: dict,
+    index: int,
+    base_path: str | None = None,
+    silence_seconds: float = 0.0,
+    max_prompt_seconds: float = MAX_PROMPT_SECONDS,
+) -> Item:
+    """Resolve one input dict of any of the three formats; each prompt clip may last `max_prompt_seconds`.
 
     Raises:
         ItemError: empty text, wrong field types, unknown speaker tags, missing/unreadable/unusable prompt
@@ -121,7 +128,7 @@ def parse_item(data: dict, index: int, base_path: str | None = None, silence_sec
         raise ItemError(f"unknown speaker tags {unknown}: MOSS-TTSD speaks [S1] and [S2]")
     audio = None
     if clips:
-        audio = np.concatenate([_prompt_wave(clip, base) for clip in clips])
+        audio = np.concatenate([_prompt_wave(clip, base, max_prompt_seconds) for clip in clips])
         if silence_seconds > 0:
             audio = np.concatenate([audio, np.zeros(int(silence_seconds * SAMPLE_RATE), np.float32)])
     return Item(index, full, audio, data)
@@ -183,6 +190,27 @@ class Synthesizer:
         )
         self.text_pad_id = tokenizer.pad_token_id
         self.device = next(model.parameters()).device
+
+    def prompt_rows(self, item: Item) -> int:
+        """Rows of the item's prompt (template, text tokens, prompt audio frames), without encoding its audio."""
+        frames = 0 if item.prompt_audio is None else int(np.ceil(len(item.prompt_audio) / SAMPLE_RATE * FRAME_RATE))
+        return len(self.prompt.head_ids) + len(self.prompt.text_ids(item.text)) + len(self.prompt.mid_ids) + frames
+
+    def too_long(self, item: Item, max_rows: int) -> str | None:
+        """Why `item` cannot be generated within `max_rows` rows in all (None: it fits).
+
+        Checked before anything is allocated for it: the prompt plus the rows generation may add
+        (`max_new_tokens` + the delay tail) must fit, or a long script would ask for a cache of that size.
+        """
+        prompt = self.prompt_rows(item)
+        new = self.generation.max_new_tokens + self.model.config.channels - 1
+        if prompt + new > max_rows:
+            return (
+                f"prompt of {prompt} rows (script tokens and prompt audio) plus up to {new} generated rows "
+                f"(max_seconds) exceeds the model's {max_rows} rows; shorten the script or prompt, or lower "
+                f"max_seconds"
+            )
+        return None
 
     def grids(self, items: list[Item]) -> list[np.ndarray]:
         """Prompt grids; the prompt audios of the batch are encoded in one codec call."""

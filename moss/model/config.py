@@ -185,7 +185,7 @@ class MossTTSDConfig:
             num_key_value_heads=2,
             head_dim=16,
             hidden_act="silu",
-            max_position_embeddings=4096,
+            max_position_embeddings=32768,
             rms_norm_eps=1e-6,
             rope_theta=1_000_000.0,
             attention_bias=False,
