@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from moss.data import tar_reader
 from moss.data.collate import PaddingCollator
 from moss.data.examples import ExampleBuilder
 from moss.data.packing import collate_packs
@@ -36,6 +38,8 @@ from moss.data.stages import Batcher, Examples, Liveness, PackStage, Restore, Sh
 from moss.distributed import rank_and_world
 from moss.errors import ConfigError
 from moss.model.loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> list[str]:
@@ -65,18 +69,69 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
 
 
 def manifest_entries(urls: list[str]) -> list[dict] | None:
-    """The manifest entry of every shard of a local shard set, or None when a shard is in no manifest.
+    """The manifest entry of every shard of a local shard set (None: remote shards, or no manifest at all).
 
     A folder may hold one `manifest.json` or one `manifest-<slot>.json` per preprocessing rank.
+    A manifest is a claim, not a fact: each entry is checked against its tar (types, per-sample frames, and
+    whether a file of that size can hold that many samples); a wrong one is reported and replaced by a count
+    of the tar itself, so plans are made from verified numbers.
     """
-    names = {Path(u).name for u in urls}
+    paths = {Path(u).name: Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")}
     entries: dict[str, dict] = {}
-    for folder in sorted({Path(u).parent for u in urls if "://" not in u}):
+    for folder in sorted({p.parent for p in paths.values()}):
         for file in sorted(folder.glob(MANIFEST.replace(".json", "*.json"))):
-            for entry in json.loads(file.read_text())["shards"]:
-                if entry["shard"] in names:
-                    entries.setdefault(entry["shard"], entry)
-    return list(entries.values()) if set(entries) == names else None
+            try:
+                listed = json.loads(file.read_text())["shards"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("manifest %s is unreadable (%s: %s); its shards are counted instead", file, type(err).__name__, err)
+                continue
+            for entry in listed if isinstance(listed, list) else []:
+                name = entry.get("shard") if isinstance(entry, dict) else None
+                if isinstance(name, str) and name in paths and name not in entries:
+                    entries[name] = entry
+    if len(paths) != len(urls) or not entries:
+        return None
+    for name, path in paths.items():
+        problem = manifest_problem(entries[name], path) if name in entries else "no manifest lists it"
+        if problem is not None:
+            log.warning("shard %s: %s; counting its samples from the tar", path, problem)
+            entries[name] = count_shard(path)
+    return [entries[name] for name in sorted(entries)]
+
+
+MIN_SAMPLE_BYTES = 1024  # a sample's json member alone takes a header block and a data block
+
+
+def manifest_problem(entry: dict, path: Path) -> str | None:
+    """What is wrong with a manifest entry for the shard at `path` (None: plausible)."""
+    samples, frames, per = entry.get("samples"), entry.get("frames"), entry.get("sample_frames")
+    for key, value in (("samples", samples), ("frames", frames)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"its manifest gives {key}={value!r}, not a count"
+    if per is not None:
+        if not isinstance(per, list) or len(per) != samples:
+            return f"its manifest's sample_frames does not list {samples} samples"
+        if any(not isinstance(f, int) or isinstance(f, bool) or f < 0 for f in per) or sum(per) != frames:
+            return "its manifest's sample_frames are not counts adding up to its frames"
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"unreadable ({err})"
+    if samples * MIN_SAMPLE_BYTES + frames * 16 > size:
+        return f"its manifest claims {samples} samples of {frames} frames, more than its {size} bytes can hold"
+    return None
+
+
+def count_shard(path: Path) -> dict:
+    """A manifest entry made by reading the shard (its json fields only; codes are skipped unread)."""
+    per = []
+    for raw in tar_reader.samples(str(path), handler=lambda err: True, fields=lambda ext: ext == "json"):
+        try:
+            frames = json.loads(raw["json"]).get("frames", 0)
+        except (KeyError, ValueError, AttributeError):
+            frames = 0  # a sample without a readable json is skipped in training, but it is read
+        per.append(frames if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0 else 0)
+    return {"shard": path.name, "samples": len(per), "frames": sum(per), "sample_frames": per}
 
 
 def manifest_samples(urls: list[str]) -> int | None:

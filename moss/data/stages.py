@@ -21,8 +21,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 
-import webdataset as wds
-
+from moss.data import tar_reader
 from moss.data.examples import ExampleBuilder, OverLongSample
 from moss.data.packing import BestFitPacker
 from moss.data.schema import SampleError, ShardSample
@@ -105,6 +104,7 @@ class ShardReader:
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
         self.skips, self.liveness = skips, liveness
         self.position = (0, 0, 0)
+        self.seen: set[str] | None = None  # sample keys read in this pass (a key seen again is skipped)
 
     def shards(self, epoch: int) -> list[str]:
         order = list(self.urls)
@@ -117,6 +117,8 @@ class ShardReader:
         while True:
             shards = self.shards(epoch)
             whole = shard == 0 and index == 0
+            if whole or self.seen is None:
+                self.seen = set() if whole else self._keys_before(epoch, shard, index)
             self.liveness.start_pass()
             for pos in range(shard, len(shards)):
                 for i, sample in self._read(shards[pos], index if pos == shard else 0, epoch):
@@ -132,7 +134,7 @@ class ShardReader:
                     f"({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}); {self.skips.where()}"
                 )
             epoch, shard, index = epoch + 1, 0, 0
-            self.position = (epoch, 0, 0)
+            self.position, self.seen = (epoch, 0, 0), None
             if not self.repeat:
                 return
 
@@ -146,6 +148,12 @@ class ShardReader:
         for index, raw in enumerate(tar_samples(url, unreadable)):
             if index < start:
                 continue
+            key = raw["__key__"]
+            if key in self.seen:
+                self.skips("duplicate key", f"{url}:{key}: a sample with this key was read before in this pass", epoch)
+                yield index, None
+                continue
+            self.seen.add(key)
             try:
                 yield index, ShardSample.from_wds(raw)
             except SampleError as err:
@@ -154,6 +162,16 @@ class ShardReader:
             except Exception as err:  # noqa: BLE001 - a sample no check foresaw is skipped, not fatal
                 self.skips("bad sample", f"{url}:{raw.get('__key__')}: {type(err).__name__}: {err}", epoch)
                 yield index, None
+
+    def _keys_before(self, epoch: int, shard: int, index: int) -> set[str]:
+        """The keys an uninterrupted pass would have seen before `(shard, index)`: only headers are read."""
+        keys: set[str] = set()
+        for pos, url in enumerate(self.shards(epoch)[: shard + 1]):
+            for i, raw in enumerate(tar_samples(url, lambda err: True, fields=lambda ext: False)):
+                if pos == shard and i >= index:
+                    break
+                keys.add(raw["__key__"])
+        return keys
 
     def fetch(self, locations: Iterable[Location]) -> dict[Location, ShardSample]:
         """The samples at `locations`, each shard read once (to restore the stages' buffers)."""
@@ -314,10 +332,10 @@ class Batcher:
             self.group = [restore.example(loc) for loc in state["group"]]
 
 
-def tar_samples(url: str, handler: Callable[[Exception], bool] | None = None):
-    """WebDataset samples (dicts of raw fields) of one shard; `handler` decides about read errors."""
-    expand = wds.tarfile_to_samples(handler=handler) if handler else wds.tarfile_to_samples()
-    return wds.DataPipeline(wds.SimpleShardList([url]), expand)
+def tar_samples(url: str, handler: Callable[[Exception], bool] | None = None, fields=None) -> Iterator[dict]:
+    """WebDataset-style samples (dicts of raw fields) of one shard, read with bounds (`moss.data.tar_reader`);
+    `handler` decides about read errors; `fields(ext)` selects the fields read (default: all)."""
+    return tar_reader.samples(url, handler, fields)
 
 
 def _as_rng_state(state) -> tuple:
