@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -12,16 +13,17 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 
 from moss.cli import check_override_keys, command
-from moss.config_checks import validate, world_size
+from moss.config_checks import run_problems, validate, world_size
 from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
 from moss.training.callbacks import build_callbacks
-from moss.outputs import OutputFolder
+from moss.outputs import FolderLock, OutputFolder
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
 from moss.training.run_checkpoint import checkpoint_problem, load_best
@@ -77,10 +79,30 @@ def train(cfg: DictConfig) -> dict:
     raw = point_data_at_raw(cfg)
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if not relaunched_rank():
-        record_config(cfg, output_dir)
-        for inputs, out in raw:
-            preprocess_raw(cfg, inputs, out)
+    with contextlib.ExitStack() as held:
+        if not relaunched_rank():
+            held.enter_context(own_run_folder(cfg, output_dir))
+            record_config(cfg, output_dir)
+            for inputs, out in raw:
+                preprocess_raw(cfg, inputs, out)
+        return _fit_and_export(cfg, raw, output_dir)
+
+
+def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
+    """Lock the run folder for this run; a second `train.py` with the same name is refused, not mixed in.
+
+    The folder is checked again under the lock: of two runs started together, the second finds the first's
+    lock (or, once that ended, its outputs) and stops with the usual message.
+    """
+    lock = FolderLock(output_dir, "training run (same paths.root and name)")
+    if problems := run_problems(cfg):
+        lock.release()
+        raise ConfigError("\n".join(problems))
+    return lock
+
+
+def _fit_and_export(cfg: DictConfig, raw: list, output_dir: Path) -> dict:
+    """The run itself, once its folder is this process's."""
     if raw:
         fit_workers_to_shards(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -132,7 +154,7 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
     with OutputFolder(output_dir / "export", "export", overwrite=True).check().staged() as stage:
         export_hf(model, stage, tokenizer, layout=cfg.export.layout, sampling=sampling)
         OmegaConf.save(cfg, stage / "training_config.yaml", resolve=True)
-    exported["export"] = output_dir / "export"
+    exported["export"], exported["adapter"] = output_dir / "export", None
     if isinstance(model, PeftModel):
         with OutputFolder(output_dir / "adapter", "adapter", overwrite=True).check().staged() as stage:
             save_adapter(model, stage)
@@ -221,6 +243,14 @@ def _report(
             0,
             f"stopped by {stopped} at step {trainer.global_step} of {trainer.max_steps}, checkpoint saved; "
             f"continue with the same command plus resume=auto",
+        )
+    early = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if early is not None and early.wait_count >= early.patience and not stopped:
+        lines.insert(
+            0,
+            f"early stopping ended the run at step {trainer.global_step} of {trainer.max_steps}: {early.wait_count} "
+            f"validations without a val/loss lower than {float(early.best_score):.4f} by {early.min_delta:g} "
+            f"(callbacks.early_stopping.patience={early.patience})",
         )
     lines += [f"{name + ':':<14} {path}" for name, path in exported.items() if path]
     if trainer.loggers:

@@ -230,6 +230,8 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     resume = _select(cfg, "resume")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         return [f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt"]
+    if problem := name_problem(_select(cfg, "name")):
+        return [problem]
     output = _select(cfg, "paths.output_dir")
     if resume is not None or output is None or relaunched_rank():
         return []
@@ -240,6 +242,22 @@ def _run_problems(cfg: DictConfig) -> list[str]:
         f"the run directory {output} already holds a run ({', '.join(f'{t}/' for t in taken)}); continue it with "
         f"resume=auto, or start another with name={_free_name(cfg)} (or delete {output})"
     ]
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot name a run folder under `paths.root` (one plain folder name: no path, not . or ..)."""
+    text = "" if name is None else str(name)
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text or "\0" in text or text != text.strip():
+        return (
+            f"name={text!r} must be one plain folder name (not empty, '.', '..', and without '/'); the run "
+            f"directory is paths.root/name: set name=my-run (and paths.root=/where/runs/go for another place)"
+        )
+    return None
+
+
+def run_problems(cfg: DictConfig) -> list[str]:
+    """`_run_problems`, for the re-check made once the run folder is locked (two runs started at once)."""
+    return _run_problems(cfg)
 
 
 def _free_name(cfg: DictConfig) -> str:

@@ -18,6 +18,7 @@ leaves a file of its own that a rerun would take for the user's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import json
 import os
@@ -233,3 +234,33 @@ def _alive(pid: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class FolderLock:
+    """An exclusive lock on a folder for the life of a process: a second writer is refused, not interleaved.
+
+    `flock` on the folder itself: no lock file is left behind, and the kernel lets go of a killed process's
+    lock. Held by the one process that owns the folder (not inherited by the processes it starts).
+    """
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise ConfigError(f"{self.path} is being written by another {what} right now; wait for it to end") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

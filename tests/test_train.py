@@ -240,12 +240,13 @@ def test_a_user_shard_folder_is_read_never_written(tmp_path, tiny_shards):
     assert not (tmp_path / "nope").exists()
 
 
-def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path):
+def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path, capsys):
     # min_delta 100: the second validation cannot improve enough, so patience 1 stops the run there.
     overrides = ["debug=fast_dev_run", "trainer.max_steps=10", "data.num_workers=0"]
     early = ["callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=100"]
     result = train(compose_train(tmp_path, [*overrides, *early]))
     assert result["trainer"].global_step == 4 and not result["stopped"]
+    assert "early stopping ended the run at step 4 of 10: 1 validations without a val/loss lower" in capsys.readouterr().out
     assert (result["output_dir"] / "export" / "model.safetensors").is_file()
     assert result["exported"]["weights"].startswith("best.ckpt")
     with pytest.raises(ConfigError, match="export.from=newest is unknown"):

@@ -8,7 +8,10 @@ optimiser-step windows; validation: one exact pass.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,13 +32,27 @@ from moss.text.prompt import PromptBuilder
 log = logging.getLogger(__name__)
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """Loader workers ignore Ctrl-C, which the terminal sends them too.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    A worker that died on it would fail the step the trainer is about to checkpoint (the trainer handles
-    Ctrl-C: training/preemption.py).
+
+def ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore the stop signals that reach the whole process group.
+
+    A terminal sends Ctrl-C to every process of the job, and schedulers (SLURM, Kubernetes, `timeout`,
+    `kill -TERM -<pgid>`) send SIGTERM or SIGUSR1 the same way. A worker that died on one would fail the step
+    the trainer is about to checkpoint (the trainer handles them: training/preemption.py). A worker that
+    ignores them still ends with its loader, or, should the trainer die first, with it: PyTorch's workers
+    watch their parent, and a thread here ends a worker the parent left behind even mid-task.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class MossDataModule(L.LightningDataModule):
