@@ -90,8 +90,10 @@ def infer(cfg: DictConfig) -> list[Result]:
 
 @contextlib.contextmanager
 def stop_signals_raise():
-    """SIGTERM and SIGUSR1 (what schedulers send) stop the run like Ctrl-C: the item in progress is given up and
-    `results.jsonl` is completed."""
+    """SIGTERM and SIGUSR1 (what schedulers send) stop the run like Ctrl-C.
+
+    The item in progress is given up and `results.jsonl` is completed.
+    """
 
     def stop(signum, frame):
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
@@ -235,8 +237,10 @@ class AudioWriter:
             os.fsync(f.fileno())
 
     def finish(self, results: list[Result]) -> None:
-        """`results.jsonl` in input order (atomically), and the earlier run's files this run did not rewrite
-        removed: every file the list names is this run's, and none other of the tool's is left."""
+        """`results.jsonl` in input order (atomically); the earlier run's files this run did not rewrite removed.
+
+        Every file the list names is this run's, and no other file of this tool is left.
+        """
         self.folder.put(RESULTS, lambda tmp: tmp.write_bytes(b"".join(_result_line(r) for r in results)))
         self.folder.finish()
 

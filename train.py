@@ -22,8 +22,8 @@ from moss.config_checks import run_problems, validate, world_size
 from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
-from moss.training.callbacks import build_callbacks
 from moss.outputs import FolderLock, OutputFolder
+from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
 from moss.training.run_checkpoint import checkpoint_problem, load_best

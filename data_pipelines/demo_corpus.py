@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from moss.audio import SAMPLE_RATE
 from moss.cli import check_override_keys, command, fail, require
+from moss.outputs import OutputFolder
 from moss.text.tiny_tokenizer import TINY_WORDS
 
 WORD_SECONDS = 0.3
@@ -50,9 +51,25 @@ def _utterance(speakers: list[int], rng: np.random.Generator) -> tuple[str, np.n
     return text, np.concatenate(audio)
 
 
-def write_demo_corpus(output_dir: str | Path, dialogues: int = 48, val: int = 8, speakers: int = 4, seed: int = 0):
-    """Write the corpus (see the module docstring); returns the paths of the three JSONL files."""
-    out = Path(output_dir)
+def write_demo_corpus(
+    output_dir: str | Path,
+    dialogues: int = 48,
+    val: int = 8,
+    speakers: int = 4,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write the corpus (see the module docstring); returns the paths of the three JSONL files.
+
+    `output_dir` must be new, empty or an earlier demo corpus (replaced only with `overwrite`).
+    """
+    folder = OutputFolder(output_dir, "demo_corpus", overwrite=overwrite).check()
+    with folder.staged() as stage:
+        names = _write(stage, dialogues, val, speakers, seed)
+    return {name: Path(output_dir) / file for name, file in names.items()}
+
+
+def _write(out: Path, dialogues: int, val: int, speakers: int, seed: int) -> dict[str, str]:
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines: dict[str, list[str]] = {"train": [], "val": [], "monologues": []}
@@ -69,11 +86,9 @@ def write_demo_corpus(output_dir: str | Path, dialogues: int = 48, val: int = 8,
         sf.write(out / "audio" / f"monologue-{i:04d}.wav", wave, SAMPLE_RATE)
         record = {"file_path": f"audio/monologue-{i:04d}.wav", "full_transcript": text, "speaker": f"spk{speaker}"}
         lines["monologues"].append(json.dumps(record, ensure_ascii=False))
-    paths = {}
     for name, rows in lines.items():
-        paths[name] = out / f"{name}.jsonl"
-        paths[name].write_text("\n".join(rows) + "\n")
-    return paths
+        (out / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    return {name: f"{name}.jsonl" for name in lines}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo_corpus")
@@ -81,7 +96,7 @@ def write_demo_corpus(output_dir: str | Path, dialogues: int = 48, val: int = 8,
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m data_pipelines.demo_corpus output_dir=demo/`."""
     fail("invalid demo corpus command", require(cfg, {"output_dir": "demo/"}))
-    paths = write_demo_corpus(cfg.output_dir, cfg.dialogues, cfg.val, cfg.speakers, cfg.seed)
+    paths = write_demo_corpus(cfg.output_dir, cfg.dialogues, cfg.val, cfg.speakers, cfg.seed, cfg.overwrite)
     print(
         f"wrote {cfg.dialogues} + {cfg.val} dialogues and {cfg.dialogues} monologues: "
         + ", ".join(map(str, paths.values()))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import mmap
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -29,6 +28,8 @@ from omegaconf import DictConfig
 from moss.cli import check_override_keys, command
 from moss.data.schema import CODEBOOKS, ShardSample
 from moss.data.writer import ShardSetWriter
+from moss.errors import ConfigError
+from moss.outputs import OutputFolder
 
 INT32 = (-(2**31), 2**31 - 1)
 
@@ -78,18 +79,25 @@ def read_metas(path: Path, size: int) -> np.ndarray:
     """Metas rows (offsets, rows, frames) as int64 `[K, N]`, checked against the pickle's size."""
     try:
         metas = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise ValueError(f"{path}: not a numeric .npy array ({err})") from None
-    if metas.ndim != 2 or metas.dtype.kind not in "iu" or metas.shape[0] < 1:
-        raise ValueError(f"{path}: expected an integer [rows, records] array, got {metas.dtype} {metas.shape}")
+    except (ValueError, EOFError, OSError) as err:  # not .npy, truncated, an object array (pickle refused)
+        raise ConfigError(f"{path}: not a numeric .npy array ({type(err).__name__}: {err})") from None
+    if not isinstance(metas, np.ndarray) or metas.ndim != 2 or metas.dtype.kind not in "iu" or metas.shape[0] < 1:
+        got = f"{metas.dtype} {metas.shape}" if isinstance(metas, np.ndarray) else type(metas).__name__
+        raise ConfigError(f"{path}: expected an integer [rows, records] array, got {got}")
     offsets = metas[0]
     if len(offsets) and (offsets.min() < 0 or offsets.max() >= max(size, 1)):
-        raise ValueError(f"{path}: offsets outside the {size}-byte pickle")
+        raise ConfigError(f"{path}: offsets outside the {size}-byte pickle")
     return metas.astype(np.int64)
 
 
-def import_legacy(pkl: str | Path, output_dir: str | Path, records_per_shard: int = 1000) -> dict:
-    """Convert one `.pkl` + `_metas.npy` pair; returns counts (records that fail are reported and skipped)."""
+def import_legacy(
+    pkl: str | Path, output_dir: str | Path, records_per_shard: int = 1000, overwrite: bool = False
+) -> dict:
+    """Convert one `.pkl` + `_metas.npy` pair; returns counts (records that fail are reported and skipped).
+
+    The shards are written beside `output_dir` and moved into it at the end (`moss.outputs.OutputFolder`).
+    """
+    folder = OutputFolder(output_dir, "import_legacy", overwrite=overwrite, patterns=("import_legacy.log",)).check()
     pkl = Path(pkl)
     if not pkl.is_file():
         raise FileNotFoundError(f"input={pkl} is not a file; pass the original processed_data.pkl")
@@ -103,15 +111,14 @@ def import_legacy(pkl: str | Path, output_dir: str | Path, records_per_shard: in
     ends = bounds[np.searchsorted(bounds, offsets, side="right")]
     skipped: list[dict] = []
     output_dir = Path(output_dir)
-    with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else io.BytesIO() as data:
-        with ShardSetWriter(output_dir, prefix=pkl.stem, max_samples=records_per_shard) as writer:
-            for sample in _samples(data, pkl, metas, ends, skipped):
-                writer.write(sample)
+    with folder.staged() as stage:
+        with open(pkl, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else io.BytesIO() as data:
+            with ShardSetWriter(stage, prefix=pkl.stem, max_samples=records_per_shard) as writer:
+                for sample in _samples(data, pkl, metas, ends, skipped):
+                    writer.write(sample)
+        (stage / "skipped.jsonl").write_text("".join(json.dumps(s) + "\n" for s in skipped))
     written = sum(s["samples"] for s in writer.shards)
     report = output_dir / "skipped.jsonl"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    os.replace(tmp, report)
     for item in skipped[:20]:
         print(f"skipped record {item['record']}: {item['reason']}")
     print(
@@ -149,7 +156,7 @@ def _samples(data, pkl: Path, metas: np.ndarray, ends: np.ndarray, skipped: list
 @command
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m data_pipelines.import_legacy input=... output_dir=...`."""
-    import_legacy(cfg.input, cfg.output_dir, cfg.records_per_shard)
+    import_legacy(cfg.input, cfg.output_dir, cfg.records_per_shard, cfg.overwrite)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ workers that validate records and read, down-mix and resample audio, while it en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import resource
+import signal
 import sys
 import time
 from collections import Counter
@@ -43,6 +45,7 @@ from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
 from moss.errors import ConfigError
+from moss.outputs import FolderLock, OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +161,13 @@ def shard_name(slot: int, index: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- workers
 def _init_loader() -> None:
+    """Audio loaders: one thread each, and deaf to the stop signals a scheduler sends the whole process group.
+
+    The main process stops the run; a loader killed by them would be reported as a failed record.
+    """
     torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
@@ -353,6 +362,11 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
                 journal = EncodeJournal(output_dir / f"{name}.encoding")
                 entry = write_shard(output_dir / name, encoder.shard(records.take(chunk), bar, skips, journal))
                 entry["skipped"] = [s.to_json() for s in skips]
+                if changed := records.changed():  # its lines were indexed at the start: they no longer match
+                    raise ConfigError(
+                        f"{changed} changed while it was being preprocessed; shard {name} was not finished. Let it "
+                        f"settle, then run again into a new output_dir (or delete {output_dir})"
+                    )
                 meta = output_dir / f"{name}.json"
                 tmp = meta.with_name(meta.name + ".tmp")
                 tmp.write_text(json.dumps(entry) + "\n")
@@ -387,10 +401,44 @@ def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], pla
     run_slots(OmegaConf.create(cfg_yaml), device, workers, slots, plan, position)
 
 
+OWN_FILES = (  # every name preprocessing writes into output_dir (see shard_name, write_slot_manifest, EncodeJournal)
+    "plan.json",
+    "plan.tmp",
+    "preprocess.log",
+    "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].*",
+    "manifest-[0-9][0-9][0-9][0-9][0-9].json*",
+    "skipped-[0-9][0-9][0-9][0-9][0-9].jsonl*",
+)
+
+
 def preprocess(cfg: DictConfig) -> dict:
-    """Run (or resume) the pipeline for this process; returns counts for this process's slots."""
+    """Run (or resume) the pipeline for this process; returns counts for this process's slots.
+
+    SIGTERM and SIGUSR1 stop it as Ctrl-C does; finished shards stand and a rerun continues after them.
+    """
     check_arguments(cfg)
     rank, world, local_rank = launcher_rank()
+    with contextlib.ExitStack() as held:
+        if world == 1:  # ranks of one job share output_dir by design (each its own slots)
+            held.enter_context(FolderLock(cfg.output_dir, "preprocessing run"))
+        held.enter_context(_stop_signals_interrupt())
+        return _preprocess(cfg, rank, world, local_rank)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}; finished shards are kept, rerun to resume")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _preprocess(cfg: DictConfig, rank: int, world: int, local_rank: int | None) -> dict:
     devices = local_devices(cfg.devices, local_rank)
     cores = os.cpu_count() or 1
     workers = int(cfg.cpu_workers) if cfg.cpu_workers != "auto" else max(1, cores // len(devices) - 1)
@@ -430,6 +478,9 @@ def check_arguments(cfg: DictConfig) -> None:
             if not Path(str(given)).is_file()
         ]
     problems += codec_problems(cfg.codec)
+    if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
+        folder = OutputFolder(cfg.output_dir, "preprocess", cfg.get("overwrite", False), True, OWN_FILES)
+        problems += folder.problems()
     fail("invalid preprocessing command", problems)
 
 

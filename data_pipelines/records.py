@@ -164,6 +164,7 @@ class RecordIndex:
 
     def __init__(self, paths: list[str], base_path: str | None = None):
         self.paths, self.base_path = [str(p) for p in paths], base_path
+        self.stats = [_identity(p) for p in self.paths]  # before indexing: a change while indexing shows too
         parts = [index_lines(p) for p in self.paths]
         self.file = np.concatenate([np.full(len(p[0]), i, np.int32) for i, p in enumerate(parts)] or [np.zeros(0)])
         self.line, self.offset, self.length = (
@@ -180,6 +181,21 @@ class RecordIndex:
 
     def take(self, positions) -> list[Record]:
         return [self[int(i)] for i in positions]
+
+    def changed(self) -> str | None:
+        """Which input changed (size or modification time) since it was indexed, or None."""
+        for path, before in zip(self.paths, self.stats, strict=True):
+            if _identity(path) != before:
+                return path
+        return None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def read_line(record: Record, limits: Limits) -> str:
@@ -210,8 +226,10 @@ def _text(item: dict, key: str) -> str:
 
 
 def check_transcript(key: str, text: str) -> None:
-    """A transcript the model can learn from: words (not only speaker tags), no control characters, no speaker
-    but [S1]/[S2] (raises RecordError)."""
+    """Raise RecordError unless `text` is a transcript to learn from.
+
+    Words (not only speaker tags), no control characters, no speaker but [S1]/[S2].
+    """
     if bad := CONTROL.search(text):
         reason = f"control character U+{ord(bad.group()):04X} in {key} at character {bad.start() + 1}"
         raise RecordError("validate", reason)

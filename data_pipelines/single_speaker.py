@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 
 from moss.audio import SAMPLE_RATE, read_audio
 from moss.cli import check_override_keys, command, fail, require
+from moss.outputs import OutputFolder
 
 TAGS = re.compile(r"\[S?\d+\]")
 
@@ -149,9 +150,22 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def single_speaker(cfg: DictConfig) -> dict:
     """Run `cfg.mode` over `cfg.input` into `cfg.output_dir`; returns the report (also `report.json`)."""
-    utterances, skipped = read_utterances(cfg.input, cfg.base_path)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out, "single_speaker", overwrite=cfg.get("overwrite", False)).check()
+    utterances, skipped = read_utterances(cfg.input, cfg.base_path)
+    with folder.staged() as stage:  # the whole output appears at once, an earlier one's leftovers removed
+        report = _build(cfg, utterances, skipped, stage)
+    reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+    print(
+        f"{cfg.mode}: {report['records']} records ({report['hours']:.3f} h of audio) from {len(utterances)} "
+        f"utterances of {report['speakers']} speakers into {out}; left out {len(skipped)} lines"
+        + "".join(f", {n} {reason}" for reason, n in reasons.most_common())
+        + f" (see {out / 'report.json'})"
+    )
+    return report
+
+
+def _build(cfg: DictConfig, utterances: list[Utterance], skipped: list[dict], out: Path) -> dict:
     if cfg.mode == "pairs":
         records, unpaired = cloning_pairs(utterances, tuple(cfg.pairs.reference_seconds), int(cfg.seed))
         skipped += unpaired
@@ -170,13 +184,6 @@ def single_speaker(cfg: DictConfig) -> dict:
         "skipped": sorted(skipped, key=lambda s: s["line"]),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    reasons = Counter(s["reason"].split(":")[0] for s in skipped)
-    print(
-        f"{cfg.mode}: {report['records']} records ({report['hours']:.3f} h of audio) from {len(utterances)} "
-        f"utterances of {report['speakers']} speakers into {out}; left out {len(skipped)} lines"
-        + "".join(f", {n} {reason}" for reason, n in reasons.most_common())
-        + f" (see {out / 'report.json'})"
-    )
     return report
 
 

@@ -100,10 +100,16 @@ class OutputFolder:
             return set()
         if not isinstance(record, dict) or record.get("tool") != self.tool or not isinstance(record.get("files"), list):
             return set()
-        return {f for f in record["files"] if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")}
+        return {f for f in record["files"] if isinstance(f, str) and _relative(f)}
 
     def own(self, name: str) -> bool:
-        """Whether `name` in the folder was written by this tool (recorded, or named as only it names files)."""
+        """Whether `name` (relative to the folder) was written by this tool.
+
+        Recorded, named as only this tool names files, or a folder holding only such files.
+        """
+        path = self.path / name
+        if path.is_dir() and not path.is_symlink():
+            return all(self.own(str(f.relative_to(self.path))) for f in path.rglob("*") if not f.is_dir())
         return name in self._earlier or name in self.written or any(fnmatch.fnmatch(name, p) for p in self.patterns)
 
     def entries(self) -> list[str]:
@@ -198,12 +204,10 @@ class OutputFolder:
 
     def commit(self, stage: Path) -> None:
         """Move the files of `stage` into the folder (one `os.replace` each) and drop stale earlier outputs."""
-        names = sorted(p.name for p in stage.iterdir())
-        nested = [n for n in names if (stage / n).is_dir()]
-        if nested:
-            raise ValueError(f"{self.tool} staged folders ({nested}); only files are supported")
+        names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
         self._claim(names)
         for name in names:
+            (self.path / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / name, self.path / name)
         self.finish()
 
@@ -212,8 +216,18 @@ class OutputFolder:
         for name in sorted(self._earlier - self.written):
             with contextlib.suppress(OSError):
                 (self.path / name).unlink()
+            parent = (self.path / name).parent
+            while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()  # a sub-folder the earlier output made and this one does not use
+                parent = parent.parent
         self._earlier = set()
         self._save_record(self.written)
+
+
+def _relative(name: str) -> bool:
+    """A recorded name that stays inside the folder (a record is data another process may have written)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\0" not in name
 
 
 def _listing(names: list[str], most: int = 5) -> str:

@@ -7,10 +7,9 @@ import pickle
 
 import numpy as np
 import pytest
-
-from moss.errors import ConfigError
 import torch
 
+from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.training.run_checkpoint import model_from_checkpoint as load_model  # a run's .ckpt
 

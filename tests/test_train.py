@@ -246,7 +246,10 @@ def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path, capsys):
     early = ["callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=100"]
     result = train(compose_train(tmp_path, [*overrides, *early]))
     assert result["trainer"].global_step == 4 and not result["stopped"]
-    assert "early stopping ended the run at step 4 of 10: 1 validations without a val/loss lower" in capsys.readouterr().out
+    assert (
+        "early stopping ended the run at step 4 of 10: 1 validations without a val/loss lower"
+        in capsys.readouterr().out
+    )
     assert (result["output_dir"] / "export" / "model.safetensors").is_file()
     assert result["exported"]["weights"].startswith("best.ckpt")
     with pytest.raises(ConfigError, match="export.from=newest is unknown"):

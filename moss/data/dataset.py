@@ -83,7 +83,9 @@ def manifest_entries(urls: list[str]) -> list[dict] | None:
             try:
                 listed = json.loads(file.read_text())["shards"]
             except (OSError, ValueError, KeyError, TypeError) as err:
-                log.warning("manifest %s is unreadable (%s: %s); its shards are counted instead", file, type(err).__name__, err)
+                log.warning(
+                    "manifest %s is unreadable (%s: %s); its shards are counted instead", file, type(err).__name__, err
+                )
                 continue
             for entry in listed if isinstance(listed, list) else []:
                 name = entry.get("shard") if isinstance(entry, dict) else None

@@ -333,8 +333,10 @@ class Batcher:
 
 
 def tar_samples(url: str, handler: Callable[[Exception], bool] | None = None, fields=None) -> Iterator[dict]:
-    """WebDataset-style samples (dicts of raw fields) of one shard, read with bounds (`moss.data.tar_reader`);
-    `handler` decides about read errors; `fields(ext)` selects the fields read (default: all)."""
+    """WebDataset-style samples (dicts of raw fields) of one shard, read with bounds (`moss.data.tar_reader`).
+
+    `handler` decides about read errors; `fields(ext)` selects the fields read (default: all).
+    """
     return tar_reader.samples(url, handler, fields)
 
 

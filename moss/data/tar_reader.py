@@ -58,7 +58,7 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header, if any (records: `<length> <key>=<value>\\n`)."""
+    """The `path` record of a pax extended header, if any (records: `<length> <key>=<value>` + newline)."""
     path, pos = None, 0
     while pos < len(data):
         space = data.find(b" ", pos)
@@ -177,7 +177,9 @@ def members(
             reader.skip(padded, f"member {name}")
             continue
         if size > max_member_bytes:
-            raise ShardError(f"{url}: member {name} claims {size} bytes (more than {max_member_bytes}); not a shard of ours")
+            raise ShardError(
+                f"{url}: member {name} claims {size} bytes (more than {max_member_bytes}); not a shard of ours"
+            )
         if fields is not None and not fields(name):
             reader.skip(padded, f"member {name}")
             yield name, None
@@ -209,8 +211,10 @@ def samples(
     max_member_bytes: int = MAX_MEMBER_BYTES,
     deadline_s: float = DEADLINE_S,
 ) -> Iterator[dict]:
-    """WebDataset-style samples of one shard. On an error `handler(err)` is called and the shard ends there
-    (its samples so far stand); without a handler the error is raised.
+    """WebDataset-style samples of one shard.
+
+    On an error `handler(err)` is called and the shard ends there (its samples so far stand); without a handler
+    the error is raised.
 
     `fields(ext)` (optional) selects the extensions whose data is read; the others are skipped unread.
     """

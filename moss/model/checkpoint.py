@@ -95,7 +95,9 @@ def _read(file: Path):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 - truncated, not a zip, or refused by weights_only: one message
-            raise ConfigError(f"{file} is not a readable weights file ({type(err).__name__}: {_first_line(err)})") from None
+            raise ConfigError(
+                f"{file} is not a readable weights file ({type(err).__name__}: {_first_line(err)})"
+            ) from None
         if not isinstance(state, dict):
             raise ConfigError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
         yield from state.items()
