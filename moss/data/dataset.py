@@ -18,6 +18,7 @@ report when `report_dir` is set.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -125,15 +126,35 @@ def manifest_problem(entry: dict, path: Path) -> str | None:
 
 
 def count_shard(path: Path) -> dict:
-    """A manifest entry made by reading the shard (its json fields only; codes are skipped unread)."""
+    """A manifest entry made by reading the shard: samples, and frames (target + reference) from the codes'
+    `.npy` headers, or from the json of legacy grid samples (other fields are skipped unread)."""
     per = []
-    for raw in tar_reader.samples(str(path), handler=lambda err: True, fields=lambda ext: ext == "json"):
-        try:
-            frames = json.loads(raw["json"]).get("frames", 0)
-        except (KeyError, ValueError, AttributeError):
-            frames = 0  # a sample without a readable json is skipped in training, but it is read
-        per.append(frames if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0 else 0)
+    wanted = {"json", "codes.npy", "ref_codes.npy"}
+    for raw in tar_reader.samples(str(path), handler=lambda err: True, fields=wanted.__contains__):
+        per.append(_rows(raw.get("codes.npy")) + _rows(raw.get("ref_codes.npy")) or _json_frames(raw.get("json")))
     return {"shard": path.name, "samples": len(per), "frames": sum(per), "sample_frames": per}
+
+
+def _rows(npy: bytes | None) -> int:
+    """Rows of an `.npy` payload, from its header alone (0 when absent or unreadable)."""
+    if not npy:
+        return 0
+    try:
+        stream = io.BytesIO(npy)
+        major, _ = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape = read_header(stream)[0]
+    except (ValueError, OSError):
+        return 0
+    return int(shape[0]) if shape and int(shape[0]) > 0 else 0
+
+
+def _json_frames(meta: bytes | None) -> int:
+    try:
+        frames = json.loads(meta or b"{}").get("frames", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else 0
 
 
 def manifest_samples(urls: list[str]) -> int | None:

@@ -57,9 +57,9 @@ def _checksum_ok(header: bytes) -> bool:
     return expected in (unsigned, signed)
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The `path` record of a pax extended header, if any (records: `<length> <key>=<value>` + newline)."""
-    path, pos = None, 0
+def _pax(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax extended header (`<length> <key>=<value>` + newline each)."""
+    records, pos = {}, 0
     while pos < len(data):
         space = data.find(b" ", pos)
         if space < 0:
@@ -71,10 +71,9 @@ def _pax_path(data: bytes) -> str | None:
         if length <= 0:
             break
         key, _, value = data[space + 1 : pos + length].rstrip(b"\n").partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8", "surrogateescape")
+        records[key] = value
         pos += length
-    return path
+    return records
 
 
 class _Reader:
@@ -140,6 +139,7 @@ def members(
     """
     reader = _Reader(stream, url, deadline_s)
     long_name: str | None = None
+    pax_size: int | None = None  # a pax `size` record overrides the next header's size field
     first = True
     while True:
         header = reader.read(BLOCK)
@@ -157,6 +157,8 @@ def members(
             raise ShardError(f"{url}: corrupt tar header at byte {start} (checksum mismatch)")
         size = _octal(header[124:136], "size", start)
         kind = header[156:157]
+        if pax_size is not None and kind not in (b"x", b"g"):
+            size, pax_size = pax_size, None
         padded = -(-size // BLOCK) * BLOCK
         if size < 0:
             raise ShardError(f"{url}: tar header at byte {start} gives a negative size")
@@ -167,7 +169,16 @@ def members(
                 )
             data = reader.exactly(padded, "an extended header")[:size]
             if kind == b"x":
-                long_name = _pax_path(data) or long_name
+                records = _pax(data)
+                if b"path" in records:
+                    long_name = records[b"path"].decode("utf-8", "surrogateescape")
+                if b"size" in records:
+                    try:
+                        pax_size = int(records[b"size"])
+                    except ValueError:
+                        raise ShardError(
+                            f"{url}: pax header at byte {start} gives a size that is not a number"
+                        ) from None
             elif kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
