@@ -244,27 +244,6 @@ def test_audio_samples_during_training(tmp_path):
     assert isinstance(usage_error_behind(err.value), ConfigError)  # what the command line prints as one error line
 
 
-@pytest.fixture
-def tiny_inference(tmp_path, tiny_tokenizer):
-    """A tiny model folder and codec on disk, and an infer config over them (no golden files needed)."""
-    import yaml
-
-    from moss.codec import XYTokenizer, XYTokenizerConfig
-    from moss.model import MossTTSD, MossTTSDConfig
-
-    MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    config = XYTokenizerConfig.tiny()
-    (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
-    torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
-    cfg = compose_config("infer", ["checkpoint=x", "output_dir=x"])
-    cfg.checkpoint, cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "model"), "", ""
-    cfg.codec.config, cfg.codec.checkpoint = str(tmp_path / "codec.yaml"), str(tmp_path / "codec.ckpt")
-    cfg.output_dir, cfg.progress, cfg.max_seconds, cfg.batch_size = str(tmp_path / "out"), False, 0.8, 8
-    cfg.sampling = {"do_sample": False}
-    return cfg
-
-
 def fuzz_items(folder, bad: int = 1000, seed: int = 0) -> tuple[bytes, set[int]]:
     """Inference JSONL bytes: `bad` malformed items among valid ones; returns (content, valid item indices)."""
     import os

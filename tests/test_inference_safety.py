@@ -18,7 +18,6 @@ from infer import infer
 from moss.errors import ConfigError
 from moss.inference import Synthesizer
 from tests.conftest import REPO
-from tests.test_inference import tiny_inference  # noqa: F401 - the fixture
 
 SCRIPTS = ['{"text": "[S1]hello there[S2]hi"}', '{"text": "[S1]a b c"}', '{"text": "[S2]one two"}']
 

@@ -126,8 +126,10 @@ def manifest_problem(entry: dict, path: Path) -> str | None:
 
 
 def count_shard(path: Path) -> dict:
-    """A manifest entry made by reading the shard: samples, and frames (target + reference) from the codes'
-    `.npy` headers, or from the json of legacy grid samples (other fields are skipped unread).
+    """A manifest entry made by reading the shard.
+
+    Samples, and frames (target + reference) from the codes' `.npy` headers, or from the json of legacy grid
+    samples; other fields are skipped unread.
     """
     per = []
     wanted = {"json", "codes.npy", "ref_codes.npy"}
