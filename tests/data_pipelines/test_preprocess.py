@@ -305,3 +305,36 @@ def test_inspect_leaves_nothing_in_the_working_directory(tmp_path, tiny_shards):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "samples" in run.stdout and list((tmp_path / "cwd").iterdir()) == []
+
+
+@pytest.mark.slow  # two preprocessing processes with loader workers (about 30 s)
+def test_a_group_sigterm_stops_cleanly_and_the_rerun_loses_and_repeats_nothing(tmp_path, codec_files):
+    """Schedulers signal the whole process group: the loaders must not die first and be reported as failures."""
+    jsonl = write_good_corpus(tmp_path / "raw", n=24)
+    common = [
+        f"inputs=[{jsonl}]",
+        f"codec.config={codec_files[0]}",
+        f"codec.checkpoint={codec_files[1]}",
+        "devices=cpu",
+        "cpu_workers=2",
+        "records_per_shard=2",
+        "progress=false",
+        "batch_seconds=1",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_pipelines.preprocess", *common],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    while proc.poll() is None and len(list((tmp_path / "out").glob("*.tar.json"))) < 2:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    done = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.tar.json")]
+    assert all(not entry["skipped"] for entry in done), "a loader killed by the signal reported its records"
+    assert run_cli(common, REPO).wait() == 0
+    samples, skipped = read_set(tmp_path / "out"), list((tmp_path / "out").glob("skipped-*.jsonl"))
+    assert len(samples) == 24 and all(not p.read_text().strip() for p in skipped)
