@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf.errors import MissingMandatoryValue
 
 from moss.errors import ConfigError
+from moss.outputs import writable_folder_problem
 
 USAGE_ERROR = 2  # the conventional exit status of a command-line mistake (argparse uses it too)
 
@@ -139,6 +140,14 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # a syntax error: Hydra's own message says where
+    folders = [
+        problem
+        for o in overrides
+        if o.key_or_group == "output_dir" and o.type.name == "CHANGE" and isinstance(o.value(), str)
+        if (problem := writable_folder_problem(Path(o.value()), "output_dir"))
+    ]
+    if folders:  # before Hydra, which would try to make its run (and log) folder there
+        _usage_error("invalid output folder:", folders)
     slots = {
         str(key).removeprefix("optional ").split("/")[-1]
         for entry in _defaults(config_dir, config_name)

@@ -101,6 +101,10 @@ def test_tools_give_one_line_for_broken_inputs_and_outputs(tmp_path):
         (["export.py", f"checkpoint={broken}", f"output_dir={tmp_path / 'a-file'}"], "is a file, not a folder"),
         (["export.py", f"checkpoint={broken}", f"output_dir={tmp_path / 'e'}"], "is not a readable weights file"),
         (
+            ["infer.py", f"checkpoint={broken}", f"output_dir={tmp_path / 'a-file'}", "text=[S1]Hi", "codec=tiny"],
+            "is a file, not a folder",
+        ),
+        (
             ["infer.py", f"checkpoint={tmp_path / 'folder.ckpt'}", "output_dir=out", "text=[S1]Hi", "codec=tiny"],
             "is a folder, but a .ckpt names",
         ),
