@@ -6,11 +6,9 @@ Usage: python infer.py checkpoint=... codec.config=... codec.checkpoint=... inpu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command, fail, quote_values, require
+from moss.cli import check_override_keys, command, fail, quote_values, require, stop_signals_interrupt
 from moss.codec import codec_problems, load_codec
 from moss.generation import generation_for
 from moss.inference import DECODERS, Item, ItemError, Result, Synthesizer, parse_item, read_items
@@ -65,7 +63,7 @@ def infer(cfg: DictConfig) -> list[Result]:
     bar = tqdm(total=len(items), unit="item", disable=not cfg.progress)
     size = 1 if cfg.streaming else cfg.batch_size
     try:
-        with stop_signals_raise():
+        with stop_signals_interrupt():
             for start in range(0, len(items), size):
                 group = items[start : start + size]
                 for res in _synthesize(group, synth, writer, cfg.streaming):
@@ -86,24 +84,6 @@ def infer(cfg: DictConfig) -> list[Result]:
     summary += "".join(f"\n  item {r.index}: {r.error}" for r in ordered if r.error)
     print(summary.encode("utf-8", "backslashreplace").decode("utf-8"))
     return ordered
-
-
-@contextlib.contextmanager
-def stop_signals_raise():
-    """SIGTERM and SIGUSR1 (what schedulers send) stop the run like Ctrl-C.
-
-    The item in progress is given up and `results.jsonl` is completed.
-    """
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _within_limits(items: list[Item], results: dict[int, Result], synth: Synthesizer, max_rows: int | None):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command, fail, require
+from moss.cli import check_override_keys, command, fail, require, stop_signals_interrupt
 from moss.codec.checkpoint import codec_problems
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
@@ -421,21 +421,8 @@ def preprocess(cfg: DictConfig) -> dict:
     with contextlib.ExitStack() as held:
         if world == 1:  # ranks of one job share output_dir by design (each its own slots)
             held.enter_context(FolderLock(cfg.output_dir, "preprocessing run"))
-        held.enter_context(_stop_signals_interrupt())
+        held.enter_context(stop_signals_interrupt())  # finished shards stand; a rerun resumes
         return _preprocess(cfg, rank, world, local_rank)
-
-
-@contextlib.contextmanager
-def _stop_signals_interrupt():
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}; finished shards are kept, rerun to resume")
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _preprocess(cfg: DictConfig, rank: int, world: int, local_rank: int | None) -> dict:

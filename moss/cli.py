@@ -9,9 +9,11 @@ bug or a machine problem and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -213,3 +215,22 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     if not isinstance(node, dict):
         return [prefix[:-1]]
     return [key for k, v in node.items() for key in _leaf_keys(v, f"{prefix}{k}.")] + ([prefix[:-1]] if prefix else [])
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """SIGTERM and SIGUSR1 (what schedulers send, often to the whole process group) stop a command like Ctrl-C.
+
+    The command's own `KeyboardInterrupt` handling (finishing a results list, keeping finished shards) then
+    runs for them too; the previous handlers come back afterwards.
+    """
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

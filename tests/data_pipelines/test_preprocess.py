@@ -124,6 +124,20 @@ def run_cli(args, cwd):
     )
 
 
+def cli_settings(jsonl, codec_files, cpu_workers: int) -> list[str]:
+    """Command-line settings of a small, slow-enough preprocessing run (2 records per shard)."""
+    return [
+        f"inputs=[{jsonl}]",
+        f"codec.config={codec_files[0]}",
+        f"codec.checkpoint={codec_files[1]}",
+        "devices=cpu",
+        f"cpu_workers={cpu_workers}",
+        "records_per_shard=2",
+        "progress=false",
+        "batch_seconds=1",
+    ]
+
+
 def stat_of(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
@@ -134,16 +148,7 @@ def stat_of(pid: int) -> str:
 @pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_kill_minus_9_anywhere_then_rerun_gives_the_uninterrupted_set(tmp_path, codec_files):
     jsonl = write_good_corpus(tmp_path / "raw", n=24)
-    common = [
-        f"inputs=[{jsonl}]",
-        f"codec.config={codec_files[0]}",
-        f"codec.checkpoint={codec_files[1]}",
-        "devices=cpu",
-        "cpu_workers=1",
-        "records_per_shard=2",
-        "progress=false",
-        "batch_seconds=1",
-    ]
+    common = cli_settings(jsonl, codec_files, cpu_workers=1)
     assert run_cli([*common, f"output_dir={tmp_path / 'straight'}"], REPO).wait() == 0
     reference = read_set(tmp_path / "straight")
     assert len(reference) == 24
@@ -311,17 +316,7 @@ def test_inspect_leaves_nothing_in_the_working_directory(tmp_path, tiny_shards):
 def test_a_group_sigterm_stops_cleanly_and_the_rerun_loses_and_repeats_nothing(tmp_path, codec_files):
     """Schedulers signal the whole process group: the loaders must not die first and be reported as failures."""
     jsonl = write_good_corpus(tmp_path / "raw", n=24)
-    common = [
-        f"inputs=[{jsonl}]",
-        f"codec.config={codec_files[0]}",
-        f"codec.checkpoint={codec_files[1]}",
-        "devices=cpu",
-        "cpu_workers=2",
-        "records_per_shard=2",
-        "progress=false",
-        "batch_seconds=1",
-        f"output_dir={tmp_path / 'out'}",
-    ]
+    common = [*cli_settings(jsonl, codec_files, cpu_workers=2), f"output_dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "data_pipelines.preprocess", *common],
         cwd=REPO,
