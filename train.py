@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 
-from moss.cli import check_override_keys, command
+from moss.cli import check_override_keys, command, slot_additions_as_choices
 from moss.config_checks import run_problems, validate, world_size
 from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
@@ -286,5 +286,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = slot_additions_as_choices(Path(__file__).parent / "conf", "train", sys.argv)  # +experiment=x too
     check_override_keys(Path(__file__).parent / "conf", "train", sys.argv)
     main()

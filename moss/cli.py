@@ -125,6 +125,25 @@ def quote_values(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     return quoted
 
 
+def slot_additions_as_choices(config_dir: Path, config_name: str, argv: list[str]) -> list[str]:
+    """`+experiment=NAME` (lightning-hydra-template's spelling) as `experiment=NAME`, for every defaults slot.
+
+    A slot is a group the defaults list already names (`experiment: null`, `debug: null`, ...). Hydra refuses
+    the `+` form there ("Multiple values for experiment"); both mean the same choice, so both are accepted and
+    compose the same config. `++` and additions of keys that are not slots are left as written.
+    """
+    slots = {
+        str(key).removeprefix("optional ").split("/")[-1]
+        for entry in _defaults(config_dir, config_name)
+        for key in (entry if isinstance(entry, dict) else [entry])
+    }
+    out = list(argv[:1])
+    for arg in argv[1:]:
+        key = arg[1:].split("=", 1)[0] if arg.startswith("+") and not arg.startswith("++") and "=" in arg else None
+        out.append(arg[1:] if key in slots else arg)
+    return out
+
+
 def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> None:
     """Refuse `key=value` overrides of keys the config does not have, naming the closest real key (exit 2).
 

@@ -118,7 +118,7 @@ def test_checkpoint_kinds_and_foreign_models(tmp_path, tiny_tokenizer):
         torch.testing.assert_close(
             merged(ids).logits[0], adapted.eval()(ids, output_logits=True).logits[0], atol=1e-5, rtol=1e-5
         )
-    with pytest.raises(ValueError, match="without a recorded base model"):
+    with pytest.raises(ConfigError, match="without a recorded base model"):
         load_model(tmp_path / "adapter")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))

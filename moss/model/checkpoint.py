@@ -235,7 +235,10 @@ def load_model(
 
         base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{path} is a LoRA adapter without a recorded base model; set base_model=/path/to/model")
+            raise ConfigError(
+                f"{path} is a LoRA adapter without a recorded base model (a run from a random init has none); set "
+                f"base_model=/path/to/model, or use the run's export/ folder or its .ckpt"
+            )
         base = resolve_model_path(base)
         if not (Path(base) / "config.json").is_file():
             raise ConfigError(
