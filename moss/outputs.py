@@ -141,11 +141,10 @@ class OutputFolder:
         return []
 
     def check(self) -> OutputFolder:
-        """Raise one ConfigError when the folder may not be written; create it otherwise."""
+        """Raise one ConfigError when the folder may not be written (it is created by the first write)."""
         if problems := self.problems():
             raise ConfigError("\n".join(problems))
-        self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.glob(STAGING + "*"):  # a killed run's unfinished output
+        for leftover in self.path.glob(STAGING + "*") if self.path.is_dir() else ():  # a killed run's unfinished output
             if leftover.is_dir() and not _alive(leftover.name[len(STAGING) :]):
                 shutil.rmtree(leftover, ignore_errors=True)
         return self
@@ -160,6 +159,7 @@ class OutputFolder:
 
     def _save_record(self, files: set[str]) -> None:
         files = {f for f in files if f != RECORD}
+        self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / RECORD, json.dumps({"tool": self.tool, "files": sorted(files)}, indent=0) + "\n")
 
     def put(self, name: str, write: Callable[[Path], None]) -> Path:
