@@ -31,7 +31,7 @@ from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
 from moss.model.loss import finetune_channel_weights, linear_cross_entropy
-from moss.training.callbacks import flop_model, peak_tflops, step_flops
+from moss.training.flops import flop_model, peak_tflops, step_flops
 
 # name -> (layout, attention, gradient checkpointing)
 CONFIGS = {

@@ -2,7 +2,8 @@
 
 Same model and data as benchmarks/gpu_train.py (random weights, bf16 base, LoRA, autocast bf16, reference
 lengths packed into 16,384-row micro-batches). After warm-up steps, profiles `--steps` steps and prints the
-step time, and the kernels by total GPU time (the largest first), then one `RESULT {json}` line.
+step time, the kernels by total GPU time (the largest first) and that time grouped into gemm / attention / loss /
+elementwise / copy, then one `RESULT {json}` line.
 
 Usage: python benchmarks/profile_step.py [--attn varlen_sdpa] [--ckpt] [--steps 2] [--rows 25] [--tiny]
 (MOSS_VARLEN_CUDNN=1 profiles varlen_attn on its cuDNN backend instead of flash.)
@@ -13,15 +14,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.gpu_train import layouts, reference_examples, train_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/profile_step.py` from anywhere
+from benchmarks.gpu_train import layouts, reference_examples, train_step  # noqa: E402
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
+
+# Kernel (or, on the CPU, operator) names -> where the time goes; the first matching category wins.
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "varlen", "sdpa", "scaled_dot_product")),
+    ("loss", ("cross_entropy", "log_softmax", "logsumexp", "nll_loss", "softmax_backward")),
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "matmul")),
+    ("copy", ("memcpy", "memset", "copy", "aten::cat", "contiguous", "_to_copy", "fill_")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """gemm, attention, loss, copy or elementwise (everything else: norms, activations, casts, reductions)."""
+    lowered = name.lower()
+    for category, needles in CATEGORIES:
+        if any(needle.lower() in lowered for needle in needles):
+            return category
+    return "elementwise"
+
+
+def time_by_category(events, cuda: bool) -> dict[str, float]:
+    """Milliseconds per category: device kernels on CUDA; operators' own (self) time on the CPU."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.device_time_total
+        else:
+            us = e.self_cpu_time_total
+        category = kernel_category(e.key)
+        totals[category] = totals.get(category, 0.0) + us / 1e3
+    return totals
 
 
 def main() -> None:
@@ -65,8 +101,12 @@ def main() -> None:
     print(events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=args.rows))
     sort = "device_time_total" if cuda else "cpu_time_total"
     top = sorted(events, key=lambda e: -getattr(e, sort))[: args.rows]
+    groups = {k: v / args.steps for k, v in sorted(time_by_category(events, cuda).items(), key=lambda kv: -kv[1])}
+    whole = sum(groups.values()) or 1.0
+    print("\nper step: " + ", ".join(f"{k} {v:.1f} ms ({v / whole:.0%})" for k, v in groups.items()))
     result = {
         "attn": args.attn,
+        "ms_per_step_by_category": groups,
         "ckpt": args.ckpt,
         "cudnn_varlen": bool(os.environ.get("MOSS_VARLEN_CUDNN")),  # see moss/model/varlen.py
         "step_s": wall,

@@ -3,13 +3,11 @@
 A frame is one row of the token grid: one text token or one 80 ms audio frame (12.5 frames/s) across all 8
 channels. Padding rows cost compute but teach nothing, so throughput counts real rows only.
 
-MFU (model FLOPs utilisation) = useful FLOPs per second / peak FLOPs of the devices, with the FLOP model
-    per real row:  k * N          (k = 6 for full fine-tuning: forward 2N + backward 4N;
-                                   k = 4 with LoRA: frozen weights need no weight gradients)
-    per sample:    12 * layers * d_attn * s^2 / 2  (causal attention, forward + backward; d_attn = heads x head_dim)
-where N counts the decoder layers and the 8 output heads (the heads' matmuls are real compute; embedding
-lookups are not). Peak FLOPs: `peak_tflops` per device, or a table of known GPUs (dense bf16); without it
-MFU is not logged.
+MFU (model FLOPs utilisation) = useful FLOPs per second / peak FLOPs of the devices, with the FLOP model of
+`moss.training.flops`, logged in three accountings side by side: `perf/mfu` (ours: causal attention counted as
+half the square), `perf/mfu_foundry` (llm-foundry's: the full square) and `perf/hfu` (ours plus the forward that
+gradient checkpointing recomputes). Peak FLOPs: `peak_tflops` per device, or the project's table of GPUs
+(dense bf16); without either, MFU is not logged.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import lightning as L
 import torch
 
 from moss.model.lora import unwrap
+from moss.training.flops import flop_model, peak_tflops, step_flops
 
 
 def build_callbacks(group) -> dict[str, L.Callback]:
@@ -40,46 +39,14 @@ def early_stopping(patience: int | None = None, min_delta: float = 0.0) -> L.Cal
     return EarlyStopping(monitor="val/loss", mode="min", patience=int(patience), min_delta=float(min_delta))
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the GPU in TFLOPs, from Lightning's table.
-
-    The table tells H100 SXM, PCIe and NVL apart. None on the CPU or an unknown card (then
-    `callbacks.throughput.peak_tflops` sets it).
-    """
-    if device.type != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    flops = get_available_flops(device, torch.bfloat16)
-    return flops / 1e12 if flops else None
-
-
-def flop_model(moss) -> dict:
-    """Counts for the FLOP model of a MossTTSD: compute parameters, layers and attention width."""
-    lm = moss.model.language_model
-    layer_params = sum(p.numel() for n, p in lm.named_parameters() if n.startswith("layers.") and "lora_" not in n)
-    head_params = sum(h.weight.numel() for h in moss.lm_heads)
-    cfg = lm.config
-    return {
-        "params": layer_params + head_params,
-        "layers": cfg.num_hidden_layers,
-        "d_attn": cfg.num_attention_heads * cfg.head_dim,
-    }
-
-
-def step_flops(counts: dict, rows: int, sum_sq_rows: int, lora: bool) -> float:
-    """Useful FLOPs of training on `rows` real rows whose samples' squared lengths sum to `sum_sq_rows`."""
-    per_row = (4 if lora else 6) * counts["params"]
-    return per_row * rows + 6 * counts["layers"] * counts["d_attn"] * sum_sq_rows
-
-
 class FrameThroughput(L.Callback):
     """Logs every `window` micro-batches.
 
     * `perf/real_frames_per_s` (this device, in the progress bar) and `perf/real_frames_per_s_total` (all ranks);
     * `perf/packing_efficiency`: real rows / computed rows (1.0 = no compute spent on padding);
     * `perf/samples_per_batch`: samples per micro-batch (per pack when packing one pack per batch);
-    * `perf/mfu` (when the device's peak is known or `peak_tflops` is given) and `perf/tflops_per_device`;
+    * `perf/mfu`, `perf/mfu_foundry`, `perf/hfu` (when the device's peak is known or `peak_tflops` is given)
+      and `perf/tflops_per_device` (ours);
     * `perf/peak_memory_gb`: peak allocated accelerator memory (peak RSS on CPU);
     * `data/skipped_<reason>`: samples skipped so far by this rank's readers (see the skip report).
 
@@ -101,10 +68,11 @@ class FrameThroughput(L.Callback):
         moss = unwrap(pl_module.model)
         self._flops = flop_model(moss)
         self._lora = any(not p.requires_grad for p in moss.model.language_model.layers.parameters())
+        self._recompute = bool(getattr(moss.model.language_model, "gradient_checkpointing", False))
         self._peak = self.peak_override or peak_tflops(pl_module.device)
 
-    def _step_flops(self, rows: int, sum_sq: int) -> float:
-        return step_flops(self._flops, rows, sum_sq, self._lora)
+    def _step_flops(self, rows: int, sum_sq: int, convention: str = "ours") -> float:
+        return step_flops(self._flops, rows, sum_sq, self._lora, convention, self._recompute)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         real = int(batch["real_rows"])
@@ -140,6 +108,11 @@ class FrameThroughput(L.Callback):
         pl_module.log("perf/real_frames_per_s", torch.tensor(rate), prog_bar=True, batch_size=1)
         if self._peak:
             pl_module.log("perf/mfu", torch.tensor(tflops / self._peak), prog_bar=True, batch_size=1)
+            others = {
+                f"perf/{name}": torch.tensor(self._step_flops(self._rows, self._sq, c) / elapsed / 1e12 / self._peak)
+                for name, c in (("mfu_foundry", "foundry"), ("hfu", "hfu"))
+            }
+            pl_module.log_dict(others, batch_size=1)
         if trainer.world_size > 1:
             local = torch.tensor(rate, dtype=torch.float32).to(pl_module.device, non_blocking=True)
             total = trainer.strategy.reduce(local, reduce_op="sum")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.training.callbacks import flop_model, peak_tflops
+from moss.training.flops import flop_model, peak_tflops
 from tests.conftest import REPO
 
 
@@ -17,7 +17,8 @@ def test_flop_model_of_the_real_architecture():
         model = MossTTSD(MossTTSDConfig.v05())
     counts = flop_model(model)
     # 28 layers (1,409,408,000 incl. norms) + heads 152697 x 2048 + 7 x 1025 x 2048
-    assert counts == {"params": 1_409_408_000 + 312_723_456 + 14_694_400, "layers": 28, "d_attn": 2048}
+    heads = 312_723_456 + 14_694_400
+    assert counts == {"params": 1_409_408_000 + heads, "head_params": heads, "layers": 28, "d_attn": 2048}
     assert peak_tflops(torch.device("cpu")) is None
 
 
