@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from moss.errors import ConfigError
+from moss.model.activation_checkpointing import checkpointing_policy
 from moss.model.loss import normalized_weights
 from moss.model.modeling import ATTN_IMPLEMENTATIONS
 from moss.training.launch import relaunched_rank
@@ -93,6 +94,10 @@ def _model_problems(cfg: DictConfig) -> list[str]:
     elif (path := _select(cfg, "model.path")) is not None and not (Path(str(path)) / "config.json").is_file():
         problems.append(f"model.path={path} has no config.json; point it at a MOSS-TTSD checkpoint folder")
 
+    try:
+        checkpointing_policy(_select(cfg, "model.gradient_checkpointing"))
+    except ValueError as err:
+        problems.append(f"{err}; use model.gradient_checkpointing=selective (or true, false)")
     attn = _select(cfg, "model.net.attn_implementation")
     if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
         problems.append(f"model.net.attn_implementation={attn} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}")

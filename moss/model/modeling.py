@@ -21,6 +21,7 @@ from transformers import Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen  # noqa: F401  (registers the varlen_sdpa attention with transformers)
+from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
 from moss.model.config import MossTTSDConfig
 from moss.model.loss import (
     DEFAULT_CHUNK_ROWS,
@@ -163,10 +164,14 @@ class MossTTSD(nn.Module):
         """Switch the attention implementation in place (e.g. varlen_sdpa for packed training, sdpa to generate)."""
         self.model.language_model.set_attn_implementation(check_attn_implementation(name))
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA)."""
+    def gradient_checkpointing_enable(self, policy: bool | str = "full") -> None:
+        """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA).
+
+        `policy`: `full` (or True) recomputes each layer's forward; `selective` keeps matmul and attention
+        outputs and recomputes only pointwise work (`moss.model.activation_checkpointing`).
+        """
         lm = self.model.language_model
-        kwargs = {"use_reentrant": False}
+        kwargs = checkpoint_kwargs(checkpointing_policy(policy) or "full")
         if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5.2x name
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

@@ -31,7 +31,7 @@ class MossTTSDLitModule(L.LightningModule):
         scheduler: factory `scheduler(optimizer, total_steps=...)`, stepped every optimiser step.
         peft: keyword arguments of `moss.model.lora.apply_lora`, or None for full fine-tuning.
         channel_weights: loss weight per channel, normalised to sum 1; None: the original's fine-tuning weights.
-        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        gradient_checkpointing: checkpointing of the decoder layers: false, true (= full) or selective.
         ce_chunk_rows: rows per logits chunk in the loss (None: `DEFAULT_CHUNK_ROWS`).
         path: the checkpoint folder `net` loads (recorded in the hyperparameters for provenance).
         adapter_only_checkpoints: with LoRA, Lightning checkpoints hold only the trainable weights (tens of MB
@@ -46,7 +46,7 @@ class MossTTSDLitModule(L.LightningModule):
         scheduler: Callable | None = None,
         peft: dict | None = None,
         channel_weights: Sequence[float] | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         ce_chunk_rows: int | None = None,
         path: str | None = None,
         adapter_only_checkpoints: bool = True,
@@ -75,7 +75,7 @@ class MossTTSDLitModule(L.LightningModule):
         # the optimiser and out of DDP's gradient buckets.
         model.model.language_model.embed_tokens.requires_grad_(False)
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(self.hparams.gradient_checkpointing)
         model = apply_lora(model, **self.hparams.peft) if self.hparams.peft else model
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel dimension
             model = shard_model(model, self.device_mesh["data_parallel"])
