@@ -29,7 +29,7 @@ import torch
 from moss.data.collate import PaddingCollator, model_inputs
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.model.lora import apply_lora
+from moss.model.lora import apply_lora, use_fused_lora
 from moss.model.loss import finetune_channel_weights, linear_cross_entropy
 from moss.training.flops import flop_model, peak_tflops, step_flops
 
@@ -37,6 +37,8 @@ from moss.training.flops import flop_model, peak_tflops, step_flops
 CONFIGS = {
     "packed varlen_sdpa ckpt=on": ("packed", "varlen_sdpa", True),
     "packed varlen_sdpa ckpt=off": ("packed", "varlen_sdpa", False),
+    "packed varlen_sdpa ckpt=selective": ("packed", "varlen_sdpa", "selective"),
+    "packed varlen_sdpa ckpt=off fused-lora": ("packed", "varlen_sdpa", False, True),
     "packed sdpa ckpt=on": ("packed", "sdpa", True),
     "packed flash_attention_2 ckpt=on": ("packed", "flash_attention_2", True),
     "padded bs1 sdpa ckpt=on": ("bs1", "sdpa", True),
@@ -81,11 +83,17 @@ def train_step(model, optimizer, batch: dict, device: torch.device) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_pass(model, batches: list[dict], attn: str, checkpointing: bool, warmup: int, device, flops) -> dict:
-    """One timed pass over `batches` after `warmup` untimed steps."""
+def train_pass(
+    model, batches: list[dict], attn: str, checkpointing, warmup: int, device, flops, fused_lora: bool = False
+) -> dict:
+    """One timed pass over `batches` after `warmup` untimed steps (checkpointing: False, True or "selective")."""
     moss = model.get_base_model()
     moss.set_attn_implementation(attn)
-    (moss.gradient_checkpointing_enable if checkpointing else moss.gradient_checkpointing_disable)()
+    use_fused_lora(model, fused_lora)
+    if checkpointing:
+        moss.gradient_checkpointing_enable(checkpointing)
+    else:
+        moss.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
     for batch in batches[:warmup]:
@@ -184,13 +192,15 @@ def main() -> None:
     examples = reference_examples(args.samples, config, np.random.default_rng(0), budget)
     data = layouts(examples, budget, config.pad_token_id or 0)
     results = {}
-    for name, (layout, attn, checkpointing) in CONFIGS.items():
+    for name, (layout, attn, checkpointing, *fused) in CONFIGS.items():
         if args.only and name not in args.only:
             continue
         if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             continue
         try:
-            results[name] = train_pass(model, data[layout], attn, checkpointing, args.warmup, device, flops)
+            results[name] = train_pass(
+                model, data[layout], attn, checkpointing, args.warmup, device, flops, fused_lora=bool(fused)
+            )
         except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. out of memory without checkpointing: report it
             results[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
         if device.type == "cuda":

@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--fused-lora", action="store_true", help="moss.model.lora.FusedLoraLinear")
+    parser.add_argument("--selective", action="store_true", help="selective checkpointing (with --ckpt)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -79,8 +81,8 @@ def main() -> None:
     base = base.to(torch.bfloat16 if cuda else torch.float32)
     base.model.language_model.embed_tokens.requires_grad_(False)
     if args.ckpt:
-        base.gradient_checkpointing_enable()
-    model = apply_lora(base, lora_dropout=args.lora_dropout)
+        base.gradient_checkpointing_enable("selective" if args.selective else "full")
+    model = apply_lora(base, lora_dropout=args.lora_dropout, fused=args.fused_lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     examples = reference_examples(24, config, np.random.default_rng(0), budget)
     packs = layouts(examples, budget, config.pad_token_id or 0)["packed"]
@@ -107,7 +109,8 @@ def main() -> None:
     result = {
         "attn": args.attn,
         "ms_per_step_by_category": groups,
-        "ckpt": args.ckpt,
+        "ckpt": ("selective" if args.selective else "full") if args.ckpt else False,
+        "fused_lora": args.fused_lora,
         "cudnn_varlen": bool(os.environ.get("MOSS_VARLEN_CUDNN")),  # see moss/model/varlen.py
         "step_s": wall,
         "ms_per_step": {e.key[:70]: getattr(e, sort) / 1e3 / args.steps for e in top},

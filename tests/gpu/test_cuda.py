@@ -6,6 +6,7 @@
   backward;
 * the fused loss (and Liger's, when installed) equals the float32 chunked reference;
 * one LoRA step with gradient checkpointing gives the gradients of the step without it;
+* the fused LoRA linear gives peft's loss and gradients under bf16 autocast;
 * generation with a KV cache equals full recomputation;
 * a real Lightning training run on CUDA makes at most 2 synchronising calls per optimiser step.
 """
@@ -236,3 +237,27 @@ def test_training_on_cuda_syncs_at_most_twice_per_step(tmp_path):
     assert len(steps) == 20
     assert total / len(steps) <= 2, {s: dict(c) for s, c in counter.per_step.items()}
     assert max(sum(c.values()) for c in counter.per_step.values()) <= 4
+
+
+def test_fused_lora_equals_peft_in_bf16_autocast_on_cuda():
+    """FusedLoraLinear on the GPU path (bf16 base, float32 adapters, autocast): peft's loss and gradients."""
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0, attn_implementation="sdpa").to(CUDA)
+        model = apply_lora(model.to(torch.bfloat16), r=8, lora_alpha=16, lora_dropout=0.0, fused=fused)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).to(p) * 0.1)
+        ids = torch.randint(0, 300, (2, 256, 8), generator=torch.Generator().manual_seed(3)).to(CUDA)
+        ids[..., 1:] %= 1024
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids.clone()).loss
+        loss.backward()
+        results.append((loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-2, atol=1e-2)
+    for name, grad in grads.items():
+        cos = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.995, name
