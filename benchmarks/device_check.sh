@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU check (H100/H200, about 7 minutes, at most 9): CUDA tests, then the real-size benchmarks, all output under $OUT.
+# The one GPU check (H100/H200, at most 8 minutes): CUDA tests, then the real-size benchmarks, all output under $OUT.
 #   bash benchmarks/fetch_wheels.sh            # here: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/device_check.sh            # there, in the checkout with .whl/ beside it
-# Writes $OUT/pytest_gpu.log, gpu_train.log, generation.log, codec.log, env.txt and RESULT.json (every
+# Writes $OUT/pytest_gpu.log, perf_ablation.log, gpu_train.log, generation.log, codec.log, env.txt and RESULT.json (every
 # benchmark's RESULT line, by name). Without CUDA it stops at once: the 2B-parameter runs never start on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,16 +36,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || status=1
 }
-step pytest_gpu 120 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
-step gpu_train 200 python3 benchmarks/gpu_train.py
-step generation 180 python3 benchmarks/generation.py --device cuda --sizes tiny real --seconds 30 300
+step pytest_gpu 100 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
+step perf_ablation 150 python3 benchmarks/perf_ablation.py --samples 24
+step gpu_train 120 python3 benchmarks/gpu_train.py --samples 24 --only "packed varlen_sdpa ckpt=off" \
+    "packed sdpa ckpt=on" "padded bs1 sdpa ckpt=on" "padded bs4 sdpa ckpt=on"
+step generation 60 python3 benchmarks/generation.py --device cuda --sizes tiny real --seconds 30
 step codec 40 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 16
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 results = {}
-for name in ("gpu_train", "generation", "codec"):
+for name in ("perf_ablation", "gpu_train", "generation", "codec"):
     log = out / f"{name}.log"
     lines = [l for l in log.read_text().splitlines() if l.startswith("RESULT ")] if log.exists() else []
     results[name] = json.loads(lines[-1][7:]) if lines else None

@@ -7,7 +7,7 @@ distribution (audio log-uniform 5-960 s at 12.5 frames/s + 60-400 text rows). Ev
     checkpointing on and off; sdpa over the same packs (dense block mask) for comparison;
   * the original layout: padded batches of 1 (the original's default) and of 4 (sdpa + padding mask).
 Then the cross-entropy implementations alone on one 16k-row channel-0 pack (fused / chunked / liger).
-Prints real frames/s, ratios to the padded baselines, MFU (FLOP model in moss/training/callbacks.py, peak
+Prints real frames/s, ratios to the padded baselines, MFU (FLOP model in moss/training/flops.py, peak
 from the device name or --peak-tflops) and peak memory per configuration, then one `RESULT {json}` line.
 About 2-3 minutes on one H100.
 
@@ -37,8 +37,6 @@ from moss.training.flops import flop_model, peak_tflops, step_flops
 CONFIGS = {
     "packed varlen_sdpa ckpt=on": ("packed", "varlen_sdpa", True),
     "packed varlen_sdpa ckpt=off": ("packed", "varlen_sdpa", False),
-    "packed varlen_sdpa ckpt=selective": ("packed", "varlen_sdpa", "selective"),
-    "packed varlen_sdpa ckpt=off fused-lora": ("packed", "varlen_sdpa", False, True),
     "packed sdpa ckpt=on": ("packed", "sdpa", True),
     "packed flash_attention_2 ckpt=on": ("packed", "flash_attention_2", True),
     "padded bs1 sdpa ckpt=on": ("bs1", "sdpa", True),
@@ -111,6 +109,8 @@ def train_pass(
     computed = sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] for b in batches)
     sum_sq = sum(int(b["sum_sq_rows"]) for b in batches)
     return {
+        "real_rows": real,
+        "sum_sq_rows": sum_sq,
         "real_frames_per_s": real / wall,
         "tflops": step_flops(flops, real, sum_sq, lora=True) / wall / 1e12,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,

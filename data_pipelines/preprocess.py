@@ -23,7 +23,6 @@ import logging
 import multiprocessing as mp
 import os
 import resource
-import signal
 import sys
 import time
 from collections import Counter
@@ -161,13 +160,7 @@ def shard_name(slot: int, index: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- workers
 def _init_loader() -> None:
-    """Audio loaders: one thread each, and deaf to the stop signals a scheduler sends the whole process group.
-
-    The main process stops the run; a loader killed by them would be reported as a failed record.
-    """
     torch.set_num_threads(1)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _load(args: tuple[Record, Limits]) -> Loaded | Skip:

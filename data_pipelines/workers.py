@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+from moss.worker_signals import deaf_to_group_stops
+
 log = logging.getLogger(__name__)
 PREFETCH = 2  # tasks sent ahead to each worker
 
@@ -32,17 +34,11 @@ class WorkerFailure:
     reason: str
 
 
-def _exit_with(parent: int) -> None:
-    """Watchdog thread of a worker: exit once the pipeline process is gone (even mid-task or mid-send)."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
 def _serve(conn, fn: Callable, initializer: Callable | None, parent: int) -> None:
-    # A forked worker holds inherited copies of the pipes' other ends, so a dead parent shows as no EOF
-    # and a send can block forever: only the parent's pid tells.
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    # A forked worker holds inherited copies of the pipes' other ends, so a dead parent shows as no EOF and a
+    # send can block forever: only the parent's pid tells, and `deaf_to_group_stops` watches it (and keeps the
+    # worker alive through a scheduler's SIGTERM to the whole group; the pool stops workers itself).
+    deaf_to_group_stops()
     if initializer is not None:
         initializer()
     while True:
@@ -103,8 +99,14 @@ class WorkerPool:
         self.capacity = capacity or 2 * workers
         self.workers = [_Worker(ctx, fn, initializer) for _ in range(workers)]
         self.replaced = 0
+        self._manager: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def close(self) -> None:
+        """Stop the manager (it would replace workers behind our back), then every worker."""
+        if self._manager is not None:
+            self._stop.set()
+            self._manager.join()
         for worker in self.workers:
             worker.stop(kill=bool(worker.tasks))
         self.workers = []
@@ -113,8 +115,10 @@ class WorkerPool:
         """(task index, result or WorkerFailure) for every task, in completion order."""
         out: queue.Queue = queue.Queue()
         room = threading.Semaphore(self.capacity)
-        stop = threading.Event()
-        manager = threading.Thread(target=self._manage, args=(list(tasks), out, room, stop), daemon=True)
+        stop = self._stop = threading.Event()
+        manager = self._manager = threading.Thread(
+            target=self._manage, args=(list(tasks), out, room, stop), daemon=True
+        )
         manager.start()
         try:
             for _ in range(len(tasks)):

@@ -16,6 +16,7 @@ from tests.conftest import REPO
 # Bottom to top: the model knows nothing of data, data nothing of training, training nothing of the CLI.
 LAYERS = (
     "moss.errors",
+    "moss.worker_signals",
     "moss.outputs",
     "moss.distributed",
     "moss.model",

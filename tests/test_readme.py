@@ -174,7 +174,7 @@ def test_every_documented_command_runs_as_written(tmp_path):
         # default speaks.
         expected = r"wrote 1 of 1 items" if "runs/tiny/export" in command else r"wrote \d of 2 items"
         assert re.search(expected, done.stdout), done.stdout
-    assert (work / "out" / "results.jsonl").is_file() and (work / "out" / "try" / "output_0000.wav").is_file()
+    assert (work / "out" / "results.jsonl").is_file() and (work / "try" / "output_0000.wav").is_file()
 
     # Data preparation: raw JSONL + audio -> shards, their statistics, the legacy import.
     ok(next(c for c in commands if c.startswith("python -m data_pipelines.preprocess")), "progress=false")
@@ -200,4 +200,4 @@ def test_every_documented_command_runs_as_written(tmp_path):
     not_run = {c for c in commands if any(c.startswith(prefix) for prefix in NOT_RUN)}
     assert set(commands) - not_run - set(ran) == set(), "documented but neither run nor skipped with a reason"
     assert snapshot(tmp_path / "user") == user  # nothing was written into the user's folders
-    assert sorted(p.name for p in work.iterdir()) == ["demo", "dialogues", "exported", "out", "pairs", "runs"]
+    assert sorted(p.name for p in work.iterdir()) == ["demo", "dialogues", "exported", "out", "pairs", "runs", "try"]

@@ -138,7 +138,10 @@ def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
     module = instantiate(cfg.model)  # the model config from model.path; weights load later, in configure_model
     assert module.hparams.channel_weights == [8, 2, 1, 1, 1, 1, 1, 1] and module.config.channels == 8
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.strategy.static_graph
-    assert cfg.model.net.dtype == "bfloat16" and cfg.model.gradient_checkpointing
+    # Checkpointing off: 16k-row packs fit an 80 GB H100 without it (65 GB), 1.37x faster; v0.7's 24k keep it.
+    assert cfg.model.net.dtype == "bfloat16" and cfg.model.gradient_checkpointing is False
+    v07 = compose_train(tmp_path, ["experiment=lora_v07", f"model.path={real_layout_checkpoint}"])
+    assert v07.model.gradient_checkpointing is True
 
 
 def test_validate_reports_every_problem_with_its_fix(tmp_path):

@@ -8,10 +8,6 @@ optimiser-step windows; validation: one exact pass.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,31 +24,18 @@ from moss.data.synthetic import write_synthetic_corpus
 from moss.distributed import rank_and_world
 from moss.model.config import MossTTSDConfig
 from moss.text.prompt import PromptBuilder
+from moss.worker_signals import deaf_to_group_stops
 
 log = logging.getLogger(__name__)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
 def ignore_interrupts(worker_id: int) -> None:
-    """Loader workers ignore the stop signals that reach the whole process group.
+    """Loader workers outlive the stop signals sent to the whole process group (`moss.worker_signals`).
 
-    A terminal sends Ctrl-C to every process of the job, and schedulers (SLURM, Kubernetes, `timeout`,
-    `kill -TERM -<pgid>`) send SIGTERM or SIGUSR1 the same way. A worker that died on one would fail the step
-    the trainer is about to checkpoint (the trainer handles them: training/preemption.py). A worker that
-    ignores them still ends with its loader, or, should the trainer die first, with it: PyTorch's workers
-    watch their parent, and a thread here ends a worker the parent left behind even mid-task.
+    A worker that died on Ctrl-C, SIGTERM or SIGUSR1 would fail the step the trainer is about to checkpoint (the
+    trainer handles them: training/preemption.py); they still end with their loader, or with the trainer.
     """
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
+    deaf_to_group_stops()
 
 
 class MossDataModule(L.LightningDataModule):

@@ -44,3 +44,13 @@ def test_gpu_benchmark_script_runs_on_the_tiny_model():
 def test_generation_benchmark_runs_on_the_tiny_model():
     result = run_benchmark("generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu")
     assert result["results"]["tiny 2 s"]["frames"] == 25  # 2 s at 12.5 frames/s, forced to keep speaking
+
+
+@pytest.mark.slow  # four tiny training passes (about 30 s)
+def test_perf_ablation_runs_every_stage_on_the_same_function():
+    result = run_benchmark("perf_ablation.py", "--tiny", "--samples", "6", "--warmup", "0")
+    stages = result["stages"]
+    assert list(stages) == ["baseline", "ckpt=selective", "ckpt=off", "ckpt=off fused"]
+    losses = {r["first_pack_loss"] for r in stages.values()}
+    assert max(losses) - min(losses) < 1e-5  # each speed-up computes the same loss from the same weights
+    assert all(abs(r["grad_norm_vs_baseline"] - 1) < 1e-4 and r["real_frames_per_s"] > 0 for r in stages.values())
