@@ -28,5 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_override_keys(Path(__file__).parent / "conf", "export", sys.argv)
+    sys.argv = check_override_keys(Path(__file__).parent / "conf", "export", sys.argv)
     main()

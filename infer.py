@@ -240,11 +240,11 @@ CHOICES = {
 }
 
 
-def check_arguments(cfg: DictConfig) -> OutputFolder | None:
+def check_arguments(cfg: DictConfig) -> OutputFolder:
     """Every problem of the command at once, each with its fix, before any model or codec is loaded.
 
-    Returns the output folder, checked (someone else's files, or an earlier run without `overwrite=true`, are
-    refused) and created.
+    Returns the output folder, checked: someone else's files, or an earlier run without `overwrite=true`, are
+    refused (it is created by the first file written).
     """
     problems = require(cfg, {"checkpoint": "runs/<name>/export", "output_dir": "out/"})
     folder = None
@@ -304,5 +304,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_values(sys.argv, ("text", "system_prompt"))  # text='[S1]...' works as the shell passes it
-    check_override_keys(Path(__file__).parent / "conf", "infer", sys.argv)
+    sys.argv = check_override_keys(Path(__file__).parent / "conf", "infer", sys.argv)
     main()

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 
-from moss.cli import check_override_keys, command, slot_additions_as_choices
+from moss.cli import check_override_keys, command
 from moss.config_checks import run_problems, validate, world_size
 from moss.data.dataset import expand_shards
 from moss.errors import ConfigError
@@ -150,13 +150,14 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
         # absolute: infer.py may run from another directory
         model.peft_config["default"].base_model_name_or_path = str(Path(module.hparams.path).resolve())
     sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
-    # Both folders are the run's own: a resumed run replaces its earlier export, each file atomically.
-    with OutputFolder(output_dir / "export", "export", overwrite=True).check().staged() as stage:
+    # Both folders are the run's own (its folder is locked): whatever they hold came from its earlier attempts,
+    # also before the record existed, so a resumed run replaces it, each file atomically.
+    with OutputFolder(output_dir / "export", "export", overwrite=True, patterns=("*",)).check().staged() as stage:
         export_hf(model, stage, tokenizer, layout=cfg.export.layout, sampling=sampling)
         OmegaConf.save(cfg, stage / "training_config.yaml", resolve=True)
     exported["export"], exported["adapter"] = output_dir / "export", None
     if isinstance(model, PeftModel):
-        with OutputFolder(output_dir / "adapter", "adapter", overwrite=True).check().staged() as stage:
+        with OutputFolder(output_dir / "adapter", "adapter", overwrite=True, patterns=("*",)).check().staged() as stage:
             save_adapter(model, stage)
         exported["adapter"] = output_dir / "adapter"
     return exported
@@ -286,6 +287,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = slot_additions_as_choices(Path(__file__).parent / "conf", "train", sys.argv)  # +experiment=x too
-    check_override_keys(Path(__file__).parent / "conf", "train", sys.argv)
+    sys.argv = check_override_keys(Path(__file__).parent / "conf", "train", sys.argv)
     main()

@@ -160,5 +160,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_override_keys(Path(__file__).parents[1] / "conf", "import_legacy", sys.argv)
+    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "import_legacy", sys.argv)
     main()

@@ -211,5 +211,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_override_keys(Path(__file__).parents[1] / "conf", "single_speaker", sys.argv)
+    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "single_speaker", sys.argv)
     main()

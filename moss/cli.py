@@ -132,11 +132,7 @@ def slot_additions_as_choices(config_dir: Path, config_name: str, argv: list[str
     the `+` form there ("Multiple values for experiment"); both mean the same choice, so both are accepted and
     compose the same config. `++` and additions of keys that are not slots are left as written.
     """
-    slots = {
-        str(key).removeprefix("optional ").split("/")[-1]
-        for entry in _defaults(config_dir, config_name)
-        for key in (entry if isinstance(entry, dict) else [entry])
-    }
+    slots = _slots(config_dir, config_name)
     out = list(argv[:1])
     for arg in argv[1:]:
         key = arg[1:].split("=", 1)[0] if arg.startswith("+") and not arg.startswith("++") and "=" in arg else None
@@ -144,23 +140,34 @@ def slot_additions_as_choices(config_dir: Path, config_name: str, argv: list[str
     return out
 
 
-def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> None:
-    """Refuse `key=value` overrides of keys the config does not have, naming the closest real key (exit 2).
+def _slots(config_dir: Path, config_name: str) -> set[str]:
+    """The groups the command's defaults list names (`experiment`, `debug`, `codec`, ...)."""
+    return {
+        str(key).removeprefix("optional ").split("/")[-1]
+        for entry in _defaults(config_dir, config_name)
+        for key in (entry if isinstance(entry, dict) else [entry])
+    }
 
-    Hydra refuses them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices
-    (`model=tiny`, `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra, except
-    `+experiment=NAME` for a slot the defaults list already has (Hydra: "Multiple values for experiment").
+
+def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> list[str]:
+    """The command line for Hydra: `+slot=NAME` as `slot=NAME`, and unknown keys refused (exit 2).
+
+    Refuses `key=value` overrides of keys the config does not have, naming the closest real key: Hydra refuses
+    them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices (`model=tiny`,
+    `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra. An `output_dir` that is
+    a file is refused here, before Hydra tries to make its run folder there.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    argv = slot_additions_as_choices(config_dir, config_name, argv)
     args = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
     groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
-        return  # a syntax error: Hydra's own message says where
+        return argv  # a syntax error: Hydra's own message says where
     folders = [
         problem
         for o in overrides
@@ -169,29 +176,16 @@ def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> 
     ]
     if folders:  # before Hydra, which would try to make its run (and log) folder there
         _usage_error("invalid output folder:", folders)
-    slots = {
-        str(key).removeprefix("optional ").split("/")[-1]
-        for entry in _defaults(config_dir, config_name)
-        for key in (entry if isinstance(entry, dict) else [entry])
-    }
-    doubled = [o.key_or_group for o in overrides if o.is_add() and o.key_or_group in slots]
-    if doubled:
-        _usage_error(
-            "invalid overrides:",
-            [
-                f"+{key}=... adds a second {key}; this command already has the slot {key}: write {key}=NAME"
-                for key in doubled
-            ],
-        )
     choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
     except HydraException:
-        return
+        return argv
     problems = _unknown_settings(cfg, overrides, groups)
     if problems:
         _usage_error("unknown settings:", problems)
+    return argv
 
 
 def _unknown_settings(cfg, overrides, groups: set[str]) -> list[str]:

@@ -31,7 +31,7 @@ def validate(cfg: DictConfig) -> None:
         *_model_problems(cfg),
         *_data_problems(cfg),
         *_trainer_problems(cfg),
-        *_run_problems(cfg),
+        *run_problems(cfg),
     ]
     if problems:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(problems))
@@ -227,7 +227,7 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _run_problems(cfg: DictConfig) -> list[str]:
+def run_problems(cfg: DictConfig) -> list[str]:
     """A resume target that does not exist, or a run directory that already holds another run."""
     source = _select(cfg, "export.from")
     if source not in (None, "best", "last"):
@@ -258,11 +258,6 @@ def name_problem(name) -> str | None:
             f"directory is paths.root/name: set name=my-run (and paths.root=/where/runs/go for another place)"
         )
     return None
-
-
-def run_problems(cfg: DictConfig) -> list[str]:
-    """`_run_problems`, for the re-check made once the run folder is locked (two runs started at once)."""
-    return _run_problems(cfg)
 
 
 def _free_name(cfg: DictConfig) -> str:

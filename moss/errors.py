@@ -6,5 +6,11 @@ as one message, not as a crash.
 """
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """`TypeName: first line of the message` (clipped), for one-line reports of a library's failure."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else ''}".rstrip(": ")
+
+
 class ConfigError(ValueError):
     """A setting (an override, a config.json, a path) that the user must change; the message names the fix."""

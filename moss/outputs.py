@@ -44,11 +44,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """`path` holds `text` (UTF-8), written atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
-
-
 def writable_folder_problem(path: Path, setting: str) -> str | None:
     """Why `path` cannot be an output folder (a file, or not writable), as a message naming `setting`."""
     if path.exists() and not path.is_dir():
@@ -118,15 +113,13 @@ class OutputFolder:
             return []
         return sorted(n for n in os.listdir(self.path) if n != RECORD and not n.startswith(STAGING))
 
-    def foreign(self) -> list[str]:
-        return [n for n in self.entries() if not self.own(n)]
-
     # -- the checks, before anything is written --------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every reason to refuse the folder, each with its fix (empty: it may be written)."""
         if problem := writable_folder_problem(self.path, self.setting):
             return [problem]
-        foreign, own = self.foreign(), [n for n in self.entries() if self.own(n)]
+        owned = {n: self.own(n) for n in self.entries()}
+        foreign, own = [n for n, mine in owned.items() if not mine], [n for n, mine in owned.items() if mine]
         if foreign and not self.overwrite:
             return [
                 f"{self.setting}={self.path} holds {len(foreign)} file(s) that {self.tool} did not write "
@@ -158,9 +151,9 @@ class OutputFolder:
         self.written.update(names)
 
     def _save_record(self, files: set[str]) -> None:
-        files = {f for f in files if f != RECORD}
+        text = json.dumps({"tool": self.tool, "files": sorted(f for f in files if f != RECORD)}, indent=0) + "\n"
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / RECORD, json.dumps({"tool": self.tool, "files": sorted(files)}, indent=0) + "\n")
+        atomic_write(self.path / RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def put(self, name: str, write: Callable[[Path], None]) -> Path:
         """Write one file `name` atomically through `write(tmp_path)`."""
@@ -174,17 +167,10 @@ class OutputFolder:
         """Raise before any work when one of the names the tool will write is a file of someone else's."""
         taken = [n for n in names if (self.path / n).exists() and not self.own(n)]
         if taken:
-            raise ConfigError(self._taken_message(taken))
-
-    def _taken_message(self, taken: list[str]) -> str:
-        return (
-            f"{self.setting}={self.path}: {self.tool} would replace {_listing(taken)}, which it did not write; "
-            f"move them away or choose a new folder (overwrite=true never replaces files of others)"
-        )
-
-    def record(self, names: Iterable[str]) -> None:
-        """Record files the tool writes itself (atomically, e.g. shards by tmp + rename) under these names."""
-        self._claim(list(names))
+            raise ConfigError(
+                f"{self.setting}={self.path}: {self.tool} would replace {_listing(taken)}, which it did not write; "
+                f"move them away or choose a new folder (overwrite=true never replaces files of others)"
+            )
 
     @contextlib.contextmanager
     def staged(self) -> Iterator[Path]:
@@ -213,7 +199,10 @@ class OutputFolder:
 
     def finish(self) -> None:
         """Remove the files of the earlier output that this run did not write again, and record what is left."""
+        root = self.path.resolve()
         for name in sorted(self._earlier - self.written):
+            if not (self.path / name).parent.resolve().is_relative_to(root):
+                continue  # reached through a link to elsewhere: not this folder's file
             with contextlib.suppress(OSError):
                 (self.path / name).unlink()
             parent = (self.path / name).parent

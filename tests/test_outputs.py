@@ -170,3 +170,16 @@ def test_a_locked_folder_refuses_a_second_writer_until_released(tmp_path):
         holder.kill()
         holder.wait()
     FolderLock(tmp_path, "preprocessing run").release()  # the kernel let go of the killed holder's lock
+
+
+def test_stale_names_reached_through_a_link_are_not_deleted(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "model.safetensors").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(outside)  # the user's link inside the folder
+    (out / RECORD).write_text('{"tool": "export", "files": ["link/model.safetensors"]}')
+    folder = OutputFolder(out, "export", overwrite=True).check()
+    write_output(folder, ["config.json"], "new")
+    assert (outside / "model.safetensors").read_text() == "keep" and (out / "link").is_symlink()

@@ -29,7 +29,7 @@ from moss.worker_signals import deaf_to_group_stops
 log = logging.getLogger(__name__)
 
 
-def ignore_interrupts(worker_id: int) -> None:
+def outlive_group_stops(worker_id: int) -> None:
     """Loader workers outlive the stop signals sent to the whole process group (`moss.worker_signals`).
 
     A worker that died on Ctrl-C, SIGTERM or SIGUSR1 would fail the step the trainer is about to checkpoint (the
@@ -179,7 +179,7 @@ class MossDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pin_memory,
-            worker_init_fn=ignore_interrupts,
+            worker_init_fn=outlive_group_stops,
         )
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches if trainer else 1
@@ -195,7 +195,11 @@ class MossDataModule(L.LightningDataModule):
         workers = min(self.num_workers, len(self.val_urls) // world)
         stream = self.stream(self.val_urls, train=False)
         loader = DataLoader(
-            stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory, worker_init_fn=ignore_interrupts
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self._pin_memory,
+            worker_init_fn=outlive_group_stops,
         )
         return EvenBatches(loader, stream.placeholder_batch)
 

@@ -53,8 +53,10 @@ def _checksum_ok(header: bytes) -> bool:
     except ValueError:
         return False
     unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-    signed = sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 8 * 32
-    return expected in (unsigned, signed)
+    if expected == unsigned:
+        return True
+    high = sum(1 for b in header[:148] + header[156:] if b > 127)  # some old writers summed signed bytes
+    return expected == unsigned - 256 * high
 
 
 def _pax(data: bytes) -> dict[bytes, bytes]:
@@ -84,9 +86,11 @@ class _Reader:
         self.deadline = time.monotonic() + deadline_s
         self.deadline_s = deadline_s
         try:
-            self.seekable = stream.seekable()
+            self.size = stream.seek(0, io.SEEK_END) if stream.seekable() else None  # for skips past the end
+            if self.size is not None:
+                stream.seek(0)
         except (AttributeError, OSError, ValueError):
-            self.seekable = False
+            self.size = None
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -112,11 +116,10 @@ class _Reader:
         return data
 
     def skip(self, size: int, what: str) -> None:
-        if self.seekable:
+        if self.size is not None:
             self._check_time()
-            end = self.stream.seek(0, io.SEEK_END)
-            if self.offset + size > end:
-                raise ShardError(f"{self.url}: truncated inside {what} (ends at byte {end})")
+            if self.offset + size > self.size:
+                raise ShardError(f"{self.url}: truncated inside {what} (ends at byte {self.size})")
             self.stream.seek(self.offset + size)
             self.offset += size
         else:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moss.errors import ConfigError
+from moss.errors import ConfigError, first_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -95,17 +95,10 @@ def _read(file: Path):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 - truncated, not a zip, or refused by weights_only: one message
-            raise ConfigError(
-                f"{file} is not a readable weights file ({type(err).__name__}: {_first_line(err)})"
-            ) from None
+            raise ConfigError(f"{file} is not a readable weights file ({first_line(err)})") from None
         if not isinstance(state, dict):
             raise ConfigError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
         yield from state.items()
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 def load_state_dict_into(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moss.errors import ConfigError
+from moss.errors import ConfigError, first_line
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, merged, unwrap
 
@@ -171,9 +171,7 @@ def read_run_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, empty, foreign or refused by weights_only: one message
-        lines = str(err).strip().splitlines()
-        reason = f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
-        raise ConfigError(f"{path} is not a readable run checkpoint ({reason})") from None
+        raise ConfigError(f"{path} is not a readable run checkpoint ({first_line(err)})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{path} holds a {type(state).__name__}, not a run checkpoint")
     return state
@@ -193,8 +191,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
             return "an empty file"
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure to load is the reason it is passed over
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0][:200] if lines else 'unreadable'}"
+        return first_line(err, 200)
     if not isinstance(state, dict) or "state_dict" not in state:
         return "not a Lightning checkpoint (no state_dict)"
     return None
