@@ -6,7 +6,13 @@ the reference length distribution, as benchmarks/gpu_train.py. Stages, each one 
   baseline          peft's LoRA layer, gradient checkpointing of whole layers (the recipe before this study)
   ckpt=selective    matmul and attention outputs kept, pointwise work recomputed
   ckpt=off          no checkpointing (lora_v05's default: fits 80 GB at 16k rows)
-  ckpt=off fused    + moss.model.lora.FusedLoraLinear (model.peft.fused=true)
+  +fused lora       + moss.model.lora.FusedLoraLinear (model.peft.fused=true)
+  +liger            + Liger's RMSNorm, RoPE and SwiGLU kernels (model.speedups.liger=true)
+  +static varlen    + max_seqlen = pack length, boundaries padded to 64 segments (model.speedups.static_varlen)
+  +compile          + torch.compile of every decoder layer (model.speedups.compile=true; its compilation
+                    happens in the warm-up steps)
+
+Grouped key/value heads reach the varlen kernel unrepeated in every stage (moss.model.varlen).
 
 Each stage prints real rows/s, MFU in our accounting and llm-foundry's, HFU, peak memory, the loss of the first
 pack and the norm of its LoRA gradient relative to the baseline (both computed from the same adapter weights,
@@ -29,25 +35,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/perf_ablation.py` from anywhere
 from benchmarks.gpu_train import layouts, reference_examples, train_pass  # noqa: E402
 from moss.data.collate import model_inputs  # noqa: E402
-from moss.model import MossTTSD, MossTTSDConfig  # noqa: E402
+from moss.model import MossTTSD, MossTTSDConfig, speedups  # noqa: E402
 from moss.model.lora import apply_lora, use_fused_lora  # noqa: E402
 from moss.model.loss import finetune_channel_weights  # noqa: E402
 from moss.training.flops import flop_model, peak_tflops, step_flops  # noqa: E402
 
-# name -> (gradient checkpointing, fused LoRA)
+# name -> (gradient checkpointing, fused LoRA, Liger, static varlen shapes, compiled layers); each adds one switch.
 STAGES = {
-    "baseline": ("full", False),
-    "ckpt=selective": ("selective", False),
-    "ckpt=off": (False, False),
-    "ckpt=off fused": (False, True),
+    "baseline": ("full", False, False, False, False),
+    "ckpt=selective": ("selective", False, False, False, False),
+    "ckpt=off": (False, False, False, False, False),
+    "+fused lora": (False, True, False, False, False),
+    "+liger": (False, True, True, False, False),
+    "+static varlen": (False, True, True, True, False),
+    "+compile": (False, True, True, True, True),
 }
+
+
+def switch(base: MossTTSD, liger: bool, static: bool, compiled: bool) -> None:
+    """Set the `moss.model.speedups` switches of `base` in place (compiled layers can be switched off again)."""
+    on_cuda = next(base.parameters()).is_cuda
+    if liger and on_cuda and (problem := speedups.liger_problem()):
+        raise RuntimeError(problem)  # off CUDA (--tiny on a CPU) the Liger classes run their eager fallback
+    speedups.use_liger(base, liger)
+    base.varlen_bucket = 64 if static or compiled else 0
+    for layer in speedups.decoder_layers(base):
+        layer._compiled_call_impl = None
+    if compiled:
+        speedups.compile_layers(base)
 
 
 def first_pack(model, batch: dict, device: torch.device) -> tuple[float, float]:
     """Loss and LoRA-gradient norm of one pack (dropout off: the same numbers for every stage's layer)."""
     model.eval()  # no dropout: the stages must see the same function
     model.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # Eager, so a compiled stage compiles only the training graphs it times.
+    with torch.compiler.set_stance("force_eager"), torch.autocast(device.type, torch.bfloat16, device.type == "cuda"):
         loss = model(**model_inputs(batch, device)).loss
     loss.backward()
     norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None))
@@ -85,20 +108,23 @@ def main() -> None:
     packs = layouts(reference_examples(args.samples, config, np.random.default_rng(0), budget), budget, 0)["packed"]
     results, reference = {}, None
     for name in args.stages:
-        checkpointing, fused = STAGES[name]
+        checkpointing, fused, liger, static, compiled = STAGES[name]
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in start_weights:
                     p.copy_(start_weights[n])
         use_fused_lora(model, fused)
         (base.gradient_checkpointing_enable(checkpointing) if checkpointing else base.gradient_checkpointing_disable())
-        loss, norm = first_pack(model, packs[0], device)
-        reference = reference or (loss, norm)
+        loss = norm = float("nan")
         try:
+            switch(base, liger, static, compiled)
+            loss, norm = first_pack(model, packs[0], device)
+            reference = reference or (loss, norm)
             timed = train_pass(model, packs, "varlen_sdpa", checkpointing, args.warmup, device, counts, fused)
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            timed = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
-        result = {"stage": name, "first_pack_loss": loss, "grad_norm_vs_baseline": norm / reference[1], **timed}
+        except Exception as err:  # noqa: BLE001 - a stage that fails (memory, a kernel, a compiler) is reported, not fatal
+            timed = {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"}
+        ratio = norm / reference[1] if reference else float("nan")
+        result = {"stage": name, "first_pack_loss": loss, "grad_norm_vs_baseline": ratio, **timed}
         if "error" not in timed:
             rows, sum_sq, wall = timed["real_rows"], timed["sum_sq_rows"], timed["wall_s"]
             for key, convention in (("mfu", "ours"), ("mfu_foundry", "foundry"), ("hfu", "hfu")):

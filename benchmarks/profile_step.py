@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/profile_step.py` from anywhere
 from benchmarks.gpu_train import layouts, reference_examples, train_step  # noqa: E402
-from moss.model import MossTTSD, MossTTSDConfig
+from moss.model import MossTTSD, MossTTSDConfig, speedups
 from moss.model.lora import apply_lora
 
 # Kernel (or, on the CPU, operator) names -> where the time goes; the first matching category wins.
@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--fused-lora", action="store_true", help="moss.model.lora.FusedLoraLinear")
     parser.add_argument("--selective", action="store_true", help="selective checkpointing (with --ckpt)")
+    parser.add_argument("--liger", action="store_true", help="model.speedups.liger (CUDA; eager fallback elsewhere)")
+    parser.add_argument("--static-varlen", action="store_true", help="model.speedups.static_varlen")
+    parser.add_argument("--compile", action="store_true", help="model.speedups.compile (compiled in the warm-up)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -82,6 +85,10 @@ def main() -> None:
     base.model.language_model.embed_tokens.requires_grad_(False)
     if args.ckpt:
         base.gradient_checkpointing_enable("selective" if args.selective else "full")
+    speedups.use_liger(base, args.liger)
+    base.varlen_bucket = 64 if args.static_varlen or args.compile else 0
+    if args.compile:
+        speedups.compile_layers(base)
     model = apply_lora(base, lora_dropout=args.lora_dropout, fused=args.fused_lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     examples = reference_examples(24, config, np.random.default_rng(0), budget)
@@ -111,6 +118,7 @@ def main() -> None:
         "ms_per_step_by_category": groups,
         "ckpt": ("selective" if args.selective else "full") if args.ckpt else False,
         "fused_lora": args.fused_lora,
+        "speedups": {"liger": args.liger, "static_varlen": bool(base.varlen_bucket), "compile": args.compile},
         "cudnn_varlen": bool(os.environ.get("MOSS_VARLEN_CUDNN")),  # see moss/model/varlen.py
         "step_s": wall,
         "ms_per_step": {e.key[:70]: getattr(e, sort) / 1e3 / args.steps for e in top},

@@ -18,6 +18,7 @@ from moss.errors import ConfigError
 from moss.model.activation_checkpointing import checkpointing_policy
 from moss.model.loss import normalized_weights
 from moss.model.modeling import ATTN_IMPLEMENTATIONS
+from moss.model.speedups import liger_problem
 from moss.training.launch import relaunched_rank
 
 # Folders of a run directory that only a run writes: their presence means the name is taken.
@@ -224,6 +225,8 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
         )
     if accelerator == "cpu" and precision.startswith("16"):
         problems.append(f"trainer.precision={precision} is not supported on CPU; use 32-true or bf16-mixed")
+    if _select(cfg, "model.speedups.liger") and (problem := liger_problem("cpu" if accelerator == "cpu" else "cuda")):
+        problems.append(f"{problem}; set model.speedups.liger=false")
     return problems
 
 

@@ -6,13 +6,14 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moss.config_checks import ConfigError, validate
-from moss.model import MossTTSD
+from moss.model import MossTTSD, speedups
 from moss.model.lora import unwrap
 from tests.conftest import REPO, compose_train, random_batch
 from train import train
@@ -257,3 +258,20 @@ def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path, capsys):
     assert result["exported"]["weights"].startswith("best.ckpt")
     with pytest.raises(ConfigError, match="export.from=newest is unknown"):
         validate(compose_train(tmp_path / "b", ["export.from=newest"]))
+
+
+@pytest.mark.slow  # inductor compiles the tiny layers on the CPU (about 30 s)
+def test_compiled_layers_train_to_the_same_losses(tmp_path):
+    steps = ["trainer.max_steps=12", "trainer.val_check_interval=6", "data.num_workers=0"]
+    steps.append("trainer.log_every_n_steps=1")
+    runs = {}
+    for compiled in (False, True):
+        cfg = compose_train(tmp_path / str(compiled), [*steps, f"model.speedups.compile={compiled}"])
+        result = train(cfg)
+        layers = speedups.decoder_layers(result["trainer"].lightning_module.model)
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        out = result["output_dir"]
+        runs[compiled] = (logged(out, "train/loss"), logged(out, "val/loss"))
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4)
+    np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-4)
+    assert len(runs[True][0]) == 12 and len(runs[True][1]) == 2

@@ -132,6 +132,9 @@ class MossTTSD(nn.Module):
         self.set_channel_weights(channel_weights if channel_weights is not None else [1.0] * config.channels)
         # The folder's generation_config.json as read (the original's sampling form); `moss.generation` parses it.
         self.generation_config: dict | None = None
+        # > 0: packed boundaries padded to a multiple of this many segments, max_seqlen = the pack length
+        # (`moss.model.speedups`: one attention signature for every pack).
+        self.varlen_bucket = 0
 
     # ------------------------------------------------------------------ structure
     def _init_embeddings(self) -> None:
@@ -274,7 +277,7 @@ class MossTTSD(nn.Module):
             if position_ids is None:
                 raise ValueError("packed batches need position_ids restarting at 0 for every sample")
             position_ids = position_ids.reshape(1, batch * length)
-            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, embeds.device))
+            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, length, embeds.device))
         return self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -284,11 +287,13 @@ class MossTTSD(nn.Module):
             **kwargs,
         )
 
-    def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, device: torch.device) -> dict:
+    def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, length: int, device) -> dict:
         """Segment boundaries as the attention implementation takes them, with no device-to-host read."""
         attn = self.attn_implementation
         if attn not in (varlen.NAME, "flash_attention_2"):
             return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
+        if self.varlen_bucket:  # no segment crosses a pack row, so the row length bounds every segment
+            cu_seqlens, max_seqlen = varlen.pad_boundaries(cu_seqlens, self.varlen_bucket), length
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync unless cu_seqlens is on the host
         cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)

@@ -8,7 +8,8 @@ flattened `[B * L]` rows, as the collator writes them) and attends causally with
 
 * on CUDA in bf16/fp16 (torch >= 2.10): one `torch.nn.attention.varlen.varlen_attn` call per layer over
   the whole pack (PyTorch's flash varlen kernel; see below for cuDNN);
-* elsewhere (CPU, float32, an older torch): causal SDPA per sample, from host-side boundaries.
+* elsewhere (CPU, float32, an older torch): causal SDPA per sample, from host-side boundaries; inside a
+  compiled layer (`moss.model.speedups`), one SDPA call with a block-diagonal mask from device boundaries.
 
 `MossTTSD.forward(..., cu_seqlens=, max_seqlen=)` turns the boundaries into the keyword arguments below once
 per forward pass (a device copy for the kernel, a host list for the loop), so no layer syncs the device.
@@ -37,13 +38,15 @@ if (
     and hasattr(_torch_varlen, "_should_use_cudnn")
     and not os.environ.get("MOSS_VARLEN_CUDNN")
 ):
-    # torch 2.10-2.14 send varlen_attn to cuDNN on Hopper when cuDNN >= 9.18; there it ran our packed LoRA step 9 %
-    # slower than the flash backend (1711 vs 1558 ms per profiled step, H100, torch 2.11). Forward and backward
-    # both read this choice (a private torch function), so it is made once, here. MOSS_VARLEN_CUDNN=1 keeps cuDNN.
+    # Some torch releases may route varlen_attn to cuDNN (torch 2.14: cuDNN >= 9.18 on Hopper/Blackwell, for calls
+    # that are neither causal nor grouped; torch 2.11 never does). Our calls stay on the flash backend, which
+    # plans nothing per shape and takes grouped key/value heads as they are. Forward and backward both read this
+    # choice (a private torch function), so it is made once, here. MOSS_VARLEN_CUDNN=1 leaves torch's choice.
     _torch_varlen._should_use_cudnn = lambda device_index: False
 
 NAME = "varlen_sdpa"
-# torch 2.10/2.11 take no `enable_gqa`: there, grouped key/value heads are repeated to the query heads.
+# torch >= 2.14 takes `enable_gqa`; torch 2.10-2.13 pass the heads to the flash kernel unchecked, and the flash
+# kernel (forward and backward) reads grouped key/value heads natively. Only a cuDNN backend needs them repeated.
 _NATIVE_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -98,6 +101,10 @@ def varlen_sdpa_attention(
             cu_seq_lens_q = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
             max_length_q = length
         return _varlen_kernel(query.to(dtype), key.to(dtype), value.to(dtype), cu_seq_lens_q, max_length_q, scaling)
+    if torch.compiler.is_compiling():
+        if cu_seq_lens_q is None:
+            cu_seq_lens_q = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
+        return _masked_sdpa(query, key, value, cu_seq_lens_q, dropout, scaling)
     if varlen_bounds is None:
         varlen_bounds = (
             cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else list(range(0, batch * length + 1, length))
@@ -115,12 +122,17 @@ def _varlen_kernel(query, key, value, cu_seqlens, max_seqlen, scaling) -> tuple[
     if kv_heads != heads:
         if _NATIVE_GQA:
             extra["enable_gqa"] = True
-        else:
+        elif _may_use_cudnn(query.device):
             k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
     out = varlen_attn(
         q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=scaling, window_size=(-1, 0), **extra
     )
     return out.reshape(batch, length, heads, dim), None
+
+
+def _may_use_cudnn(device: torch.device) -> bool:
+    choose = getattr(_torch_varlen, "_should_use_cudnn", None)
+    return choose is not None and bool(choose(device.index))
 
 
 def _per_sample_sdpa(query, key, value, bounds: list[int], dropout: float, scaling) -> tuple[torch.Tensor, None]:
@@ -144,6 +156,37 @@ def _per_sample_sdpa(query, key, value, bounds: list[int], dropout: float, scali
     ]
     out = torch.cat(pieces, dim=2).reshape(heads, batch, length, dim)
     return out.permute(1, 2, 0, 3).contiguous(), None
+
+
+def pad_boundaries(cu_seqlens: torch.Tensor, bucket: int) -> torch.Tensor:
+    """`cu_seqlens` with empty segments appended, up to a multiple of `bucket` segments (+1 offsets).
+
+    An empty segment (two equal offsets) holds no row: every attention implementation gives the same output.
+    """
+    segments = cu_seqlens.numel() - 1
+    padded = -(-max(segments, 1) // bucket) * bucket
+    if padded == segments:
+        return cu_seqlens
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(padded - segments)])
+
+
+def _masked_sdpa(query, key, value, cu_seqlens: torch.Tensor, dropout: float, scaling) -> tuple[torch.Tensor, None]:
+    """One SDPA call over all rows with a block-diagonal causal mask built from device boundaries.
+
+    Quadratic in the pack length, but shape-static: it is what a compiled layer runs off the varlen kernel
+    (the per-sample loop reads host boundaries, which a compiled graph would specialise on, pack by pack).
+    """
+    batch, heads, length, dim = query.shape
+    rows = torch.arange(batch * length, device=query.device, dtype=cu_seqlens.dtype)
+    segment = torch.searchsorted(cu_seqlens[1:].contiguous(), rows, right=True)
+    mask = (segment[:, None] == segment[None, :]) & (rows[:, None] >= rows[None, :])
+    q = query.transpose(0, 1).reshape(1, heads, batch * length, dim)
+    k = key.transpose(0, 1).reshape(1, key.shape[1], batch * length, dim)
+    v = value.transpose(0, 1).reshape(1, value.shape[1], batch * length, dim)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
+    )
+    return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
 
 AttentionInterface.register(NAME, varlen_sdpa_attention)

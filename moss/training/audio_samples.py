@@ -99,7 +99,9 @@ class AudioSamples(L.Callback):
                 pl_module.log(f"samples/{key}_{item.index}", torch.tensor(value), batch_size=1)
 
         try:
-            synth.synthesize(self.items, write)
+            # Decoder layers compiled for training (model.speedups.compile) generate eagerly: no recompiles per step.
+            with torch.compiler.set_stance("force_eager"):
+                synth.synthesize(self.items, write)
         finally:
             model.set_attn_implementation(attention)
             model.train(was_training)

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.data.collate import HOST_KEYS, model_inputs
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.model.lora import apply_lora
-from moss.model.loss import DEFAULT_CHUNK_ROWS, finetune_channel_weights, normalized_weights
+from moss.model.loss import finetune_channel_weights, normalized_weights
 from moss.training import run_checkpoint as ckpt
+from moss.training.model_setup import training_model
 from moss.training.objective import SetLoss, StepLoss, host_metrics, is_log_step
 from moss.training.sharding import is_sharded, shard_model
 
@@ -32,6 +32,7 @@ class MossTTSDLitModule(L.LightningModule):
         peft: keyword arguments of `moss.model.lora.apply_lora`, or None for full fine-tuning.
         channel_weights: loss weight per channel, normalised to sum 1; None: the original's fine-tuning weights.
         gradient_checkpointing: checkpointing of the decoder layers: false, true (= full) or selective.
+        speedups: switches of `moss.model.speedups.apply_speedups` (liger, compile, static_varlen, varlen_bucket).
         ce_chunk_rows: rows per logits chunk in the loss (None: `DEFAULT_CHUNK_ROWS`).
         path: the checkpoint folder `net` loads (recorded in the hyperparameters for provenance).
         adapter_only_checkpoints: with LoRA, Lightning checkpoints hold only the trainable weights (tens of MB
@@ -47,13 +48,16 @@ class MossTTSDLitModule(L.LightningModule):
         peft: dict | None = None,
         channel_weights: Sequence[float] | None = None,
         gradient_checkpointing: bool | str = False,
+        speedups: dict | None = None,
         ce_chunk_rows: int | None = None,
         path: str | None = None,
         adapter_only_checkpoints: bool = True,
     ):
         super().__init__()
         # Plain containers only: Lightning checkpoints are read back with torch.load(weights_only=True).
-        peft = OmegaConf.to_container(peft, resolve=True) if isinstance(peft, DictConfig) else peft
+        peft, speedups = (
+            OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c for c in (peft, speedups)
+        )
         if channel_weights is None:
             channel_weights = finetune_channel_weights(config.channels)
         channel_weights = [float(w) for w in channel_weights]
@@ -68,15 +72,8 @@ class MossTTSDLitModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = self.net_factory(config=self.config)
-        model.set_channel_weights(self.hparams.channel_weights)
-        model.ce_chunk_rows = self.hparams.ce_chunk_rows or DEFAULT_CHUNK_ROWS
-        # The Qwen3 token table is never used (inputs arrive as summed channel embeddings): keep it out of
-        # the optimiser and out of DDP's gradient buckets.
-        model.model.language_model.embed_tokens.requires_grad_(False)
-        if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(self.hparams.gradient_checkpointing)
-        model = apply_lora(model, **self.hparams.peft) if self.hparams.peft else model
+        device = self._trainer.strategy.root_device if self._trainer else self.device
+        model = training_model(self.net_factory(config=self.config), self.hparams, device.type)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel dimension
             model = shard_model(model, self.device_mesh["data_parallel"])
         self.model = model

@@ -2,8 +2,10 @@
 
 * packed per-sample logits equal each sample alone, in bf16, with varlen_sdpa (one varlen kernel call per
   layer), sdpa and flex_attention;
-* the varlen kernel (grouped key/value heads included) equals causal SDPA per sample in float32, forward and
-  backward;
+* the varlen kernel (grouped key/value heads passed unrepeated; static shapes too) equals causal SDPA per
+  sample in float32, forward and backward;
+* Liger's RMSNorm/RoPE/SwiGLU give the eager logits and LoRA gradients; compiled decoder layers (varlen
+  kernel inside) give the eager loss with one compilation over five packs;
 * the fused loss (and Liger's, when installed) equals the float32 chunked reference;
 * one LoRA step with gradient checkpointing gives the gradients of the step without it;
 * the fused LoRA linear gives peft's loss and gradients under bf16 autocast;
@@ -25,7 +27,7 @@ import torch
 from moss.data.collate import model_inputs
 from moss.data.packing import collate_packs
 from moss.generation import GenerationConfig, generate
-from moss.model import MossTTSD, MossTTSDConfig
+from moss.model import MossTTSD, MossTTSDConfig, speedups, varlen
 from moss.model.lora import apply_lora
 from moss.model.loss import channel_cross_entropy
 from moss.model.varlen import _per_sample_sdpa, _varlen_kernel, uses_varlen_kernel
@@ -85,7 +87,17 @@ def test_packed_logits_equal_each_sample_alone_in_bf16(config, attn):
     assert agree / total >= (0.995 if attn == "flex_attention" else 0.999), f"argmax agreement {agree}/{total}"
 
 
-def test_varlen_kernel_equals_per_sample_sdpa_forward_and_backward():
+@pytest.mark.parametrize("static", [False, True])
+def test_varlen_kernel_equals_per_sample_sdpa_forward_and_backward(monkeypatch, static):
+    """Grouped heads go in unrepeated; static shapes (max_seqlen = all rows, padded boundaries) change nothing."""
+    heads_seen = []
+
+    def spy(q, k, *args, **kwargs):
+        heads_seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, *args, **kwargs)
+
+    real = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", spy)
     g = torch.Generator(device=CUDA).manual_seed(0)
     bounds = [0, *np.cumsum(LENGTHS).tolist()]
     rows = bounds[-1]
@@ -96,8 +108,10 @@ def test_varlen_kernel_equals_per_sample_sdpa_forward_and_backward():
     leaves16 = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
     leaves32 = [t.clone().requires_grad_() for t in (q, k, v)]
     cu = torch.tensor(bounds, dtype=torch.int32, device=CUDA)
-    fast, _ = _varlen_kernel(*leaves16, cu, max(LENGTHS), None)
+    cu, longest = (varlen.pad_boundaries(cu, 64), rows) if static else (cu, max(LENGTHS))
+    fast, _ = _varlen_kernel(*leaves16, cu, longest, None)
     exact, _ = _per_sample_sdpa(*leaves32, bounds, 0.0, None)
+    assert heads_seen == [(8, 2)]  # no repeat_interleave of the key/value heads
     torch.testing.assert_close(fast.float(), exact, atol=2e-2, rtol=2e-2)
     fast.backward(grad_out.to(torch.bfloat16))
     exact.backward(grad_out)
@@ -261,3 +275,65 @@ def test_fused_lora_equals_peft_in_bf16_autocast_on_cuda():
     for name, grad in grads.items():
         cos = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
         assert cos > 0.995, name
+
+
+def lora_pack_step(config, liger: bool = False, compile_backend=None, seeds=(0,)) -> tuple[list[float], dict]:
+    """Packed bf16 LoRA steps (varlen kernel) with the speed-ups chosen; losses and the LoRA gradients."""
+    torch.manual_seed(0)
+    model = MossTTSD.from_config(config, seed=0, attn_implementation="varlen_sdpa").to(CUDA, torch.bfloat16)
+    if liger:
+        speedups.use_liger(model)
+    if compile_backend is not None:
+        model.varlen_bucket = 16
+        speedups.compile_layers(model, backend=compile_backend)
+    model = apply_lora(model, r=8, lora_alpha=16, lora_dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).to(p) * 0.05)
+    losses = []
+    for seed in seeds:
+        lengths = np.random.default_rng(seed).integers(20, 400, 5).tolist()
+        batch = collate_packs([examples(config, lengths, seed)], 2048, text_pad_id=368)
+        loss = model(**model_inputs(batch, CUDA)).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    return losses, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.skipif(NO_LIGER, reason="liger-kernel not installed")
+def test_liger_kernels_give_the_eager_loss_and_lora_gradients(config):
+    try:
+        (eager,), eager_grads = lora_pack_step(config)
+        (fused,), fused_grads = lora_pack_step(config, liger=True)
+    finally:
+        speedups.use_liger(torch.nn.Module(), on=False)  # RoPE's switch is process-wide
+    assert abs(fused - eager) < 1e-2 * abs(eager)
+    assert fused_grads.keys() == eager_grads.keys() and eager_grads
+    for name, grad in eager_grads.items():
+        cos = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))  # an in-place RMSNorm backward would corrupt the residual gradient
+
+
+@pytest.mark.parametrize("liger", [False, pytest.param(True, marks=pytest.mark.skipif(NO_LIGER, reason="no liger"))])
+def test_compiled_layers_give_the_eager_loss_with_one_compilation(config, liger):
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def counting(graph, inputs):
+        graphs.append(graph)
+        return aot_eager(graph, inputs)
+
+    torch._dynamo.reset()
+    seeds = (0, 1, 2, 3, 4)
+    try:
+        eager, eager_grads = lora_pack_step(config, liger=liger, seeds=seeds)
+        compiled, compiled_grads = lora_pack_step(config, liger=liger, compile_backend=counting, seeds=seeds)
+    finally:
+        speedups.use_liger(torch.nn.Module(), on=False)
+    assert len(graphs) == 2, len(graphs)  # layer 0 (input needs no gradient) and layer 1; none per pack
+    np.testing.assert_allclose(compiled, eager, rtol=1e-2)
+    for name, grad in eager_grads.items():
+        cos = torch.nn.functional.cosine_similarity(compiled_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
