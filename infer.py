@@ -54,7 +54,16 @@ def infer(cfg: DictConfig) -> list[Result]:
     )
     log.info("generation: %s", generation)
     synth = Synthesizer(
-        model, tokenizer, codec, generation, normalizer(cfg.normalize), cfg.system_prompt, cfg.batch_size, cfg.decode
+        model,
+        tokenizer,
+        codec,
+        generation,
+        normalizer(cfg.normalize),
+        cfg.system_prompt,
+        cfg.batch_size,
+        cfg.decode,
+        cfg.engine,
+        cfg.check_every,
     )
     items = _within_limits(items, results, synth, cfg.max_rows or model.config.backbone.get("max_position_embeddings"))
     writer = AudioWriter(folder, cfg.format, cfg.subtype, codec.output_sample_rate, cfg.normalize)

@@ -1,17 +1,22 @@
-"""Generation speed: frames/s and real-time factor for 30 s and 300 s of speech, tiny and real-size models.
+"""Generation speed per decoding engine and batch size: frames/s and real-time factor, tiny and real-size models.
 
 Random weights would end speech at once, so channel 0 is kept inside the speech range (a wrapper masks the
 other logits) until the requested number of frames is generated: each step then costs exactly what a real
-one does (one row of 8 channels, 12.5 frames per second of audio). Greedy decoding, KV cache, batch 1 after
-a 200-row text prompt. The real-time factor is wall time / audio time (below 1 is faster than real time).
+one does (one row of 8 channels, 12.5 frames per second of audio). Greedy decoding after a 200-row text
+prompt, with each engine of `moss.generation` (dynamic: transformers' growing cache; static: preallocated
+cache read by bucket; graph: static with CUDA graphs, CUDA only) at each batch size. Every measurement follows
+a warm-up of the same engine and shapes (for graph: the capture of every bucket it reads), as a service
+generating batch after batch sees it. Frames/s count all sequences of the batch; the real-time factor is wall
+time / audio time of one sequence (below 1 is faster than real time). Each case prints a `RESULT` line.
 
-Usage: python benchmarks/generation.py [--device cpu|cuda] [--sizes tiny real] [--seconds 30 300] [--dtype ...]
-Prints a table and a final `RESULT {json}` line.
+Usage: python benchmarks/generation.py [--device cpu|cuda] [--sizes tiny real] [--seconds 30] [--batch 1 32]
+    [--engines dynamic static graph] [--dtype ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from moss.audio import FRAME_RATE
-from moss.generation import GenerationConfig, generate
+from moss.generation import ENGINES, GenerationConfig, generate
 from moss.model import MossTTSD, MossTTSDConfig
 
 
@@ -28,8 +33,12 @@ class SpeechOnly(nn.Module):
 
     def __init__(self, model: MossTTSD):
         super().__init__()
-        self.inner, self.config, self.model = model, model.config, model.model
+        self.inner, self.config, self.model, self.lm_heads = model, model.config, model.model, model.lm_heads
         self.lo, self.hi = model.config.speech_token_range
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.inner.attn_implementation
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
@@ -40,12 +49,14 @@ class SpeechOnly(nn.Module):
         return out
 
 
-def measure(model: SpeechOnly, seconds: float, device: torch.device, prompt_rows: int = 200) -> dict:
+def measure(
+    model: SpeechOnly, seconds: float, device: torch.device, engine="dynamic", batch=1, prompt_rows: int = 200
+) -> dict:
     config = model.config
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, config.speech_token_range[0], (prompt_rows + config.channels - 1,), generator=g)
-    ids = torch.full((1, prompt_rows + config.channels - 1, config.channels), config.speech_pad_token)
-    ids[0, :, 0] = text
+    ids = torch.full((batch, prompt_rows + config.channels - 1, config.channels), config.speech_pad_token)
+    ids[:, :, 0] = text
     mask = torch.ones(ids.shape[:2], dtype=torch.long)
     frames = int(seconds * FRAME_RATE)
     settings = GenerationConfig(max_new_tokens=frames - config.channels + 1)
@@ -53,15 +64,17 @@ def measure(model: SpeechOnly, seconds: float, device: torch.device, prompt_rows
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    out = generate(model, ids, mask, settings)
+    out = generate(model, ids, mask, settings, engine=engine, check_every=16)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     generated = out.sequences.shape[1] - out.prompt_rows
     return {
-        "frames": generated,
+        "engine": engine,
+        "batch": batch,
+        "frames": generated * batch,
         "wall_s": wall,
-        "frames_per_s": generated / wall,
+        "frames_per_s": generated * batch / wall,
         "rtf": wall / (generated / FRAME_RATE),
     }
 
@@ -70,19 +83,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "real"], choices=["tiny", "real"])
-    parser.add_argument("--seconds", nargs="+", type=float, default=[30.0, 300.0])
+    parser.add_argument("--seconds", nargs="+", type=float, default=[30.0])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--engines", nargs="+", default=None, choices=ENGINES, help="default: all this device runs")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--profile", action="store_true", help="print the Python functions of a 5 s run by time")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    engines = args.engines or [e for e in ENGINES if e != "graph" or device.type == "cuda"]
     results = {}
     for size in args.sizes:
         config = MossTTSDConfig.tiny() if size == "tiny" else MossTTSDConfig.v05()
         with torch.device(device):
             model = MossTTSD(config, attn_implementation="sdpa").to(dtype).eval()
         wrapped = SpeechOnly(model)
-        measure(wrapped, 1.0, device)  # warm-up: kernels, allocator
         if args.profile:
             import cProfile
             import pstats
@@ -90,16 +105,29 @@ def main() -> None:
             with cProfile.Profile() as profiler:
                 measure(wrapped, 5.0, device)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-        for seconds in args.seconds:
-            key = f"{size} {seconds:g} s"
-            results[key] = measure(wrapped, seconds, device)
-            print(f"{key}: {results[key]}", flush=True)
+        for seconds, batch, engine in itertools.product(args.seconds, args.batch, engines):
+            key = f"{size} {seconds:g} s b{batch} {engine}"
+            try:
+                measure(wrapped, seconds, device, engine, batch)  # warm-up: kernels, allocator, graph captures
+                results[key] = measure(wrapped, seconds, device, engine, batch)
+            except torch.OutOfMemoryError as err:
+                results[key] = {"engine": engine, "batch": batch, "error": str(err).splitlines()[0][:160]}
+            if "error" not in results[key] and f"{size} {seconds:g} s b{batch} dynamic" in results:
+                base = results[f"{size} {seconds:g} s b{batch} dynamic"]["frames_per_s"]
+                results[key]["vs_dynamic"] = results[key]["frames_per_s"] / base
+            print("RESULT " + json.dumps({key: results[key]}), flush=True)
+        model.__dict__.pop("_static_decoder", None)
+        wrapped.__dict__.pop("_static_decoder", None)
         del model, wrapped
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\nMOSS-TTSD generation, greedy, KV cache, batch 1, {name}, {str(dtype).replace('torch.', '')}")
-    print(f"{'model / speech':<18}{'frames':>8}{'wall s':>9}{'frames/s':>10}{'RTF':>8}")
+    print(f"\nMOSS-TTSD generation, greedy, {name}, {str(dtype).replace('torch.', '')}")
+    print(f"{'model / speech / batch / engine':<32}{'frames':>8}{'wall s':>9}{'frames/s':>10}{'RTF':>8}{'vs dyn':>8}")
     for key, r in results.items():
-        print(f"{key:<18}{r['frames']:>8}{r['wall_s']:>9.1f}{r['frames_per_s']:>10.1f}{r['rtf']:>8.3f}")
+        if "error" in r:
+            print(f"{key:<32} {r['error']}")
+            continue
+        ratio = f"{r['vs_dynamic']:.2f}x" if "vs_dynamic" in r else ""
+        print(f"{key:<32}{r['frames']:>8}{r['wall_s']:>9.2f}{r['frames_per_s']:>10.1f}{r['rtf']:>8.3f}{ratio:>8}")
     print("\nRESULT " + json.dumps({"device": name, "dtype": str(dtype), "results": results}))
 
 

@@ -28,7 +28,7 @@ import torch
 from moss.audio import FRAME_RATE, SAMPLE_RATE, AudioLimits, read_audio
 from moss.codec.prompt_decode import decode_with_prompt
 from moss.errors import ConfigError
-from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate
+from moss.generation import ENGINES, GenerationConfig, StreamingDecoder, frames_of, generate
 from moss.model.delay import apply_delay_pattern
 from moss.text.prompt import PromptBuilder
 
@@ -173,9 +173,13 @@ class Synthesizer:
         system_prompt: str | None = None,
         batch_size: int = 4,
         decode: str = "windows",
+        engine: str = "auto",
+        check_every: int = 16,
     ):
         if decode not in DECODERS:
             raise ConfigError(f"decode={decode} is unknown; use one of {DECODERS}")
+        if engine not in ("auto", *ENGINES):
+            raise ConfigError(f"engine={engine} is unknown; use auto or one of {ENGINES}")
         self.model, self.codec, self.generation, self.batch_size = model.eval(), codec, generation, batch_size
         self.decode = decode
         kwargs = {} if system_prompt is None else {"system_prompt": system_prompt}
@@ -190,6 +194,9 @@ class Synthesizer:
         )
         self.text_pad_id = tokenizer.pad_token_id
         self.device = next(model.parameters()).device
+        # auto: CUDA graphs on a GPU (launch-bound at small batches), the plain growing cache elsewhere.
+        self.engine = ("graph" if self.device.type == "cuda" else "dynamic") if engine == "auto" else engine
+        self.decoding = {"engine": self.engine, "check_every": check_every}
 
     def prompt_rows(self, item: Item) -> int:
         """Rows of the item's prompt (template, text tokens, prompt audio frames), without encoding its audio."""
@@ -233,7 +240,7 @@ class Synthesizer:
         for start in range(0, len(items), self.batch_size):
             group = items[start : start + self.batch_size]
             ids, mask = batch_prompts(self.grids(group), self.text_pad_id, self.model.config.speech_pad_token)
-            out = generate(self.model, ids.to(self.device), mask.to(self.device), self.generation)
+            out = generate(self.model, ids.to(self.device), mask.to(self.device), self.generation, **self.decoding)
             codes = frames_of(out, self.model.config.speech_offset, self.model.config.speech_pad_token)
             results += [write(item, wave) for item, wave in zip(group, self._decode(group, codes), strict=True)]
         return results
@@ -275,6 +282,7 @@ class Synthesizer:
             mask.to(self.device),
             self.generation,
             on_row=lambda row: decoder.push(row[0].cpu()),
+            engine=self.engine,
         )
         decoder.finish()
         return first[0] if first else None

@@ -4,6 +4,7 @@ batched or one by one, and streams the same audio as it decodes at the end."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -81,3 +82,66 @@ def test_streaming_decode_equals_decoding_at_the_end():
     assert first_chunks >= 1  # audio was produced before generation ended
     (whole,) = codec.decode([frames])
     torch.testing.assert_close(torch.cat(chunks), whole, atol=0, rtol=0)
+
+
+@requires_golden
+def test_static_cache_generation_still_matches_the_original(golden):
+    model = MossTTSD.from_pretrained(golden / "backbone" / "model", attn_implementation="eager").eval()
+    g = load_file(golden / "backbone" / "generate.safetensors")
+    config = GenerationConfig.from_dict(
+        json.loads((golden / "backbone" / "model" / "generation_config.json").read_text())
+    )
+    ids, mask = g["prompt_input_ids"], g["prompt_attention_mask"].long()
+    out = generate(model, ids, mask, config, output_logits=True, engine="static", bucket=4, check_every=3)
+    assert torch.equal(out.sequences, g["sequences"]) and model.attn_implementation == "eager"  # restored
+    for c in range(8):
+        logits = torch.stack([step[c] for step in out.logits], 1)
+        assert torch.equal(logits.argmax(-1), g[f"step_ch{c}_argmax"])
+        torch.testing.assert_close(torch.logsumexp(logits, -1), g[f"step_ch{c}_logsumexp"], atol=1e-4, rtol=0)
+
+
+def test_static_cache_equals_the_dynamic_cache_token_for_token(tiny_tokenizer):
+    """Greedy and seeded sampling, four left-padded items ending at different steps, across bucket boundaries."""
+    model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=3, attn_implementation="sdpa").eval()
+    ids, mask = tiny_prompts(tiny_tokenizer, (0, 5, 2, 9))
+    configs = [GenerationConfig(max_new_tokens=30)]
+    configs += [sampling_config({"do_sample": True, "temperature": 1.3}, 40, seed=s) for s in (1, 3)]
+    for config in configs:
+        dynamic = generate(model, ids, mask, config, output_logits=True)
+        prompt_rows = dynamic.prompt_rows
+        assert dynamic.sequences.shape[1] - prompt_rows > 8  # more rows than a bucket: several buckets are read
+        for check_every in (1, 5):
+            static = generate(
+                model, ids, mask, config, output_logits=True, engine="static", bucket=8, check_every=check_every
+            )
+            assert torch.equal(static.sequences, dynamic.sequences)
+            assert len(static.logits) == len(dynamic.logits)
+            torch.testing.assert_close(static.logits[-1][3], dynamic.logits[-1][3], atol=1e-5, rtol=1e-5)
+    ends = [int(r.eq(model.config.speech_eos_token).nonzero()[0]) for r in static.sequences[:, prompt_rows:, 0]]
+    assert len(set(ends)) > 1, ends  # the items finished at different steps
+
+
+def test_audio_channels_are_drawn_in_one_call_with_the_draws_of_one_call_each():
+    from moss.generation import _Sampler
+
+    config = sampling_config(
+        {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2}, 5, 11
+    )
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(3, 600 if c == 0 else 1025, generator=g) for c in range(8)]
+    history = torch.randint(0, 600, (3, 12, 8), generator=g)
+    sampler = _Sampler(config, torch.device("cpu"))
+    batched = sampler(history, [x.clone() for x in logits])
+    assert [members for members, _, _ in sampler.groups] == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    reference, picks = torch.Generator().manual_seed(11), []
+    for c in range(8):  # the reference: each channel's processors and draw on its own, in channel order
+        scores = config.channels[c].processors()(history[..., c], logits[c].clone())
+        picks.append(torch.multinomial(torch.softmax(scores, -1), 1, generator=reference).squeeze(1))
+    assert torch.equal(batched, torch.stack(picks, -1))
+
+
+def test_graph_engine_needs_cuda(tiny_tokenizer):
+    model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=3).eval()
+    ids, mask = tiny_prompts(tiny_tokenizer, (2,))
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        generate(model, ids, mask, GenerationConfig(max_new_tokens=2), engine="graph")

@@ -201,6 +201,7 @@ class MossTTSD(nn.Module):
         output_hidden_states: bool = False,
         use_cache: bool = False,
         cache=None,
+        static_kv=None,
     ) -> MossTTSDOutput:
         """Run the model.
 
@@ -223,12 +224,22 @@ class MossTTSD(nn.Module):
             output_hidden_states: return per-layer hidden states.
             use_cache: keep a KV cache (generation only; packed training must not use one).
             cache: a previous KV cache.
+            static_kv: a `moss.model.static_kv.StaticKV` (with the `static_kv` attention implementation): the
+                preallocated cache of `moss.generation`'s static and CUDA-graph decoding.
         """
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         batch, length = input_ids.shape[:2]
         out = self._backbone(
-            input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, use_cache, cache, output_hidden_states
+            input_ids,
+            attention_mask,
+            position_ids,
+            cu_seqlens,
+            max_seqlen,
+            use_cache,
+            cache,
+            output_hidden_states,
+            static_kv,
         )
         hidden = out.last_hidden_state.reshape(batch, length, -1)
         states = None
@@ -256,7 +267,16 @@ class MossTTSD(nn.Module):
         return result
 
     def _backbone(
-        self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, use_cache, cache, output_hidden_states
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cu_seqlens,
+        max_seqlen,
+        use_cache,
+        cache,
+        output_hidden_states,
+        static_kv=None,
     ):
         """The summed channel embeddings through the Qwen3 decoder; packed batches as one flattened row."""
         attn = self.attn_implementation
@@ -270,6 +290,8 @@ class MossTTSD(nn.Module):
         batch, length = input_ids.shape[:2]
         embeds = self.model.embed(input_ids)
         kwargs = {_CACHE_KWARG: cache} if cache is not None else {}
+        if static_kv is not None:
+            kwargs["static_kv"] = static_kv
         if packed:
             # One flattened row: transformers isolates segments from restarting position_ids only at batch 1,
             # and varlen kernels take offsets over all rows.

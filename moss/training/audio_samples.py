@@ -86,6 +86,8 @@ class AudioSamples(L.Callback):
             self.generation,
             normalizer(self.normalize),
             batch_size=len(self.items),
+            # No CUDA graphs inside training: their memory pool would stay, and sharded weights move under them.
+            engine="static",
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rate = self._codec.output_sample_rate
@@ -103,6 +105,7 @@ class AudioSamples(L.Callback):
             with torch.compiler.set_stance("force_eager"):
                 synth.synthesize(self.items, write)
         finally:
+            model.__dict__.pop("_static_decoder", None)  # the decoding cache is not kept through training
             model.set_attn_implementation(attention)
             model.train(was_training)
 

@@ -42,8 +42,10 @@ def test_gpu_benchmark_script_runs_on_the_tiny_model():
 
 @pytest.mark.slow
 def test_generation_benchmark_runs_on_the_tiny_model():
-    result = run_benchmark("generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu")
-    assert result["results"]["tiny 2 s"]["frames"] == 25  # 2 s at 12.5 frames/s, forced to keep speaking
+    result = run_benchmark("generation.py", "--sizes", "tiny", "--seconds", "2", "--device", "cpu", "--batch", "1", "3")
+    runs = result["results"]
+    assert list(runs) == [f"tiny 2 s b{b} {e}" for b in (1, 3) for e in ("dynamic", "static")]
+    assert [r["frames"] for r in runs.values()] == [25, 25, 75, 75]  # 2 s at 12.5 frames/s, forced to keep speaking
 
 
 @pytest.mark.slow  # seven tiny training passes, one compiled (about 50 s)
