@@ -119,7 +119,18 @@ def fingerprint(cfg: DictConfig) -> dict:
             stat = Path(codec[key]).stat()
             codec[key] = {"path": str(Path(codec[key]).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     limits = OmegaConf.to_container(cfg.limits, resolve=True)
-    return {"inputs": inputs, "codec": codec, "limits": limits, "base_path": cfg.get("base_path")}
+    made = {"inputs": inputs, "codec": codec, "limits": limits, "base_path": cfg.get("base_path")}
+    if encoder_dtype(cfg) is not None:  # float32 leaves no key: shard sets made before the setting still resume
+        made["codec_dtype"] = str(cfg.codec_dtype)
+    return made
+
+
+def encoder_dtype(cfg: DictConfig) -> torch.dtype | None:
+    """The codec encoder's autocast dtype (`codec_dtype`); None for float32, the reference."""
+    name = str(cfg.get("codec_dtype") or "float32")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"codec_dtype={name} is unknown; use float32 (the reference), bfloat16 or float16")
+    return None if name == "float32" else getattr(torch, name)
 
 
 def fingerprint_changes(saved: dict | None, now: dict) -> list[str]:
@@ -127,7 +138,7 @@ def fingerprint_changes(saved: dict | None, now: dict) -> list[str]:
     if saved is None:
         return []
     changed = [f"{Path(f).name} changed" for f, digest in now["inputs"].items() if saved["inputs"].get(f) != digest]
-    changed += [key for key in ("codec", "limits", "base_path") if saved.get(key) != now.get(key)]
+    changed += [key for key in ("codec", "codec_dtype", "limits", "base_path") if saved.get(key) != now.get(key)]
     return changed
 
 
@@ -267,7 +278,7 @@ class ShardEncoder:
         clips = [x.audio for _, x in batch] + [x.ref_audio for _, x in batch if x.ref_audio is not None]
         journal.begin([x.record for _, x in batch])
         try:
-            encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch)
+            encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch, dtype=encoder_dtype(self.cfg))
         except Exception as err:  # noqa: BLE001 - retried record by record below
             if len(batch) > 1:
                 log.warning("a batch of %d records failed to encode (%s); encoding them one by one", len(batch), err)
@@ -458,6 +469,10 @@ def check_arguments(cfg: DictConfig) -> None:
             if not Path(str(given)).is_file()
         ]
     problems += codec_problems(cfg.codec)
+    try:
+        encoder_dtype(cfg)
+    except ValueError as err:
+        problems.append(str(err))
     if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
         folder = OutputFolder(cfg.output_dir, "preprocess", cfg.get("overwrite", False), True, OWN_FILES)
         problems += folder.problems()

@@ -48,7 +48,7 @@ class LogMel(torch.nn.Module):
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(
-        self, waveforms: torch.Tensor, lengths: torch.Tensor, full_window: bool = False
+        self, waveforms: torch.Tensor, lengths: torch.Tensor, full_window: bool = False, longest: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of a zero-padded batch.
 
@@ -56,13 +56,15 @@ class LogMel(torch.nn.Module):
             waveforms: `[B, N]` float, 16 kHz, zero beyond each clip's length (N <= the 30 s window).
             lengths: `[B]` valid samples per clip.
             full_window: compute all frames of the 30 s window, as the original does (3000 frames).
+            longest: `max(lengths)`, when known on the host (else read from the device).
 
         Returns:
             (`[B, 80, T]` features, `[B]` valid frames = ceil(length / hop)).
         """
         frames = self.window_samples // self.hop_length
         if not full_window:
-            frames = min(int(lengths.max()) // self.hop_length + 1 + MARGIN_FRAMES, frames)
+            longest = int(lengths.max()) if longest is None else longest
+            frames = min(longest // self.hop_length + 1 + MARGIN_FRAMES, frames)
         total = frames * self.hop_length
         if waveforms.shape[1] < total:
             waveforms = torch.nn.functional.pad(waveforms, (0, total - waveforms.shape[1]))

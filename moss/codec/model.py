@@ -85,13 +85,14 @@ class XYTokenizer(nn.Module):
     # ------------------------------------------------------------------ one window
     @torch.inference_mode()
     def tokenize(
-        self, waveforms: torch.Tensor, lengths: torch.Tensor, full_window: bool = False
+        self, waveforms: torch.Tensor, lengths: torch.Tensor, full_window: bool = False, longest: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One window (<= 30 s) of a batch: waveforms `[B, N]` at 16 kHz -> codes `[Q, B, T]`, code lengths `[B]`.
 
         `full_window=True` computes features over the whole 30 s window as the original does (slower, same codes).
+        `longest`: `max(lengths)` when the caller knows it on the host (saves a device read).
         """
-        mel, mel_lengths = self.feature_extractor(waveforms, lengths, full_window=full_window)
+        mel, mel_lengths = self.feature_extractor(waveforms, lengths, full_window=full_window, longest=longest)
         semantic, sem_lengths = self.semantic_encoder(mel, mel_lengths)
         semantic, _ = self.semantic_encoder_adapter(semantic, sem_lengths)
         acoustic, ac_lengths = self.acoustic_encoder(mel, mel_lengths)
@@ -154,23 +155,29 @@ class XYTokenizer(nn.Module):
         return self._by_length(clips, lengths, batch_size, dtype, self._encode_batch)
 
     def _encode_batch(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Lengths stay on the host (reading them back from the device would wait for the GPU, clip by clip);
+        # the batch crosses to the device in one copy.
         device, window = self.device, self.config.window_samples
         hop = KEEP_SECONDS * self.input_sample_rate
         keep = hop // self.encoder_downsample_rate
-        lengths = torch.tensor([c.numel() for c in clips], device=device)
-        padded = torch.zeros(len(clips), int(lengths.max()), device=device)
+        sizes = [c.numel() for c in clips]
+        lengths, longest = torch.tensor(sizes).to(device, non_blocking=True), max(sizes)
+        padded = torch.zeros(len(clips), longest, pin_memory=device.type == "cuda")
         for b, clip in enumerate(clips):
-            padded[b, : clip.numel()] = clip.to(device)
+            padded[b, : sizes[b]] = clip
+        padded = padded.to(device, non_blocking=True)
         pieces = []
-        for start in range(0, int(lengths.max()), hop):
+        for start in range(0, longest, hop):
             chunk_lengths = (lengths - start).clamp(0, window)
-            codes, code_lengths = self.tokenize(padded[:, start : start + window], chunk_lengths.clamp(min=1))
+            codes, code_lengths = self.tokenize(
+                padded[:, start : start + window], chunk_lengths.clamp(min=1), longest=min(longest - start, window)
+            )
             frames = torch.zeros(self.nq, len(clips), keep, dtype=torch.long, device=device)
             n = min(keep, codes.shape[2])
             frames[:, :, :n] = codes[:, :, :n] * (torch.arange(n, device=device) < code_lengths[:, None])
             pieces.append(frames)
         codes = torch.cat(pieces, dim=2)
-        return [codes[:, b, : int(n) // self.encoder_downsample_rate].T.contiguous() for b, n in enumerate(lengths)]
+        return [codes[:, b, : n // self.encoder_downsample_rate].T.contiguous() for b, n in enumerate(sizes)]
 
     @torch.inference_mode()
     def decode(
@@ -208,20 +215,21 @@ class XYTokenizer(nn.Module):
     def _decode_batch(self, grids: list[torch.Tensor]) -> list[torch.Tensor]:
         device, window = self.device, self.config.window_frames
         keep = KEEP_SECONDS * self.input_sample_rate // self.encoder_downsample_rate
-        lengths = torch.tensor([g.shape[0] for g in grids], device=device)
-        codes = torch.zeros(self.nq, len(grids), max(1, int(lengths.max())), dtype=torch.long, device=device)
+        sizes = [g.shape[0] for g in grids]  # on the host: which clips a window holds is known without the GPU
+        lengths = torch.tensor(sizes).to(device, non_blocking=True)
+        codes = torch.zeros(self.nq, len(grids), max(1, max(sizes)), dtype=torch.long, device=device)
         for b, grid in enumerate(grids):
             codes[:, b, : grid.shape[0]] = grid.T.to(device)
         waves = [[] for _ in grids]
-        for start in range(0, int(lengths.max()), keep):
+        for start in range(0, max(sizes), keep):
             chunk_lengths = (lengths - start).clamp(0, window)
-            active = [b for b in range(len(grids)) if chunk_lengths[b] > 0]
+            active = [b for b in range(len(grids)) if sizes[b] > start]
             chunk = codes[:, active, start : start + window]
             for b, wave in zip(active, self.detokenize(chunk, chunk_lengths[active]), strict=True):
                 waves[b].append(wave[: keep * self.decoder_upsample_rate])
         return [
-            torch.cat(w)[: int(n) * self.decoder_upsample_rate] if w else torch.zeros(0, device=device)
-            for w, n in zip(waves, lengths, strict=True)
+            torch.cat(w)[: n * self.decoder_upsample_rate] if w else torch.zeros(0, device=device)
+            for w, n in zip(waves, sizes, strict=True)
         ]
 
     # ------------------------------------------------------------------ construction

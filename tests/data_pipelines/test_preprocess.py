@@ -333,3 +333,20 @@ def test_a_group_sigterm_stops_cleanly_and_the_rerun_loses_and_repeats_nothing(t
     assert run_cli(common, REPO).wait() == 0
     samples, skipped = read_set(tmp_path / "out"), list((tmp_path / "out").glob("skipped-*.jsonl"))
     assert len(samples) == 24 and all(not p.read_text().strip() for p in skipped)
+
+
+def test_the_encoder_dtype_is_part_of_the_shard_set(tmp_path, codec_files):
+    from data_pipelines.preprocess import check_arguments, fingerprint, stale_reason
+    from moss.errors import ConfigError
+
+    jsonl = write_good_corpus(tmp_path / "raw", n=3)
+    cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out")
+    assert "codec_dtype" not in fingerprint(cfg)  # float32: the fingerprint of sets made before the setting
+    preprocess(cfg)
+    cfg.codec_dtype = "bfloat16"
+    assert "codec_dtype" in stale_reason(cfg)
+    bf16 = pipeline_cfg(codec_files, [jsonl], tmp_path / "bf16", codec_dtype="bfloat16")
+    assert preprocess(bf16)["samples"] == 3  # encoded under bfloat16 autocast
+    cfg.codec_dtype = "int8"
+    with pytest.raises(ConfigError, match="codec_dtype=int8 is unknown"):
+        check_arguments(cfg)

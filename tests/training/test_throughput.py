@@ -65,3 +65,14 @@ def test_perf_ablation_runs_every_stage_on_the_same_function():
     losses = {r["first_pack_loss"] for r in stages.values()}
     assert max(losses) - min(losses) < 1e-5  # each speed-up computes the same loss from the same weights
     assert all(abs(r["grad_norm_vs_baseline"] - 1) < 1e-4 and r["real_frames_per_s"] > 0 for r in stages.values())
+
+
+@pytest.mark.slow  # tiny codec, 8 clips, two batch sizes, two passes each (about 10 s)
+def test_codec_benchmark_batches_without_changing_a_code():
+    args = ("--tiny", "--device", "cpu", "--clips", "8", "--seconds", "3", "--batch", "1", "4", "--passes", "2")
+    result = run_benchmark("codec.py", *args, "--dtypes", "float32", "bfloat16")
+    cases = result["cases"]
+    assert list(cases) == ["float32 b1", "float32 b4", "bfloat16 b1", "bfloat16 b4"]
+    assert cases["float32 b4"]["codes_equal_float32_batch1"] == 1.0  # batching changes no code
+    assert 0 < cases["bfloat16 b4"]["codes_equal_float32_batch1"] <= 1.0
+    assert all(c["encode_audio_s_per_s"] > 0 and c["decode_audio_s_per_s"] > 0 for c in cases.values())
