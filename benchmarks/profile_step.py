@@ -6,14 +6,12 @@ step time, the kernels by total GPU time (the largest first) and that time group
 elementwise / copy, then one `RESULT {json}` line.
 
 Usage: python benchmarks/profile_step.py [--attn varlen_sdpa] [--ckpt] [--steps 2] [--rows 25] [--tiny]
-(MOSS_VARLEN_CUDNN=1 profiles varlen_attn on its cuDNN backend instead of flash.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -119,7 +117,6 @@ def main() -> None:
         "ckpt": ("selective" if args.selective else "full") if args.ckpt else False,
         "fused_lora": args.fused_lora,
         "speedups": {"liger": args.liger, "static_varlen": bool(base.varlen_bucket), "compile": args.compile},
-        "cudnn_varlen": bool(os.environ.get("MOSS_VARLEN_CUDNN")),  # see moss/model/varlen.py
         "step_s": wall,
         "ms_per_step": {e.key[:70]: getattr(e, sort) / 1e3 / args.steps for e in top},
     }

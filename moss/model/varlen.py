@@ -7,7 +7,7 @@ flattened `[B * L]` rows, as the collator writes them) and attends causally with
 (cost ~ sum of s_i^2):
 
 * on CUDA in bf16/fp16 (torch >= 2.10): one `torch.nn.attention.varlen.varlen_attn` call per layer over
-  the whole pack (PyTorch's flash varlen kernel; see below for cuDNN);
+  the whole pack (PyTorch's flash varlen kernel);
 * elsewhere (CPU, float32, an older torch): causal SDPA per sample, from host-side boundaries; inside a
   compiled layer (`moss.model.speedups`), one SDPA call with a block-diagonal mask from device boundaries.
 
@@ -21,32 +21,21 @@ generate).
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 try:  # torch >= 2.10, CUDA only
-    import torch.nn.attention.varlen as _torch_varlen
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch
-    _torch_varlen, varlen_attn = None, None
+    varlen_attn = None
 
-if (
-    _torch_varlen is not None
-    and hasattr(_torch_varlen, "_should_use_cudnn")
-    and not os.environ.get("MOSS_VARLEN_CUDNN")
-):
-    # Some torch releases may route varlen_attn to cuDNN (torch 2.14: cuDNN >= 9.18 on Hopper/Blackwell, for calls
-    # that are neither causal nor grouped; torch 2.11 never does). Our calls stay on the flash backend, which
-    # plans nothing per shape and takes grouped key/value heads as they are. Forward and backward both read this
-    # choice (a private torch function), so it is made once, here. MOSS_VARLEN_CUDNN=1 leaves torch's choice.
-    _torch_varlen._should_use_cudnn = lambda device_index: False
-
+# Backend: torch 2.11-2.13 always run varlen_attn on flash; torch 2.14 may pick cuDNN on Hopper/Blackwell,
+# but never for causal (window) or grouped calls, which ours are. So no backend choice is made here.
 NAME = "varlen_sdpa"
-# torch >= 2.14 takes `enable_gqa`; torch 2.10-2.13 pass the heads to the flash kernel unchecked, and the flash
-# kernel (forward and backward) reads grouped key/value heads natively. Only a cuDNN backend needs them repeated.
+# torch >= 2.12 takes `enable_gqa`; torch 2.10/2.11 pass the heads to the flash kernel unchecked, and the flash
+# kernel (forward and backward) reads grouped key/value heads natively: they are never repeated.
 _NATIVE_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -118,21 +107,11 @@ def _varlen_kernel(query, key, value, cu_seqlens, max_seqlen, scaling) -> tuple[
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, kv_heads, dim)
-    extra = {}
-    if kv_heads != heads:
-        if _NATIVE_GQA:
-            extra["enable_gqa"] = True
-        elif _may_use_cudnn(query.device):
-            k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
+    extra = {"enable_gqa": True} if kv_heads != heads and _NATIVE_GQA else {}
     out = varlen_attn(
         q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), scale=scaling, window_size=(-1, 0), **extra
     )
     return out.reshape(batch, length, heads, dim), None
-
-
-def _may_use_cudnn(device: torch.device) -> bool:
-    choose = getattr(_torch_varlen, "_should_use_cudnn", None)
-    return choose is not None and bool(choose(device.index))
 
 
 def _per_sample_sdpa(query, key, value, bounds: list[int], dropout: float, scaling) -> tuple[torch.Tensor, None]:
