@@ -12,8 +12,8 @@ rows (the 7-row delay tail is dropped and replayed as teacher forcing), one row 
   greedy; a seeded generator makes sampling reproducible.
 
 `frames_of` turns the output into frame-aligned codes (un-delay, subtract the speech offset, keep frames up to
-the last one whose channel 1 is not the pad, as the original trims). `StreamingDecoder` decodes 30 s
-windows every 20 s while rows arrive, giving the same samples as decoding at the end.
+the last one whose channel 1 is not the pad, as the original trims); `moss.streaming` decodes audio while
+rows arrive.
 """
 
 from __future__ import annotations
@@ -25,44 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
-from transformers.generation import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from moss.model.delay import last_valid_frame, revert_delay_pattern
 from moss.model.static_kv import DEFAULT_BUCKET, DecodeGraphs, StaticKV
 from moss.model.static_kv import NAME as STATIC_KV
+from moss.sampling import ChannelSampler, ChannelSampling
+
+__all__ = ["ChannelSampling", "GenerationConfig", "frames_of", "generate", "generation_for", "sampling_config"]
 
 # SDPA backends for decoding. Not cuDNN's: it builds an execution plan for every new shape, and the KV cache
 # grows by one row per step (32 ms per call for a tiny model on an H100, measured).
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@dataclass
-class ChannelSampling:
-    """How one channel picks its token: greedy, or sampled after penalty/temperature/top-k/top-p."""
-
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-
-    def processors(self) -> LogitsProcessorList:
-        out = LogitsProcessorList()
-        if self.repetition_penalty not in (None, 1.0):
-            out.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.temperature not in (None, 1.0):
-            out.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_k:
-            out.append(TopKLogitsWarper(int(self.top_k)))
-        if self.top_p not in (None, 1.0):
-            out.append(TopPLogitsWarper(float(self.top_p)))
-        return out
 
 
 # Sampling when neither the checkpoint nor the user says: the values of OpenMOSS' own v0.5 client.
@@ -183,7 +156,7 @@ def generate(
     steps = config.max_new_tokens + tail
     rows = _Rows(input_ids, attention_mask, steps)
     rules = _DelayRules(model.config, input_ids[:, rows.prompt_rows :])
-    sampler = _Sampler(config, input_ids.device)
+    sampler = ChannelSampler(config.channels, config.seed, input_ids.device)
     check_every = 1 if on_row is not None else max(1, int(check_every))
     all_logits = [] if output_logits else None
     running = torch.ones((), dtype=torch.bool, device=input_ids.device)
@@ -340,49 +313,6 @@ class _DelayRules:
         return self.unfinished.any()
 
 
-class _Sampler:
-    """Picks each channel's token: its logits processors, then greedy or a draw from a seeded generator.
-
-    Neighbouring channels with the same settings and vocabulary (the 7 audio channels, as configured by
-    every release) are processed and drawn in one call over their stacked logits, channel after channel: the
-    same numbers and the same random draws as one call per channel, in a seventh of the launches.
-    """
-
-    def __init__(self, config: GenerationConfig, device: torch.device):
-        self.channels = config.channels
-        self.generator = None
-        if any(c.do_sample for c in config.channels):
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-        self.groups: list[tuple[list[int], LogitsProcessorList, bool]] | None = None
-
-    def _group(self, logits: list[torch.Tensor]) -> list[tuple[list[int], LogitsProcessorList, bool]]:
-        groups: list[tuple[list[int], LogitsProcessorList, bool]] = []
-        for c, sampling in enumerate(self.channels):
-            last = groups[-1][0][-1] if groups else None
-            if last is not None and self.channels[last] == sampling and logits[last].shape == logits[c].shape:
-                groups[-1][0].append(c)
-            else:
-                groups.append(([c], sampling.processors(), sampling.do_sample))
-        return groups
-
-    def __call__(self, history: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
-        self.groups = self.groups or self._group(logits)
-        batch, picks = history.shape[0], [None] * len(self.channels)
-        for members, processors, do_sample in self.groups:
-            scores = torch.cat([logits[c] for c in members]) if len(members) > 1 else logits[members[0]]
-            if len(processors):
-                past = history[..., members].permute(2, 0, 1).reshape(len(members) * batch, -1)
-                scores = processors(past, scores)
-            if do_sample:
-                chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator).squeeze(1)
-            else:
-                chosen = scores.argmax(dim=-1)
-            for i, c in enumerate(members):
-                picks[c] = chosen[i * batch : (i + 1) * batch]
-        return torch.stack(picks, dim=-1)
-
-
 def frames_of(output: GenerationOutput, speech_offset: int, speech_pad: int = 1024) -> list[torch.Tensor]:
     """Frame-aligned generated codes per sample, `[frames, C]`, trimmed after the last valid frame.
 
@@ -396,59 +326,6 @@ def frames_of(output: GenerationOutput, speech_offset: int, speech_pad: int = 10
         codes[:, 0] -= speech_offset
         out.append(codes)
     return out
-
-
-class StreamingDecoder:
-    """Decodes the audio of one generating sample in the codec's windows (30 s every 20 s) as rows arrive.
-
-    `push(row)` takes each generated row `[C]` (delayed); `finish()` decodes the rest. `on_chunk(wave)` gets
-    every finished piece of waveform; the concatenation equals decoding all frames at the end.
-    """
-
-    def __init__(
-        self,
-        codec,
-        speech_offset: int,
-        on_chunk: Callable[[torch.Tensor], None],
-        channels: int = 8,
-        speech_pad: int = 1024,
-    ):
-        self.codec, self.offset, self.on_chunk = codec, speech_offset, on_chunk
-        self.channels, self.pad = channels, speech_pad
-        self.rows: list[torch.Tensor] = []
-        self.frames: list[torch.Tensor] = []
-        self.decoded = 0
-        self.window = codec.config.window_frames
-        self.keep = 20 * codec.input_sample_rate // codec.encoder_downsample_rate
-        self.ended = False
-
-    def push(self, row: torch.Tensor) -> None:
-        self.rows.append(row)
-        index = len(self.rows) - self.channels  # frame completed by this row
-        if index < 0 or self.ended:
-            return
-        frame = torch.stack([self.rows[index + c][c] for c in range(self.channels)])
-        if frame[1] == self.pad or frame[0] < self.offset or frame[0] >= self.offset + 1024:
-            self.ended = True  # the end-of-speech frame: nothing after it is audio
-            return
-        frame = frame.clone()
-        frame[0] -= self.offset
-        self.frames.append(frame)
-        while len(self.frames) >= self.decoded + self.window:
-            self._decode(self.decoded + self.window, final=False)
-
-    def _decode(self, end: int, final: bool) -> None:
-        """Decode the window starting at `self.decoded`, keep its first 20 s (all of it when it is the last)."""
-        codes = torch.stack(self.frames[self.decoded : end])
-        (wave,) = self.codec.decode([codes])
-        kept = len(codes) if final and len(codes) <= self.keep else self.keep
-        self.on_chunk(wave[: kept * self.codec.decoder_upsample_rate])
-        self.decoded += kept
-
-    def finish(self) -> None:
-        """Decode what is left with the same windows `codec.decode` uses for the whole sequence."""
-        while len(self.frames) > self.decoded:
-            self._decode(min(self.decoded + self.window, len(self.frames)), final=True)
 
 
 def sampling_config(channels: Sequence[dict] | dict, max_new_tokens: int, seed: int | None) -> GenerationConfig:

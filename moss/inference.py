@@ -28,8 +28,9 @@ import torch
 from moss.audio import FRAME_RATE, SAMPLE_RATE, AudioLimits, read_audio
 from moss.codec.prompt_decode import decode_with_prompt
 from moss.errors import ConfigError
-from moss.generation import ENGINES, GenerationConfig, StreamingDecoder, frames_of, generate
+from moss.generation import ENGINES, GenerationConfig, frames_of, generate
 from moss.model.delay import apply_delay_pattern
+from moss.streaming import StreamingDecoder
 from moss.text.prompt import PromptBuilder
 
 KNOWN_TAGS = re.compile(r"\[S(\d+)\]")

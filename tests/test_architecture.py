@@ -24,6 +24,8 @@ LAYERS = (
     "moss.audio",
     "moss.codec",
     "moss.data",
+    "moss.streaming",
+    "moss.sampling",
     "moss.generation",
     "moss.inference",
     "moss.training",

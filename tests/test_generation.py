@@ -9,21 +9,25 @@ import torch
 from safetensors.torch import load_file
 
 from moss.codec import XYTokenizer
-from moss.generation import GenerationConfig, StreamingDecoder, frames_of, generate, sampling_config
+from moss.generation import GenerationConfig, frames_of, generate, sampling_config
 from moss.inference import batch_prompts
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.delay import apply_delay_pattern
+from moss.streaming import StreamingDecoder
 from moss.text import PromptBuilder
 from tests.conftest import requires_golden
 
 
+def golden_generation(golden) -> tuple[MossTTSD, dict, GenerationConfig]:
+    """The golden tiny backbone, the original's generation vectors and the checkpoint's generation config."""
+    model = MossTTSD.from_pretrained(golden / "backbone" / "model", attn_implementation="eager").eval()
+    saved = json.loads((golden / "backbone" / "model" / "generation_config.json").read_text())
+    return model, load_file(golden / "backbone" / "generate.safetensors"), GenerationConfig.from_dict(saved)
+
+
 @requires_golden
 def test_greedy_generation_matches_the_original(golden):
-    model = MossTTSD.from_pretrained(golden / "backbone" / "model", attn_implementation="eager").eval()
-    g = load_file(golden / "backbone" / "generate.safetensors")
-    config = GenerationConfig.from_dict(
-        json.loads((golden / "backbone" / "model" / "generation_config.json").read_text())
-    )
+    model, g, config = golden_generation(golden)
     out = generate(model, g["prompt_input_ids"], g["prompt_attention_mask"].long(), config, output_logits=True)
     assert torch.equal(out.sequences, g["sequences"])
     for c in range(8):
@@ -86,11 +90,7 @@ def test_streaming_decode_equals_decoding_at_the_end():
 
 @requires_golden
 def test_static_cache_generation_still_matches_the_original(golden):
-    model = MossTTSD.from_pretrained(golden / "backbone" / "model", attn_implementation="eager").eval()
-    g = load_file(golden / "backbone" / "generate.safetensors")
-    config = GenerationConfig.from_dict(
-        json.loads((golden / "backbone" / "model" / "generation_config.json").read_text())
-    )
+    model, g, config = golden_generation(golden)
     ids, mask = g["prompt_input_ids"], g["prompt_attention_mask"].long()
     out = generate(model, ids, mask, config, output_logits=True, engine="static", bucket=4, check_every=3)
     assert torch.equal(out.sequences, g["sequences"]) and model.attn_implementation == "eager"  # restored
@@ -122,7 +122,7 @@ def test_static_cache_equals_the_dynamic_cache_token_for_token(tiny_tokenizer):
 
 
 def test_audio_channels_are_drawn_in_one_call_with_the_draws_of_one_call_each():
-    from moss.generation import _Sampler
+    from moss.sampling import ChannelSampler
 
     config = sampling_config(
         {"do_sample": True, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.2}, 5, 11
@@ -130,7 +130,7 @@ def test_audio_channels_are_drawn_in_one_call_with_the_draws_of_one_call_each():
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(3, 600 if c == 0 else 1025, generator=g) for c in range(8)]
     history = torch.randint(0, 600, (3, 12, 8), generator=g)
-    sampler = _Sampler(config, torch.device("cpu"))
+    sampler = ChannelSampler(config.channels, config.seed, torch.device("cpu"))
     batched = sampler(history, [x.clone() for x in logits])
     assert [members for members, _, _ in sampler.groups] == [[0], [1, 2, 3, 4, 5, 6, 7]]
     reference, picks = torch.Generator().manual_seed(11), []

@@ -230,17 +230,9 @@ class MossTTSD(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
         batch, length = input_ids.shape[:2]
-        out = self._backbone(
-            input_ids,
-            attention_mask,
-            position_ids,
-            cu_seqlens,
-            max_seqlen,
-            use_cache,
-            cache,
-            output_hidden_states,
-            static_kv,
-        )
+        attention = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "static_kv": static_kv}
+        inputs = (input_ids, attention_mask, position_ids)
+        out = self._backbone(*inputs, use_cache, cache, output_hidden_states, **attention)
         hidden = out.last_hidden_state.reshape(batch, length, -1)
         states = None
         if output_hidden_states:
@@ -266,20 +258,9 @@ class MossTTSD(nn.Module):
             result.logits = tuple(head(kept) for head in self.lm_heads)
         return result
 
-    def _backbone(
-        self,
-        input_ids,
-        attention_mask,
-        position_ids,
-        cu_seqlens,
-        max_seqlen,
-        use_cache,
-        cache,
-        output_hidden_states,
-        static_kv=None,
-    ):
+    def _backbone(self, input_ids, attention_mask, position_ids, use_cache, cache, output_hidden_states, **attention):
         """The summed channel embeddings through the Qwen3 decoder; packed batches as one flattened row."""
-        attn = self.attn_implementation
+        attn, cu_seqlens, static_kv = self.attn_implementation, attention["cu_seqlens"], attention["static_kv"]
         packed = cu_seqlens is not None
         if (packed or attn == varlen.NAME) and (attention_mask is not None or use_cache):
             raise ValueError(
@@ -299,7 +280,7 @@ class MossTTSD(nn.Module):
             if position_ids is None:
                 raise ValueError("packed batches need position_ids restarting at 0 for every sample")
             position_ids = position_ids.reshape(1, batch * length)
-            kwargs.update(self._boundary_kwargs(cu_seqlens, max_seqlen, length, embeds.device))
+            kwargs.update(self._boundary_kwargs(cu_seqlens, attention["max_seqlen"], length, embeds.device))
         return self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
