@@ -39,10 +39,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 # Limits add up to 470 s (7.8 min); every benchmark prints a RESULT line per case, so a time-out loses only the
 # case in progress (the ablation's compiled stage, last, compiles in its warm-up).
 step pytest_gpu 90 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
-step perf_ablation 200 python3 benchmarks/perf_ablation.py --samples 24
-step gpu_train 60 python3 benchmarks/gpu_train.py --samples 24 --only "packed varlen_sdpa ckpt=off" \
+step perf_ablation 185 python3 benchmarks/perf_ablation.py --samples 24
+step gpu_train 50 python3 benchmarks/gpu_train.py --samples 24 --only "packed varlen_sdpa ckpt=off" \
     "padded bs4 sdpa ckpt=on"
-step generation 75 python3 benchmarks/generation.py --device cuda --sizes real --seconds 10 --batch 1 32
+step generation 100 python3 benchmarks/generation.py --device cuda --sizes real --seconds 10 --batch 1 32
 step codec 45 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 1 16 --passes 2
 
 python3 - "$OUT" <<'PY'

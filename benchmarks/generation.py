@@ -4,7 +4,8 @@ Random weights would end speech at once, so channel 0 is kept inside the speech 
 other logits) until the requested number of frames is generated: each step then costs exactly what a real
 one does (one row of 8 channels, 12.5 frames per second of audio). Greedy decoding after a 200-row text
 prompt, with each engine of `moss.generation` (dynamic: transformers' growing cache; static: preallocated
-cache read by bucket; graph: static with CUDA graphs, CUDA only) at each batch size. Every measurement follows
+cache read by bucket; graph: static with CUDA graphs; compiled: graph of a torch.compile'd step; the last two
+CUDA only) at each batch size. Every measurement follows
 a warm-up of the same engine and shapes (for graph: the capture of every bucket it reads), as a service
 generating batch after batch sees it. Frames/s count all sequences of the batch; the real-time factor is wall
 time / audio time of one sequence (below 1 is faster than real time). Each case prints a `RESULT` line.

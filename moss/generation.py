@@ -112,7 +112,7 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(mask == 0, 1)
 
 
-ENGINES = ("dynamic", "static", "graph")
+ENGINES = ("dynamic", "static", "graph", "compiled")
 
 
 @torch.inference_mode()
@@ -142,16 +142,17 @@ def generate(
         output_logits: also return every step's logits.
         on_row: receives every generated row `[B, C]` (streaming; the end is then checked every step).
         engine: `dynamic` (transformers' growing cache), `static` (`moss.model.static_kv`: buffers allocated
-            once, attention over the filled bucket) or `graph` (static, each step replayed as a CUDA graph).
-            All three give the same rows.
+            once, attention over the filled bucket), `graph` (static, each step replayed as a CUDA graph) or
+            `compiled` (graph, of a `torch.compile`d step). The first three give the same rows; compiled
+            kernels round differently.
         check_every: read whether every sequence has ended once per this many steps (each read waits for the
             GPU); rows made after the end are dropped, so the output does not depend on it.
         bucket: rows per attention bucket of the static engines.
     """
     if engine not in ENGINES:
         raise ValueError(f"generation engine {engine!r} is not one of {ENGINES}")
-    if engine == "graph" and input_ids.device.type != "cuda":
-        raise ValueError("engine='graph' replays CUDA graphs: it needs the model on a CUDA device (use 'static')")
+    if engine in ("graph", "compiled") and input_ids.device.type != "cuda":
+        raise ValueError(f"engine={engine!r} replays CUDA graphs: it needs the model on a CUDA device (use 'static')")
     tail = input_ids.shape[-1] - 1
     steps = config.max_new_tokens + tail
     rows = _Rows(input_ids, attention_mask, steps)
@@ -200,7 +201,9 @@ def _static_decoder(model, rows: _Rows, engine: str, bucket: int):
     def one_row():
         return model(feed, position_ids=positions, static_kv=kv, output_logits=True, logits_to_keep=1).logits
 
-    run = DecodeGraphs(kv, one_row) if engine == "graph" else one_row
+    if engine == "compiled":  # inductor's kernels for the step (two compilations: a width, then any width)
+        one_row = torch.compile(one_row, fullgraph=True)
+    run = DecodeGraphs(kv, one_row) if engine in ("graph", "compiled") else one_row
     model.__dict__["_static_decoder"] = (key, (kv, feed, positions, run))
     return kv, feed, positions, run
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moss.codec import XYTokenizer
 from moss.generation import GenerationConfig, frames_of, generate, sampling_config
@@ -145,3 +146,45 @@ def test_graph_engine_needs_cuda(tiny_tokenizer):
     ids, mask = tiny_prompts(tiny_tokenizer, (2,))
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         generate(model, ids, mask, GenerationConfig(max_new_tokens=2), engine="graph")
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that copy tensor data to the host (on a GPU: a wait for it), e.g. `.item()`."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(str(func).startswith(name) for name in self.READS):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_decode_step_reads_nothing_back_and_the_loop_reads_once_per_check(tiny_tokenizer):
+    """What CUDA graphs need (no device read inside a step), and what `check_every` promises (reads per step)."""
+    from moss.model.static_kv import NAME, StaticKV
+
+    model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=3).eval()
+    ids, mask = tiny_prompts(tiny_tokenizer, (0, 5))
+    kv = StaticKV.for_model(model, 2, 64, bucket=16)
+    feed, positions = ids[:, :1].clone(), torch.zeros(2, 1, dtype=torch.long)
+    model.model.language_model.set_attn_implementation(NAME)
+    kv.place(0, 1)
+    # Python dispatch modes do not see inference-mode tensors: no_grad here, and generate without its decorator.
+    with torch.no_grad(), HostReads() as reads:
+        model(feed, position_ids=positions, static_kv=kv, output_logits=True, logits_to_keep=1)
+    assert reads.seen == []
+    model.model.language_model.set_attn_implementation("sdpa")
+    config = sampling_config({"do_sample": True, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1}, 48, seed=0)
+    reads_per = {}
+    for check_every in (1, 16):
+        with torch.no_grad(), HostReads() as reads:
+            out = generate.__wrapped__(model, ids, mask, config, engine="static", bucket=16, check_every=check_every)
+        reads_per[check_every] = len(reads.seen)
+    steps = out.sequences.shape[1] - out.prompt_rows
+    assert steps > 16
+    # One read per step or per 16 steps, plus two per call (whether the prompt is padded, the rows made).
+    assert reads_per == {1: steps + 2, 16: -(-steps // 16) + 2}, (steps, reads_per)
