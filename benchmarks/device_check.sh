@@ -2,8 +2,9 @@
 # The one GPU check (H100/H200, at most 8 minutes): CUDA tests, then the real-size benchmarks, all output under $OUT.
 #   bash benchmarks/fetch_wheels.sh            # here: the wheels the GPU image lacks -> .whl/
 #   bash benchmarks/device_check.sh            # there, in the checkout with .whl/ beside it
-# Writes $OUT/pytest_gpu.log, perf_ablation.log, gpu_train.log, generation.log, codec.log, env.txt and RESULT.json (every
-# benchmark's RESULT line, by name). Without CUDA it stops at once: the 2B-parameter runs never start on a CPU.
+# Writes $OUT/pytest_gpu.log, perf_ablation.log, gpu_train.log, generation.log, codec.log, preprocess.log, env.txt
+# and RESULT.json (every benchmark's RESULT lines, by name). Without CUDA it stops at once: the 2B-parameter runs
+# never start on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -39,17 +40,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 # Limits add up to 470 s (7.8 min); every benchmark prints a RESULT line per case, so a time-out loses only the
 # case in progress (the ablation's compiled stage, last, compiles in its warm-up).
 step pytest_gpu 90 python3 -m pytest -m gpu -p no:cacheprovider -q -rA -s tests/gpu
-step perf_ablation 185 python3 benchmarks/perf_ablation.py --samples 24
-step gpu_train 50 python3 benchmarks/gpu_train.py --samples 24 --only "packed varlen_sdpa ckpt=off" \
+step perf_ablation 170 python3 benchmarks/perf_ablation.py --samples 24
+step gpu_train 45 python3 benchmarks/gpu_train.py --samples 24 --only "packed varlen_sdpa ckpt=off" \
     "padded bs4 sdpa ckpt=on"
-step generation 100 python3 benchmarks/generation.py --device cuda --sizes real --seconds 10 --batch 1 32
-step codec 45 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 1 16 --passes 2
+step generation 90 python3 benchmarks/generation.py --device cuda --sizes real --seconds 10 --batch 1 32
+step codec 40 python3 benchmarks/codec.py --device cuda --clips 16 --seconds 10 --batch 1 16 --passes 2
+step preprocess 35 python3 benchmarks/preprocess.py --files 48 --seconds 20 --workers 15 --encoder cuda
 
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 results = {}
-for name in ("perf_ablation", "gpu_train", "generation", "codec"):
+for name in ("perf_ablation", "gpu_train", "generation", "codec", "preprocess"):
     log = out / f"{name}.log"
     lines = [l for l in log.read_text().splitlines() if l.startswith("RESULT ")] if log.exists() else []
     results[name] = [json.loads(l[7:]) for l in lines] or None  # per case, then the summary (if it finished)

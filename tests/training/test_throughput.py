@@ -76,3 +76,13 @@ def test_codec_benchmark_batches_without_changing_a_code():
     assert cases["float32 b4"]["codes_equal_float32_batch1"] == 1.0  # batching changes no code
     assert 0 < cases["bfloat16 b4"]["codes_equal_float32_batch1"] <= 1.0
     assert all(c["encode_audio_s_per_s"] > 0 and c["decode_audio_s_per_s"] > 0 for c in cases.values())
+
+
+@pytest.mark.slow  # a 6-record corpus: CPU stage, tiny codec alone, and the whole preprocessing run (about 15 s)
+def test_preprocess_benchmark_names_the_bottleneck():
+    result = run_benchmark(
+        "preprocess.py", "--files", "6", "--seconds", "10", "--workers", "2", "--encoder", "cpu", "--tiny-codec"
+    )
+    pipeline = result["pipeline"]
+    assert pipeline["samples"] == 6 and pipeline["bottleneck"] in ("CPU loaders", "codec encoder")
+    assert pipeline["encoder_audio_hours_per_hour"] > 0 and 0 < pipeline["end_to_end_vs_bottleneck"] <= 1.5
