@@ -66,7 +66,8 @@ def test_sampling_is_seeded(tiny_tokenizer):
     ids, mask = tiny_prompts(tiny_tokenizer, (3,))
     sampled = sampling_config({"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95}, 20, seed=7)
     a, b = (generate(model, ids, mask, sampled).sequences for _ in range(2))
-    other = generate(model, ids, mask, sampling_config({"do_sample": True}, 20, seed=8)).sequences
+    reseeded = sampling_config({"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95}, 20, seed=8)
+    other = generate(model, ids, mask, reseeded).sequences  # only the seed differs
     assert torch.equal(a, b) and not torch.equal(a, other)
 
 
