@@ -61,6 +61,9 @@ def test_bf16_load(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     model = MossTTSD.from_pretrained(tmp_path, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    saved = dict(tiny_model.named_parameters())
+    for name, param in model.named_parameters():  # the values are the saved ones, rounded once to bf16
+        assert torch.equal(param, saved[name].detach().to(torch.bfloat16)), name
 
 
 def test_missing_weights_are_named(tiny_model, tmp_path):

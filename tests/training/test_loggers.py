@@ -14,10 +14,18 @@ def test_logger_configs_instantiate(tmp_path, logger, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     cfg = compose_train(tmp_path, [f"logger={logger}"])
     (built,) = [instantiate(c) for c in cfg.logger.values()]
-    built.log_metrics({"train/loss": 1.0}, step=0)
+    built.log_metrics({"train/loss": 1.25}, step=0)
     if logger == "wandb":
         assert not wandb_account_configured() and built._offline
         built.experiment.finish()
+    else:
+        built.finalize("success")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    pattern = {"csv": "metrics.csv", "tensorboard": "events.out.tfevents.*", "wandb": "*.wandb"}[logger]
+    logs = [p for p in written if p.match(pattern)]
+    assert logs, f"{logger} wrote no {pattern} under {tmp_path}: {written}"
+    if logger == "csv":
+        assert "1.25" in logs[0].read_text()
 
 
 def test_wandb_account_detection(monkeypatch, tmp_path):
