@@ -41,6 +41,16 @@ class SpeechOnly(nn.Module):
     def attn_implementation(self) -> str:
         return self.inner.attn_implementation
 
+    @property
+    def decoder(self):
+        return self.inner.decoder
+
+    def new_cache(self):
+        return self.inner.new_cache()
+
+    def attention(self, name: str):
+        return self.inner.attention(name)
+
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
         first = out.logits[0].clone()
@@ -92,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    engines = args.engines or [e for e in ENGINES if e != "graph" or device.type == "cuda"]
+    engines = args.engines or [e for e in ENGINES if e not in ("graph", "compiled") or device.type == "cuda"]
     results = {}
     for size in args.sizes:
         config = MossTTSDConfig.tiny() if size == "tiny" else MossTTSDConfig.v05()

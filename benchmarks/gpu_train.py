@@ -185,7 +185,7 @@ def main() -> None:
             torch.bfloat16 if device.type == "cuda" else torch.float32
         )
     base.set_channel_weights(finetune_channel_weights(8))
-    base.model.language_model.embed_tokens.requires_grad_(False)
+    base.freeze_unused_token_table()
     model = apply_lora(base)
     flops = flop_model(base)
     peak = args.peak_tflops or peak_tflops(device)

@@ -97,7 +97,7 @@ def main() -> None:
         base = MossTTSD(config, attn_implementation="varlen_sdpa")
     base = base.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     base.set_channel_weights(finetune_channel_weights(config.channels))
-    base.model.language_model.embed_tokens.requires_grad_(False)
+    base.freeze_unused_token_table()
     model = apply_lora(base, lora_dropout=0.05)
     with torch.no_grad():  # B starts at zero: give the adapters values, so their gradients compare meaningfully
         for name, p in model.named_parameters():

@@ -80,7 +80,7 @@ def main() -> None:
     with torch.device(device):
         base = MossTTSD(config, attn_implementation=args.attn)
     base = base.to(torch.bfloat16 if cuda else torch.float32)
-    base.model.language_model.embed_tokens.requires_grad_(False)
+    base.freeze_unused_token_table()
     if args.ckpt:
         base.gradient_checkpointing_enable("selective" if args.selective else "full")
     speedups.use_liger(base, args.liger)

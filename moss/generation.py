@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache
 
 from moss.model.delay import last_valid_frame, revert_delay_pattern
 from moss.model.static_kv import DEFAULT_BUCKET, DecodeGraphs, StaticKV
@@ -212,7 +211,7 @@ def _static_decoder(model, rows: _Rows, engine: str, bucket: int):
 def _decoder(model, rows: _Rows, engine: str | None, bucket: int):
     """`forward(step) -> logits` of one generation step with the chosen cache (None: recompute everything)."""
     if engine in (None, "dynamic"):
-        cache = DynamicCache(config=model.model.language_model.config) if engine else None
+        cache = model.new_cache() if engine else None
 
         def forward(step: int):
             feed, positions, mask = rows.inputs(whole=step == 0 or cache is None)
@@ -235,12 +234,8 @@ def _decoder(model, rows: _Rows, engine: str | None, bucket: int):
         positions.copy_(rows.last_position[:, None])
         return run()
 
-    attention = model.attn_implementation
-    model.model.language_model.set_attn_implementation(STATIC_KV)
-    try:
+    with model.attention(STATIC_KV):
         yield forward
-    finally:
-        model.model.language_model.set_attn_implementation(attention)
 
 
 class _Rows:

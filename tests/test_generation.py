@@ -172,13 +172,11 @@ def test_the_decode_step_reads_nothing_back_and_the_loop_reads_once_per_check(ti
     ids, mask = tiny_prompts(tiny_tokenizer, (0, 5))
     kv = StaticKV.for_model(model, 2, 64, bucket=16)
     feed, positions = ids[:, :1].clone(), torch.zeros(2, 1, dtype=torch.long)
-    model.model.language_model.set_attn_implementation(NAME)
     kv.place(0, 1)
     # Python dispatch modes do not see inference-mode tensors: no_grad here, and generate without its decorator.
-    with torch.no_grad(), HostReads() as reads:
+    with model.attention(NAME), torch.no_grad(), HostReads() as reads:
         model(feed, position_ids=positions, static_kv=kv, output_logits=True, logits_to_keep=1)
-    assert reads.seen == []
-    model.model.language_model.set_attn_implementation("sdpa")
+    assert reads.seen == [] and model.attn_implementation == "sdpa"
     config = sampling_config({"do_sample": True, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1}, 48, seed=0)
     reads_per = {}
     for check_every in (1, 16):

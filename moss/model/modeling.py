@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Qwen3Model
+from transformers import DynamicCache, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen  # noqa: F401  (registers the varlen_sdpa attention with transformers)
@@ -160,12 +161,38 @@ class MossTTSD(nn.Module):
         self._normalized_weights = normalized_weights(self.channel_weights)
 
     @property
+    def decoder(self) -> Qwen3Model:
+        """The Qwen3 decoder stack (`model.language_model`, the original's key path)."""
+        return self.model.language_model
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.decoder.layers)
+
+    def freeze_unused_token_table(self) -> None:
+        """The Qwen3 token table is never used (inputs arrive as summed channel embeddings): no gradient for it."""
+        self.decoder.embed_tokens.requires_grad_(False)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty transformers KV cache for this decoder."""
+        return DynamicCache(config=self.decoder.config)
+
+    @property
     def attn_implementation(self) -> str:
-        return self.model.language_model.config._attn_implementation
+        return self.decoder.config._attn_implementation
 
     def set_attn_implementation(self, name: str) -> None:
         """Switch the attention implementation in place (e.g. varlen_sdpa for packed training, sdpa to generate)."""
-        self.model.language_model.set_attn_implementation(check_attn_implementation(name))
+        self.decoder.set_attn_implementation(check_attn_implementation(name))
+
+    @contextmanager
+    def attention(self, name: str) -> Iterator[None]:
+        """Run the block with attention implementation `name` (also internal ones, e.g. `static_kv`), then restore."""
+        before = self.attn_implementation
+        self.decoder.set_attn_implementation(name)
+        try:
+            yield
+        finally:
+            self.decoder.set_attn_implementation(before)
 
     def gradient_checkpointing_enable(self, policy: bool | str = "full") -> None:
         """Non-reentrant activation checkpointing of every decoder layer (safe with DDP + LoRA).
@@ -173,7 +200,7 @@ class MossTTSD(nn.Module):
         `policy`: `full` (or True) recomputes each layer's forward; `selective` keeps matmul and attention
         outputs and recomputes only pointwise work (`moss.model.activation_checkpointing`).
         """
-        lm = self.model.language_model
+        lm = self.decoder
         kwargs = checkpoint_kwargs(checkpointing_policy(policy) or "full")
         if hasattr(lm, "activation_checkpointing_enable"):  # the transformers 5.2x name
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -182,7 +209,7 @@ class MossTTSD(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn activation checkpointing off again."""
-        lm = self.model.language_model
+        lm = self.decoder
         (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
 
     # ------------------------------------------------------------------ forward
@@ -280,7 +307,8 @@ class MossTTSD(nn.Module):
             if position_ids is None:
                 raise ValueError("packed batches need position_ids restarting at 0 for every sample")
             position_ids = position_ids.reshape(1, batch * length)
-            kwargs.update(self._boundary_kwargs(cu_seqlens, attention["max_seqlen"], length, embeds.device))
+            max_seqlen, bucket = attention["max_seqlen"], self.varlen_bucket
+            kwargs.update(varlen.boundary_kwargs(attn, cu_seqlens, max_seqlen, length, bucket, embeds.device))
         return self.model.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -289,23 +317,6 @@ class MossTTSD(nn.Module):
             output_hidden_states=output_hidden_states,
             **kwargs,
         )
-
-    def _boundary_kwargs(self, cu_seqlens: torch.Tensor, max_seqlen: int | None, length: int, device) -> dict:
-        """Segment boundaries as the attention implementation takes them, with no device-to-host read."""
-        attn = self.attn_implementation
-        if attn not in (varlen.NAME, "flash_attention_2"):
-            return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
-        if self.varlen_bucket:  # no segment crosses a pack row, so the row length bounds every segment
-            cu_seqlens, max_seqlen = varlen.pad_boundaries(cu_seqlens, self.varlen_bucket), length
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync unless cu_seqlens is on the host
-        cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-        if attn == "flash_attention_2":
-            return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
-        kwargs = {"cu_seq_lens_q": cu, "max_length_q": int(max_seqlen)}
-        if cu_seqlens.device.type == "cpu":
-            kwargs["varlen_bounds"] = cu_seqlens.tolist()  # for the per-sample loop (CPU, float32): no device read
-        return kwargs
 
     # ------------------------------------------------------------------ construction and I/O
     @classmethod

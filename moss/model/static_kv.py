@@ -51,7 +51,7 @@ class StaticKV:
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, bucket: int = DEFAULT_BUCKET) -> StaticKV:
         """Buffers shaped for `model` (a `MossTTSD`), in its dtype and on its device."""
-        config = model.model.language_model.config
+        config = model.decoder.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         weight = model.lm_heads[0].weight
         return cls(

@@ -137,6 +137,28 @@ def _per_sample_sdpa(query, key, value, bounds: list[int], dropout: float, scali
     return out.permute(1, 2, 0, 3).contiguous(), None
 
 
+def boundary_kwargs(attn: str, cu_seqlens, max_seqlen: int | None, length: int, bucket: int, device) -> dict:
+    """A packed batch's boundaries as attention implementation `attn` takes them, with no device-to-host read.
+
+    `cu_seqlens` (host or device) counts rows over the flattened `[B * length]`; `bucket` > 0 pads it to a
+    multiple of `bucket` segments with `max_seqlen` = `length` (static shapes, `moss.model.speedups`); the
+    kernel's copy goes to `device`.
+    """
+    if attn not in (NAME, "flash_attention_2"):
+        return {}  # sdpa / eager / flex_attention: transformers isolates segments from the restarting position_ids
+    if bucket:  # no segment crosses a pack row, so the row length bounds every segment
+        cu_seqlens, max_seqlen = pad_boundaries(cu_seqlens, bucket), length
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # a device sync unless cu_seqlens is on the host
+    cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+    if attn == "flash_attention_2":
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
+    kwargs = {"cu_seq_lens_q": cu, "max_length_q": int(max_seqlen)}
+    if cu_seqlens.device.type == "cpu":
+        kwargs["varlen_bounds"] = cu_seqlens.tolist()  # for the per-sample loop (CPU, float32): no device read
+    return kwargs
+
+
 def pad_boundaries(cu_seqlens: torch.Tensor, bucket: int) -> torch.Tensor:
     """`cu_seqlens` with empty segments appended, up to a multiple of `bucket` segments (+1 offsets).
 

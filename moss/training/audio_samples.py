@@ -75,10 +75,8 @@ class AudioSamples(L.Callback):
         if self._codec is None:
             self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=str(pl_module.device))
         model = unwrap(pl_module.model)
-        was_training, attention = model.training, model.attn_implementation
-        model.eval()
-        if attention == "varlen_sdpa":
-            model.set_attn_implementation("sdpa")  # generation needs a KV cache
+        was_training = model.training
+        model.eval()  # the static engine attends through its own cache, whatever attention training uses
         synth = Synthesizer(
             model,
             trainer.datamodule.tokenizer,
@@ -106,7 +104,6 @@ class AudioSamples(L.Callback):
                 synth.synthesize(self.items, write)
         finally:
             model.__dict__.pop("_static_decoder", None)  # the decoding cache is not kept through training
-            model.set_attn_implementation(attention)
             model.train(was_training)
 
     def _measures(self, item: Item, seconds: float) -> dict[str, float]:

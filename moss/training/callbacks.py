@@ -67,8 +67,8 @@ class FrameThroughput(L.Callback):
         self._epoch_samples = getattr(trainer.datamodule, "epoch_samples", None) if trainer.datamodule else None
         moss = unwrap(pl_module.model)
         self._flops = flop_model(moss)
-        self._lora = any(not p.requires_grad for p in moss.model.language_model.layers.parameters())
-        self._recompute = bool(getattr(moss.model.language_model, "gradient_checkpointing", False))
+        self._lora = any(not p.requires_grad for p in moss.decoder.layers.parameters())
+        self._recompute = bool(getattr(moss.decoder, "gradient_checkpointing", False))
         self._peak = self.peak_override or peak_tflops(pl_module.device)
 
     def _step_flops(self, rows: int, sum_sq: int, convention: str = "ours") -> float:

@@ -66,7 +66,7 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def flop_model(moss) -> dict:
     """Counts for the FLOP model of a MossTTSD: compute parameters, layers and attention width."""
-    lm = moss.model.language_model
+    lm = moss.decoder
     layer_params = sum(p.numel() for n, p in lm.named_parameters() if n.startswith("layers.") and "lora_" not in n)
     head_params = sum(h.weight.numel() for h in moss.lm_heads)
     cfg = lm.config

@@ -19,9 +19,7 @@ def training_model(model: MossTTSD, settings: Mapping, device_type: str) -> torc
     """
     model.set_channel_weights(settings["channel_weights"])
     model.ce_chunk_rows = settings["ce_chunk_rows"] or DEFAULT_CHUNK_ROWS
-    # The Qwen3 token table is never used (inputs arrive as summed channel embeddings): keep it out of
-    # the optimiser and out of DDP's gradient buckets.
-    model.model.language_model.embed_tokens.requires_grad_(False)
+    model.freeze_unused_token_table()  # out of the optimiser and out of DDP's gradient buckets
     if settings["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(settings["gradient_checkpointing"])
     apply_speedups(model, device_type, **(settings.get("speedups") or {}))

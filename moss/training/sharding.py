@@ -20,7 +20,7 @@ def shard_model(model: nn.Module, mesh, param_dtype: torch.dtype | None = None) 
     """Apply `fully_shard` to `model` (a MossTTSD or its peft wrapper) over `mesh`; returns it."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     moss = unwrap(model)
-    for layer in moss.model.language_model.layers:
+    for layer in moss.decoder_layers():
         for name, module in layer.named_modules():
             if name.endswith(("lora_A.default", "lora_B.default")):
                 fully_shard(module, mesh=mesh, mp_policy=policy)

@@ -121,7 +121,7 @@ def test_liger_switch_keeps_modules_and_names_and_is_eager_off_cuda():
         # 2 layers x (input, post-attention, q, k norms) + the final norm, and 2 MLPs.
         assert speedups.use_liger(model) == 2 * 4 + 1 + 2
         assert modeling_qwen3.apply_rotary_pos_emb is not speedups._EAGER_ROPE
-        assert isinstance(model.model.language_model.layers[0].mlp, speedups.LigerSwiGLUMLP)
+        assert isinstance(model.decoder_layers()[0].mlp, speedups.LigerSwiGLUMLP)
         assert list(model.state_dict()) == names
         batch = model_inputs(pack(0))
         torch.testing.assert_close(model(**batch).loss, reference(**batch).loss, rtol=0, atol=0)
@@ -130,7 +130,7 @@ def test_liger_switch_keeps_modules_and_names_and_is_eager_off_cuda():
     finally:
         assert speedups.use_liger(model, on=False) == 2 * 4 + 1 + 2
     assert modeling_qwen3.apply_rotary_pos_emb is speedups._EAGER_ROPE
-    assert type(model.model.language_model.norm) is modeling_qwen3.Qwen3RMSNorm
+    assert type(model.decoder.norm) is modeling_qwen3.Qwen3RMSNorm
 
 
 def test_liger_is_refused_off_cuda_before_and_at_the_run(tmp_path):
