@@ -222,7 +222,12 @@ class ShardStream(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         stages = {k: v for k, v in state.items() if k != "skipped"}
-        self._restored = _staged(stages, packed=bool(self.packer_args)) if stages else None
+        if stages and "reader" not in stages:
+            raise ValueError(
+                f"the saved stream state has no stages (keys {sorted(stages)}): it was written by a pre-release "
+                f"build; resume from a checkpoint of this version or start the run anew"
+            )
+        self._restored = stages or None
         self.skipped = Counter(state.get("skipped", {}))
 
     def __iter__(self) -> Iterator[dict]:
@@ -297,19 +302,3 @@ class ShardStream(IterableDataset):
         return collate_packs(
             group, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
         )
-
-
-def _staged(state: dict, packed: bool) -> dict:
-    """A saved stream state by stage; states written before the stages existed (one flat dict) are converted."""
-    if "reader" in state:
-        return state
-    stages = {
-        "reader": {key: state[key] for key in ("epoch", "shard", "index")},
-        "buffer": {"rng": state["rng"], "buffer": state["buffer"]},
-    }
-    if packed:
-        stages["packer"] = {"pending": state["pending"], "ages": state["ages"], "out": []}
-        stages["batcher"] = {"group": state["ready"]}
-    else:
-        stages["batcher"] = {"group": state["pending"]}
-    return stages

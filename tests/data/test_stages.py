@@ -83,34 +83,12 @@ def test_resuming_at_any_micro_batch_continues_exactly(tiny_shards, builder, pac
         assert [next(again)["keys"] for _ in range(3)] == batches[k + 1 : k + 4], f"resumed after batch {k}"
 
 
-def test_a_state_saved_before_the_stage_split_still_resumes(tiny_shards, builder):
-    """Checkpoints written by the one-generator stream (a flat state) restore to the same continuation."""
-    urls = expand_shards(str(tiny_shards))
-    for packed in (True, False):
-        reference = make(urls, builder, packed)
-        iterator = iter(reference)
-        for _ in range(5):
-            next(iterator)
-        # A point with samples waiting in the packer, and no packs made but not yet batched (the flat layout
-        # had no place for those).
-        for _ in range(40):
-            staged = reference.state_dict()
-            if not packed or (staged["packer"]["pending"] and not staged["packer"]["out"]):
-                break
-            next(iterator)
-        assert staged["buffer"]["buffer"] and (not packed or staged["packer"]["pending"])
-        tail = [next(iterator)["keys"] for _ in range(4)]
-        flat = {**staged["reader"], **staged["buffer"], "skipped": staged["skipped"]}
-        if packed:
-            flat.update(
-                pending=staged["packer"]["pending"], ages=staged["packer"]["ages"], ready=staged["batcher"]["group"]
-            )
-        else:
-            flat.update(pending=staged["batcher"]["group"], ages=[], ready=[])
-        resumed = make(urls, builder, packed)
-        resumed.load_state_dict(json.loads(json.dumps(flat)))
-        again = iter(resumed)
-        assert [next(again)["keys"] for _ in range(4)] == tail
+def test_a_state_without_stages_is_refused_with_the_reason(tiny_shards, builder):
+    """A flat state (a pre-release layout, never in a released checkpoint) is refused, not half-restored."""
+    stream = make(expand_shards(str(tiny_shards)), builder, True)
+    flat = {"epoch": 0, "shard": 1, "index": 3, "rng": [], "buffer": [], "pending": [], "ages": [], "ready": []}
+    with pytest.raises(ValueError, match="has no stages .* pre-release build"):
+        stream.load_state_dict({**flat, "skipped": {}})
 
 
 def test_resuming_with_another_packing_setting_is_refused(tiny_shards, builder):
