@@ -5,6 +5,11 @@ Hydra multirun + Lightning DDP: Lightning starts ranks > 0 by re-running the com
 again and write stray run directories (pitfall P10; Lightning and Hydra issues still open). `relaunch_as_job`
 replaces that command with a single run of *this* job: its own overrides, its output directory, no config
 copy. It works for plain runs too, so it is installed unconditionally by `train.py`.
+
+Why a private function is replaced: Lightning 2.6's subprocess launcher builds the Hydra command in
+`_hydra_subprocess_cmd` and offers no public hook for it (neither the launcher nor the strategy takes a
+command). The public route avoids the launcher altogether: start every rank with `torchrun` or `srun` (the
+README's recipes), and Lightning spawns nothing.
 """
 
 from __future__ import annotations
