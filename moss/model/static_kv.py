@@ -47,6 +47,7 @@ class StaticKV:
         self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
         self.start = torch.zeros((), dtype=torch.long, device=device)  # first row this forward pass writes
         self.width = self.bucket  # attended columns (a host int: it selects the graph)
+        self._pass: tuple[torch.Tensor, torch.Tensor] | None = None  # (row indices, mask) of the current pass
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int, bucket: int = DEFAULT_BUCKET) -> StaticKV:
@@ -73,22 +74,30 @@ class StaticKV:
         self.width = min(self.capacity, -(-(start + rows) // self.bucket) * self.bucket)
         self.valid[:, start : start + rows] = True if row_mask is None else row_mask.bool()
 
+    def _rows_and_mask(self, rows: int, groups: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This pass's row indices and attention mask `[B, 1, groups * rows, width]` (the same for every layer)."""
+        index = self.start + torch.arange(rows, device=device)
+        columns = torch.arange(self.width, device=device)
+        causal = columns[None, :] <= index[:, None]  # [n, width]
+        # A left-pad row sees itself (never an empty row: SDPA would give NaN keys to the cache); real rows never
+        # see a pad.
+        mask = (self.valid[:, None, : self.width] & causal[None]) | (columns[None, :] == index[:, None])[None]
+        batch = mask.shape[0]
+        mask = mask[:, None].expand(batch, groups, rows, self.width).reshape(batch, 1, groups * rows, self.width)
+        return index, mask
+
     def attend(self, layer: int, query, key, value, scaling: float | None) -> torch.Tensor:
         """Write this pass's keys/values of `layer`, attend over the bucket. query `[B, H, n, D]` -> `[B, n, H, D]`."""
         batch, heads, rows, dim = query.shape
         kv_heads, width = key.shape[1], self.width
-        index = self.start + torch.arange(rows, device=key.device)
+        groups = heads // kv_heads
+        if layer == 0:  # built once per pass (inside a captured graph too), read by every later layer
+            self._pass = self._rows_and_mask(rows, groups, key.device)
+        index, mask = self._pass
         self.keys[layer].index_copy_(2, index, key.to(self.keys.dtype))
         self.values[layer].index_copy_(2, index, value.to(self.values.dtype))
-        columns = torch.arange(width, device=key.device)
-        causal = columns[None, :] <= index[:, None]  # [n, width]
-        # A left-pad row sees itself (never an empty row: SDPA would give NaN keys to the cache); real rows never
-        # see a pad.
-        mask = (self.valid[:, None, :width] & causal[None]) | (columns[None, :] == index[:, None])[None]
-        groups = heads // kv_heads
         # Query head h reads key/value head h // groups: fold each group's queries into the row axis.
         folded = query.reshape(batch, kv_heads, groups * rows, dim)
-        mask = mask[:, None].expand(batch, groups, rows, width).reshape(batch, 1, groups * rows, width)
         out = F.scaled_dot_product_attention(
             folded, self.keys[layer, :, :, :width], self.values[layer, :, :, :width], attn_mask=mask, scale=scaling
         )
