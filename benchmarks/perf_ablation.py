@@ -59,7 +59,7 @@ def switch(base: MossTTSD, liger: bool, static: bool, compiled: bool) -> None:
         raise RuntimeError(problem)  # off CUDA (--tiny on a CPU) the Liger classes run their eager fallback
     speedups.use_liger(base, liger)
     base.varlen_bucket = 64 if static or compiled else 0
-    for layer in speedups.decoder_layers(base):
+    for layer in base.decoder_layers():
         layer._compiled_call_impl = None
     if compiled:
         speedups.compile_layers(base)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moss.config_checks import ConfigError, validate
-from moss.model import MossTTSD, speedups
+from moss.model import MossTTSD
 from moss.model.lora import unwrap
 from tests.conftest import REPO, compose_train, random_batch
 from train import train
@@ -285,7 +285,7 @@ def test_compiled_layers_train_to_the_same_losses(tmp_path):
     for compiled in (False, True):
         cfg = compose_train(tmp_path / str(compiled), [*steps, f"model.speedups.compile={compiled}"])
         result = train(cfg)
-        layers = speedups.decoder_layers(result["trainer"].lightning_module.model)
+        layers = unwrap(result["trainer"].lightning_module.model).decoder_layers()
         assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
         out = result["output_dir"]
         runs[compiled] = (logged(out, "train/loss"), logged(out, "val/loss"))

@@ -19,12 +19,13 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+
+from moss.model.lora import unwrap
 
 
 class LigerRMSNorm(Qwen3RMSNorm):
@@ -93,18 +94,13 @@ def use_liger(model: nn.Module, on: bool = True) -> int:
     return switched
 
 
-def decoder_layers(model: nn.Module) -> Iterator[nn.Module]:
-    """The Qwen3 decoder layers of `model` (under peft's wrappers too)."""
-    yield from (m for m in model.modules() if isinstance(m, modeling_qwen3.Qwen3DecoderLayer))
-
-
 def compile_layers(model: nn.Module, **options) -> int:
-    """`torch.compile` each decoder layer in place (`nn.Module.compile`: parameter names do not change).
+    """`torch.compile` each decoder layer of a `MossTTSD` (or its peft wrapper) in place (`nn.Module.compile`).
 
     Options go to `torch.compile` (default `fullgraph=True`). Returns the number of layers compiled.
     """
     options = {"fullgraph": True, **options}
-    layers = list(decoder_layers(model))
+    layers = unwrap(model).decoder_layers()
     for layer in layers:
         layer.compile(**options)
     return len(layers)

@@ -145,4 +145,4 @@ def test_liger_is_refused_off_cuda_before_and_at_the_run(tmp_path):
 def test_compile_implies_static_varlen():
     model = speedups.apply_speedups(tiny(), "cpu", compile=True, varlen_bucket=32)
     assert model.varlen_bucket == 32
-    assert all(layer._compiled_call_impl is not None for layer in speedups.decoder_layers(model))
+    assert all(layer._compiled_call_impl is not None for layer in model.decoder_layers())
