@@ -84,21 +84,17 @@ def varlen_sdpa_attention(
             "varlen_sdpa attention runs on packed training batches only (sample boundaries, no mask, no cache); "
             "use model.net.attn_implementation=sdpa for padded batches or generation"
         )
+    if cu_seq_lens_q is None:  # every row of the batch is one sequence
+        varlen_bounds = list(range(0, batch * length + 1, length))
+        cu_seq_lens_q = torch.tensor(varlen_bounds, dtype=torch.int32).to(query.device, non_blocking=True)
+        max_length_q = length
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     if uses_varlen_kernel(query.device, dtype) and dropout == 0.0:
-        if cu_seq_lens_q is None:
-            cu_seq_lens_q = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
-            max_length_q = length
         return _varlen_kernel(query.to(dtype), key.to(dtype), value.to(dtype), cu_seq_lens_q, max_length_q, scaling)
     if torch.compiler.is_compiling():
-        if cu_seq_lens_q is None:
-            cu_seq_lens_q = torch.arange(0, batch * length + 1, length, dtype=torch.int32, device=query.device)
         return _masked_sdpa(query, key, value, cu_seq_lens_q, dropout, scaling)
-    if varlen_bounds is None:
-        varlen_bounds = (
-            cu_seq_lens_q.tolist() if cu_seq_lens_q is not None else list(range(0, batch * length + 1, length))
-        )
-    return _per_sample_sdpa(query, key, value, varlen_bounds, dropout, scaling)
+    bounds = varlen_bounds if varlen_bounds is not None else cu_seq_lens_q.tolist()
+    return _per_sample_sdpa(query, key, value, bounds, dropout, scaling)
 
 
 def _varlen_kernel(query, key, value, cu_seqlens, max_seqlen, scaling) -> tuple[torch.Tensor, None]:
