@@ -110,7 +110,7 @@ def _fit_and_export(cfg: DictConfig, raw: list, output_dir: Path) -> dict:
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
-    plan = datamodule.epoch_plan(world_size(cfg), int(cfg.trainer.get("accumulate_grad_batches") or 1))
+    plan = datamodule.epoch_plan(world_size(cfg))
     if plan is not None:
         apply_epoch_plan(cfg, plan)
     callbacks = build_callbacks(cfg.get("callbacks"))

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from moss.data.collate import PaddingCollator, model_inputs
+from moss.data.collate import PaddingCollator
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, use_fused_lora
@@ -75,7 +75,7 @@ def layouts(examples: list[dict], budget: int, pad_id: int) -> dict[str, list[di
 def train_step(model, optimizer, batch: dict, device: torch.device) -> None:
     """One optimiser step on one micro-batch (bf16 autocast on CUDA)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(**model_inputs(batch, device))
+        out = model(**batch.to(device).model_inputs())
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -105,9 +105,9 @@ def train_pass(
     if cuda:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
-    real = sum(int(b["real_rows"]) for b in batches)
-    computed = sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] for b in batches)
-    sum_sq = sum(int(b["sum_sq_rows"]) for b in batches)
+    real = sum(int(b.stats.real_rows) for b in batches)
+    computed = sum(b.input_ids.shape[0] * b.input_ids.shape[1] for b in batches)
+    sum_sq = sum(int(b.stats.sum_sq_rows) for b in batches)
     return {
         "real_rows": real,
         "sum_sq_rows": sum_sq,

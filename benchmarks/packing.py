@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moss.audio import FRAME_RATE
-from moss.data.collate import PaddingCollator, model_inputs
+from moss.data.collate import PaddingCollator
 from moss.data.dataset import ShardStream, expand_shards
 from moss.data.examples import ExampleBuilder
 from moss.data.packing import BestFitPacker, collate_packs
@@ -96,12 +96,12 @@ def train_throughput(examples: list[dict], budget: int) -> dict:
         real = computed = 0
         start = time.perf_counter()
         for batch in batches:
-            out = model(**model_inputs(batch))
+            out = model(**batch.model_inputs())
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            real += int(batch["real_rows"])
-            computed += batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+            real += int(batch.stats.real_rows)
+            computed += batch.input_ids.shape[0] * batch.input_ids.shape[1]
         wall = time.perf_counter() - start
         results[name] = {
             "steps": len(batches),
@@ -124,7 +124,7 @@ def loader_throughput(samples: list[ShardSample], builder: ExampleBuilder, budge
             loader = DataLoader(stream, batch_size=None, num_workers=workers)
             start, rows = time.perf_counter(), 0
             for batch in loader:
-                rows += int(batch["real_rows"])
+                rows += int(batch.stats.real_rows)
             wall = time.perf_counter() - start
             results[f"{max(workers, 1)} worker{'s' if workers > 1 else ''}"] = {"rows_per_s": rows / wall, "rows": rows}
     return results

@@ -34,7 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/perf_ablation.py` from anywhere
 from benchmarks.gpu_train import layouts, reference_examples, train_pass  # noqa: E402
-from moss.data.collate import model_inputs  # noqa: E402
 from moss.model import MossTTSD, MossTTSDConfig, speedups  # noqa: E402
 from moss.model.lora import apply_lora, use_fused_lora  # noqa: E402
 from moss.model.loss import finetune_channel_weights  # noqa: E402
@@ -71,7 +70,7 @@ def first_pack(model, batch: dict, device: torch.device) -> tuple[float, float]:
     model.zero_grad(set_to_none=True)
     # Eager, so a compiled stage compiles only the training graphs it times.
     with torch.compiler.set_stance("force_eager"), torch.autocast(device.type, torch.bfloat16, device.type == "cuda"):
-        loss = model(**model_inputs(batch, device)).loss
+        loss = model(**batch.to(device).model_inputs()).loss
     loss.backward()
     norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None))
     model.zero_grad(set_to_none=True)

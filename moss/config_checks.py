@@ -223,8 +223,15 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
             f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} CUDA GPUs; set "
             f"trainer.devices={torch.cuda.device_count()} (or trainer.num_nodes for more machines)"
         )
-    if accelerator == "cpu" and precision.startswith("16"):
-        problems.append(f"trainer.precision={precision} is not supported on CPU; use 32-true or bf16-mixed")
+    if precision.startswith("16"):
+        problems.append(
+            f"trainer.precision={precision} needs a loss scaler, which the training step does not run; use "
+            f"bf16-mixed (A100/H100 and newer) or 32-true"
+        )
+    moved = {"accumulate_grad_batches": "data.accumulate_grad_batches", "gradient_clip_val": "model.gradient_clip_val"}
+    for key, owner in moved.items():
+        if key in (cfg.get("trainer") or {}):
+            problems.append(f"trainer.{key} is not read: the training step is the module's; set {owner} instead")
     if _select(cfg, "model.speedups.liger") and (problem := liger_problem("cpu" if accelerator == "cpu" else "cuda")):
         problems.append(f"{problem}; set model.speedups.liger=false")
     return problems

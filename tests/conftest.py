@@ -94,7 +94,11 @@ def real_layout_checkpoint(tmp_path, tiny_tokenizer) -> Path:
 
 
 class BatchRecorder(__import__("lightning").Callback):
-    """Test helper: appends (step, keys, loss) of every training micro-batch to a JSONL file."""
+    """Test helper: appends (step, keys, loss) of every optimiser step to a JSONL file.
+
+    `loss` is the logged `train/loss` of the step (log every step to see each one); keys are its samples' keys,
+    micro-batch after micro-batch.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -104,7 +108,9 @@ class BatchRecorder(__import__("lightning").Callback):
 
         path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
         with open(path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "keys": batch["keys"], "loss": float(outputs["loss"])}))
+            keys = [key for stats in batch.stats for key in stats.keys]
+            loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+            f.write(json.dumps({"step": trainer.global_step, "keys": keys, "loss": loss}))
             f.write("\n")
 
 

@@ -17,7 +17,7 @@ def records(path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, accumulate):
     common = [
         "trainer.max_steps=8",
-        f"trainer.accumulate_grad_batches={accumulate}",
+        f"data.accumulate_grad_batches={accumulate}",
         "trainer.log_every_n_steps=1",
         "trainer.val_check_interval=1000",
         "data.num_workers=2",

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from moss.config_checks import ConfigError, validate
 from moss.model import MossTTSD
@@ -126,8 +125,7 @@ def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_
         with torch.no_grad():
             out = module(batch)
         assert torch.isfinite(out.loss)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer)
-    assert trainer_cfg["max_steps"] >= 1 and trainer_cfg["gradient_clip_val"] == 1.0
+    assert cfg.trainer.max_steps >= 1 and module.hparams.gradient_clip_val == 1.0
 
 
 def test_lora_v05_is_the_original_recipe(tmp_path, real_layout_checkpoint):
@@ -169,6 +167,16 @@ def test_channel_weights_must_match_the_model(tmp_path):
     validate(compose_train(tmp_path, ["model.channel_weights=[1,1,1,1,1,1,1,1]", "model.ce_chunk_rows=256"]))
 
 
+def test_the_step_settings_lightning_would_own_are_refused_with_their_new_home(tmp_path):
+    """The module runs the optimiser step: Lightning's accumulation and clipping keys would be ignored or fail late."""
+    overrides = ["+trainer.accumulate_grad_batches=4", "+trainer.gradient_clip_val=0.5", "trainer.precision=16-mixed"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train(tmp_path, overrides))
+    for fix in ("set data.accumulate_grad_batches", "set model.gradient_clip_val", "16-mixed needs a loss scaler"):
+        assert fix in str(err.value)
+    validate(compose_train(tmp_path, ["data.accumulate_grad_batches=4", "model.gradient_clip_val=null"]))
+
+
 def test_varlen_attention_requires_packing(tmp_path):
     with pytest.raises(ConfigError, match="varlen_sdpa needs packed batches"):
         validate(compose_train(tmp_path, ["data.packing=null"]))
@@ -182,8 +190,8 @@ def test_padded_mode_trains(tmp_path):
     result = train(compose_train(tmp_path, padded + steps))
     losses = logged(result["output_dir"], "train/loss")
     assert len(losses) == 30 and all(np.isfinite(losses)) and np.mean(losses[-5:]) < losses[0] - 0.5, losses
-    batch = next(iter(result["trainer"].datamodule.train_dataloader()))
-    assert "cu_seqlens" not in batch and (batch["attention_mask"] == 0).any()  # padding rows, masked out
+    batch = next(iter(result["trainer"].datamodule.train_dataloader())).micro[0]
+    assert batch.cu_seqlens is None and (batch.attention_mask == 0).any()  # padding rows, masked out
 
 
 def test_every_entry_point_names_a_config_that_composes():

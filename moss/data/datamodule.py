@@ -2,7 +2,7 @@
 
 The tokenizer and the model's architecture are runtime dependencies passed as keyword arguments, never read
 from global config. Training: a resumable `StatefulDataLoader` over a repeating `ShardStream`, wrapped in
-optimiser-step windows; validation: one exact pass.
+optimiser steps of `accumulate_grad_batches` micro-batches each; validation: one exact pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from moss.data.dataset import ShardStream, expand_shards, manifest_samples
 from moss.data.epochs import EpochPlan, plan_epochs
 from moss.data.examples import ExampleBuilder
-from moss.data.loader import EvenBatches, StepWindowLoader
+from moss.data.loader import EvenBatches, StepLoader
 from moss.data.synthetic import write_synthetic_corpus
 from moss.distributed import rank_and_world
 from moss.model.config import MossTTSDConfig
@@ -47,6 +47,8 @@ class MossDataModule(L.LightningDataModule):
         packing: `{"budget": rows per pack, "window": samples per packing round, "min_fill": ...,
             "packs_per_batch": ...}`, or None for the original padded batches of `batch_size` samples.
         batch_size: samples per micro-batch when not packing.
+        accumulate_grad_batches: micro-batches per optimiser step (gradient accumulation): each training item is
+            one `StepBatch` of this many.
         num_workers: dataloader worker processes per rank.
         max_rows: samples with more delayed rows are skipped and counted (or cut, `overlong="truncate"`);
             when packing, the pack budget is the limit.
@@ -70,6 +72,7 @@ class MossDataModule(L.LightningDataModule):
         val_shards: str | list[str] | None = None,
         packing: dict | None = None,
         batch_size: int = 1,
+        accumulate_grad_batches: int = 1,
         num_workers: int = 2,
         max_rows: int = 16000,
         overlong: str = "skip",
@@ -87,7 +90,10 @@ class MossDataModule(L.LightningDataModule):
         if overlong not in ("skip", "truncate"):
             raise ValueError(f"data.overlong must be 'skip' or 'truncate', got {overlong!r}")
         self.train_shards, self.val_shards = train_shards, val_shards
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"data.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.packing = dict(packing) if packing else None
+        self.accumulate = int(accumulate_grad_batches)
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = (
             batch_size,
             num_workers,
@@ -96,7 +102,7 @@ class MossDataModule(L.LightningDataModule):
         )
         self.report_dir, self.synthetic, self.epochs = report_dir, synthetic, epochs
         self.tokenizer, self.model_config = tokenizer, model_config
-        self._train_window: StepWindowLoader | None = None
+        self._train_steps: StepLoader | None = None
         self.epoch_samples: int | None = None
         prompt = PromptBuilder(
             tokenizer,
@@ -127,13 +133,13 @@ class MossDataModule(L.LightningDataModule):
             if samples and isinstance(spec, str | Path) and Path(spec).resolve() == (root / split).resolve():
                 write_synthetic_corpus(root / split, samples, seed=seed, samples_per_shard=per_shard)
 
-    def epoch_plan(self, world_size: int, accumulate: int) -> EpochPlan | None:
+    def epoch_plan(self, world_size: int) -> EpochPlan | None:
         """The optimiser steps `epochs` passes take (None without `epochs`); writes the built-in corpus first."""
         if not self.epochs:
             return None
         self.prepare_data()
         urls = expand_shards(self.train_shards, "data.train_shards")
-        plan = plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, accumulate)
+        plan = plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, self.accumulate)
         self.epoch_samples = plan.samples  # the throughput callback logs data/epoch from it
         return plan
 
@@ -172,7 +178,7 @@ class MossDataModule(L.LightningDataModule):
             report_dir=self.report_dir,
         )
 
-    def train_dataloader(self) -> StepWindowLoader:
+    def train_dataloader(self) -> StepLoader:
         loader = StatefulDataLoader(
             self.stream(self.train_urls, train=True),
             batch_size=None,
@@ -181,11 +187,9 @@ class MossDataModule(L.LightningDataModule):
             pin_memory=self._pin_memory,
             worker_init_fn=outlive_group_stops,
         )
-        trainer = self.trainer
-        accumulate = trainer.accumulate_grad_batches if trainer else 1
-        max_steps = trainer.max_steps if trainer and trainer.max_steps > 0 else 1
-        self._train_window = StepWindowLoader(loader, accumulate=accumulate, length=max_steps * accumulate)
-        return self._train_window
+        max_steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1
+        self._train_steps = StepLoader(loader, accumulate=self.accumulate, steps=max_steps)
+        return self._train_steps
 
     def val_dataloader(self) -> EvenBatches | list:
         if not self.val_urls:
@@ -205,9 +209,9 @@ class MossDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str | None = None) -> None:
         """Stop the loader workers now, rather than whenever the loader is garbage-collected."""
-        if self._train_window is not None:
-            self._train_window.close()
-            self._train_window = None
+        if self._train_steps is not None:
+            self._train_steps.close()
+            self._train_steps = None
 
     @property
     def _pin_memory(self) -> bool:

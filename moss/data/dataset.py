@@ -17,6 +17,7 @@ report when `report_dir` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -31,6 +32,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from moss.data import tar_reader
+from moss.data.batch import PackedBatch
 from moss.data.collate import PaddingCollator
 from moss.data.examples import ExampleBuilder
 from moss.data.packing import collate_packs
@@ -255,8 +257,7 @@ class ShardStream(IterableDataset):
         units = examples(stages["buffer"](stages["reader"]))
         for batch in stages["batcher"](stages["packer"](units) if "packer" in stages else units):
             self._state = {name: stage.state_dict() for name, stage in stages.items()}
-            batch["skipped"], batch["reader"] = dict(self.skipped), slot
-            yield batch
+            yield self._with_reader(batch, slot)
 
     @staticmethod
     def _restore(stages: dict, state: dict, examples: Examples) -> None:
@@ -271,7 +272,7 @@ class ShardStream(IterableDataset):
         for name, stage in stages.items():
             stage.load_state_dict(state[name], restore)
 
-    def placeholder_batch(self) -> dict:
+    def placeholder_batch(self) -> PackedBatch:
         """A micro-batch in this stream's format without a single label: it adds nothing to a loss.
 
         Validation feeds it to a rank whose readers ran out before the others' (uneven shards, or more ranks
@@ -288,14 +289,18 @@ class ShardStream(IterableDataset):
             ids[:, 0] = self.builder.text_pad_id
             labels = np.full_like(ids, IGNORE_INDEX)
             batch = self.padder([{"key": "placeholder", "rows": len(ids), "input_ids": ids, "labels": labels}])
-        batch["skipped"], batch["reader"] = dict(self.skipped), -1
-        return batch
+        return self._with_reader(batch, -1)
+
+    def _with_reader(self, batch: PackedBatch, reader: int) -> PackedBatch:
+        """The batch with its reader and that reader's skip counts so far (the callbacks' skip report)."""
+        stats = dataclasses.replace(batch.stats, reader=reader, skipped=dict(self.skipped))
+        return dataclasses.replace(batch, stats=stats)
 
     @property
     def _group(self) -> int:
         return self.packs_per_batch if self.packer_args else self.batch_size
 
-    def _collate(self, group: list) -> dict:
+    def _collate(self, group: list) -> PackedBatch:
         if not self.packer_args:
             return self.padder(group)
         prompt = self.builder.prompt

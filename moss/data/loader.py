@@ -1,15 +1,14 @@
-"""Optimiser-step windows over a resumable loader, for an exactly normalised loss.
+"""Optimiser steps over a resumable loader, for an exactly normalised loss.
 
 The loss of one optimiser step divides each channel's summed cross-entropy by that channel's valid-label
 count over the *whole step*: every micro-batch of gradient accumulation (and, in the module, every rank).
-`StepWindowLoader` reads the `k` micro-batches of a step ahead, sums their `label_counts`, and hands them
-out one by one with the window total attached as `step_label_counts`. Lightning's own accumulation then
-applies unchanged.
+`StepLoader` groups the `k` micro-batches of a step into one `StepBatch`, which carries their summed counts;
+the module's `training_step` runs the whole step.
 
-It has a length (`max_steps * k`), so Lightning does not pre-fetch a batch beyond the one it trains on, and
-a `state_dict`, so the checkpoint records the position of the wrapped `StatefulDataLoader` at the start of
-the current window plus how far into the window training got. Under DDP only rank 0 writes the checkpoint,
-so the state of *every* rank's stream is gathered into it, and each rank restores its own.
+It has a length (`max_steps`), so Lightning does not pre-fetch a step beyond the one it trains on, and a
+`state_dict`: the position of the wrapped `StatefulDataLoader` after the last whole step handed out, which is
+where a resumed run continues (checkpoints are written between steps). Under DDP only rank 0 writes the
+checkpoint, so the state of *every* rank's stream is gathered into it, and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -19,33 +18,31 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from moss.data.batch import StepBatch
 from moss.distributed import is_initialized, rank_and_world
 from moss.errors import ConfigError
 
 
-class StepWindowLoader:
-    """Yields micro-batches with `step_label_counts` = the summed `label_counts` of their step window.
+class StepLoader:
+    """Yields one `StepBatch` of `accumulate` micro-batches per optimiser step.
 
     Args:
-        loader: a `torchdata.stateful_dataloader.StatefulDataLoader` yielding micro-batches.
-        accumulate: micro-batches per optimiser step (`trainer.accumulate_grad_batches`).
-        length: micro-batches in the whole run (`trainer.max_steps * accumulate`).
+        loader: a `torchdata.stateful_dataloader.StatefulDataLoader` yielding `PackedBatch` micro-batches.
+        accumulate: micro-batches per optimiser step (`data.accumulate_grad_batches`).
+        steps: optimiser steps in the whole run (`trainer.max_steps`).
     """
 
-    def __init__(self, loader, accumulate: int, length: int):
+    def __init__(self, loader, accumulate: int, steps: int):
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-        self.loader, self.accumulate, self.length = loader, accumulate, length
-        self._window_start: dict | None = None
-        self._offset = 0
-        self._skip = 0
-        self._active: Iterator[dict] | None = None
+        self.loader, self.accumulate, self.steps = loader, accumulate, steps
+        self._active: Iterator[StepBatch] | None = None
 
     def __len__(self) -> int:
-        return self.length
+        return self.steps
 
-    def __iter__(self) -> Iterator[dict]:
-        self._active = self._windows()
+    def __iter__(self) -> Iterator[StepBatch]:
+        self._active = self._steps()
         return self._active
 
     def close(self) -> None:
@@ -54,38 +51,23 @@ class StepWindowLoader:
             self._active.close()
         self._active, self.loader = None, None
 
-    def _windows(self) -> Iterator[dict]:
+    def _steps(self) -> Iterator[StepBatch]:
         iterator = iter(self.loader)
         while True:
-            self._window_start = self.loader.state_dict()
-            window = []
+            micro = []
             for _ in range(self.accumulate):
                 try:
-                    window.append(next(iterator))
+                    micro.append(next(iterator))
                 except StopIteration:
                     break
-            if not window:
+            if micro:
+                yield StepBatch(tuple(micro))
+            if len(micro) < self.accumulate:
                 return
-            total = torch.stack([b["label_counts"] for b in window]).sum(0)
-            skip, self._skip = self._skip, 0
-            for i, batch in enumerate(window):
-                self._offset = i + 1
-                if i < skip:
-                    continue  # already trained on before the checkpoint this run resumed from
-                batch["step_label_counts"] = total
-                yield batch
-            self._offset = 0
-            if len(window) < self.accumulate:
-                return
-
-    def _local_state(self) -> dict:
-        if self._offset in (0, self.accumulate) or self._window_start is None:
-            return {"loader": self.loader.state_dict(), "skip": 0}
-        return {"loader": self._window_start, "skip": self._offset}
 
     def state_dict(self) -> dict:
         """`{"ranks": [state of rank 0, rank 1, ...]}`; a collective call under torch.distributed."""
-        local = self._local_state()
+        local = {"loader": self.loader.state_dict()}
         if not is_initialized():
             return {"ranks": [local]}
         states = [None] * dist.get_world_size()
@@ -113,7 +95,6 @@ class StepWindowLoader:
                 f"{self.loader.num_workers}; resume with data.num_workers={workers} to continue the data exactly"
             )
         self.loader.load_state_dict(ranks[rank]["loader"])
-        self._skip = ranks[rank]["skip"]
 
 
 def _saved_workers(state: dict) -> int | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from moss.data.batch import BatchStats, PackedBatch
 from moss.model.loss import IGNORE_INDEX
 
 
@@ -103,13 +104,12 @@ class BestFitPacker:
 
 def collate_packs(
     packs: list[list[dict]], budget: int, text_pad_id: int, speech_pad: int = 1024, channels: int = 8
-) -> dict:
+) -> PackedBatch:
     """Packed micro-batch from packs of delayed examples (`input_ids`/`labels` int `[T_i + C - 1, C]`).
 
-    Returns a dict with `input_ids`, `labels` (int64 `[B, budget, C]`), `position_ids` (int64 `[B, budget]`),
-    `cu_seqlens` (int32, boundaries of all segments of all rows, as if the B rows were one sequence),
-    `max_seqlen`, `label_counts` (int64 `[C]`), `real_rows`, `sum_sq_rows` (sum of squared sample lengths, for
-    attention FLOPs), `num_samples`, `keys`.
+    Returns a `PackedBatch`: `input_ids`, `labels` (int64 `[B, budget, C]`), `position_ids` (int64
+    `[B, budget]`), `cu_seqlens` (int32, boundaries of all segments of all rows, as if the B rows were one
+    sequence; the pad tail of a row is a segment of its own), `max_seqlen`, `label_counts` (int64 `[C]`), stats.
     """
     batch = len(packs)
     input_ids = np.empty((batch, budget, channels), dtype=np.int64)
@@ -132,16 +132,15 @@ def collate_packs(
             position_ids[b, start:] = np.arange(budget - start)
             lengths.append(budget - start)
     label_counts = (labels[:, 1:] != IGNORE_INDEX).sum(axis=(0, 1))
-    real_rows = sum(item["rows"] for pack in packs for item in pack)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
-        "max_seqlen": int(max(lengths)),
-        "label_counts": torch.from_numpy(label_counts),
-        "real_rows": real_rows,  # plain ints: they stay on the CPU, reading them never syncs the GPU
-        "sum_sq_rows": sum(item["rows"] ** 2 for pack in packs for item in pack),
-        "num_samples": len(keys),
-        "keys": keys,
-    }
+    rows = [item["rows"] for pack in packs for item in pack]
+    return PackedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32),
+        max_seqlen=int(max(lengths)),
+        label_counts=torch.from_numpy(label_counts),
+        stats=BatchStats(
+            real_rows=sum(rows), sum_sq_rows=sum(n * n for n in rows), num_samples=len(keys), keys=tuple(keys)
+        ),
+    )

@@ -40,7 +40,7 @@ def early_stopping(patience: int | None = None, min_delta: float = 0.0) -> L.Cal
 
 
 class FrameThroughput(L.Callback):
-    """Logs every `window` micro-batches.
+    """Logs every `window` optimiser steps.
 
     * `perf/real_frames_per_s` (this device, in the progress bar) and `perf/real_frames_per_s_total` (all ranks);
     * `perf/packing_efficiency`: real rows / computed rows (1.0 = no compute spent on padding);
@@ -75,15 +75,19 @@ class FrameThroughput(L.Callback):
         return step_flops(self._flops, rows, sum_sq, self._lora, convention, self._recompute)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        real = int(batch["real_rows"])
-        computed = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
-        sq = int(batch.get("sum_sq_rows", real * real))
-        self._rows, self._computed, self._sq = self._rows + real, self._computed + computed, self._sq + sq
-        self._total_rows, self._total_computed = self._total_rows + real, self._total_computed + computed
-        self._total_flops += self._step_flops(real, sq)
-        self._samples, self._batches = self._samples + batch.get("num_samples", 0), self._batches + 1
-        self._skipped[batch.get("reader", 0)] = batch.get("skipped", {})
-        self._total_samples += batch.get("num_samples", 0)
+        for micro in batch.micro:  # a StepBatch: one optimiser step
+            stats = micro.stats
+            computed = micro.input_ids.shape[0] * micro.input_ids.shape[1]
+            self._rows, self._computed, self._sq = (
+                self._rows + stats.real_rows,
+                self._computed + computed,
+                self._sq + stats.sum_sq_rows,
+            )
+            self._total_rows, self._total_computed = self._total_rows + stats.real_rows, self._total_computed + computed
+            self._total_flops += self._step_flops(stats.real_rows, stats.sum_sq_rows)
+            self._samples, self._batches = self._samples + stats.num_samples, self._batches + 1
+            self._skipped[stats.reader] = stats.skipped
+            self._total_samples += stats.num_samples
         if (batch_idx + 1) % self.window:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)

@@ -74,8 +74,6 @@ def relaunched_rank() -> bool:
 
 # Warnings every run would print, each about a choice this project makes on purpose.
 _KNOWN_WARNINGS = (
-    # Our LightningModule moves batches itself (host-side boundaries stay on the host); intended.
-    r".*overridden `transfer_batch_to_device` in `LightningModule`",
     # Validation metrics are summed over ranks before they are logged (lit_module.on_validation_epoch_end).
     r".*It is recommended to use `self\.log\('val/",
     # Deprecations inside torchdata / Lightning's use of torch internals, not in this project's code.

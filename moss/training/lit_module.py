@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moss.data.collate import HOST_KEYS, model_inputs
+from moss.data.batch import PackedBatch, StepBatch
+from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.loss import finetune_channel_weights, normalized_weights
 from moss.training import run_checkpoint as ckpt
@@ -29,6 +30,7 @@ class MossTTSDLitModule(L.LightningModule):
         net: factory `net(config=...) -> MossTTSD`, e.g. a `_partial_` of `MossTTSD.from_pretrained`.
         optimizer: factory `optimizer(params) -> Optimizer`.
         scheduler: factory `scheduler(optimizer, total_steps=...)`, stepped every optimiser step.
+        gradient_clip_val: the gradients' total norm is clipped to this before each step (None: not clipped).
         peft: keyword arguments of `moss.model.lora.apply_lora`, or None for full fine-tuning.
         channel_weights: loss weight per channel, normalised to sum 1; None: the original's fine-tuning weights.
         gradient_checkpointing: checkpointing of the decoder layers: false, true (= full) or selective.
@@ -45,6 +47,7 @@ class MossTTSDLitModule(L.LightningModule):
         net: Callable[..., MossTTSD],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
+        gradient_clip_val: float | None = None,
         peft: dict | None = None,
         channel_weights: Sequence[float] | None = None,
         gradient_checkpointing: bool | str = False,
@@ -54,6 +57,7 @@ class MossTTSDLitModule(L.LightningModule):
         adapter_only_checkpoints: bool = True,
     ):
         super().__init__()
+        self.automatic_optimization = False  # the whole optimiser step is `training_step`
         # Plain containers only: Lightning checkpoints are read back with torch.load(weights_only=True).
         peft, speedups = (
             OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c for c in (peft, speedups)
@@ -78,28 +82,40 @@ class MossTTSDLitModule(L.LightningModule):
             model = shard_model(model, self.device_mesh["data_parallel"])
         self.model = model
 
-    def forward(self, batch: dict):
-        return self.model(**model_inputs(batch))
+    def forward(self, batch: PackedBatch):
+        return self.model(**batch.model_inputs())
 
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        """Move the batch, except what the model reads on the host (`HOST_KEYS`): reading those back would sync."""
-        host = {key: batch.pop(key) for key in HOST_KEYS if key in batch}
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        batch.update(host)
-        return batch
+    def on_fit_start(self) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ConfigError(
+                f"trainer.precision={self.trainer.precision} needs a loss scaler, which this training step does not "
+                f"run; use bf16-mixed (A100/H100 and newer) or 32-true"
+            )
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """This micro-batch's share of the step loss `sum_c w_c * CE_sum_c(step) / N_c(step)` (`StepLoss`).
+    def training_step(self, step: StepBatch, batch_idx: int) -> None:
+        """One optimiser step: a backward per micro-batch, clipping, the update, the schedule, the metrics.
 
-        Lightning divides by `accumulate_grad_batches` and DDP averages over ranks; the returned scale undoes
-        both, so the step's gradient is exactly that of the step loss however the step is split.
+        Every micro-batch's loss is divided by the label counts of the whole step over all ranks (`StepLoss`),
+        so the gradient is that of the step loss however the step is split; gradients cross ranks once, in the
+        last backward.
         """
-        out = self(batch)
-        accumulate = self.trainer.accumulate_grad_batches
-        if batch_idx % accumulate == 0 or self.step_loss.counts is None:
-            counts = batch.get("step_label_counts", out.channel_label_counts)
-            self.step_loss.start(counts.to(out.channel_loss_sums.device, non_blocking=True), self._reduce)
-        return self.step_loss(out.channel_loss_sums) * accumulate * self.trainer.world_size
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        counts = step.label_counts.to(self.device, non_blocking=True)
+        self.step_loss.start(counts, self._reduce, ranks=self.trainer.world_size)
+        for i, micro in enumerate(step.micro):
+            with optimizer.toggle_model(sync_grad=i == len(step) - 1):
+                self.manual_backward(self.step_loss(self(micro).channel_loss_sums))
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip_val or float("inf"))
+        log_now = is_log_step(self.trainer)  # before the update moves global_step on
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        if log_now and (result := self.step_loss.result(self._reduce)) is not None:
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+            self._log_metrics(host_metrics("train", *result, **{"train/grad_norm": norm}))
+            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), batch_size=1)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
@@ -126,17 +142,6 @@ class MossTTSDLitModule(L.LightningModule):
         loss_key = next(iter(metrics))
         self.log(loss_key, metrics.pop(loss_key), prog_bar=True, batch_size=1)
         self.log_dict(metrics, batch_size=1)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Runs after the step's last backward: one norm computation serves clipping and `train/grad_norm`
-        # (pre-clip), and on logging steps the step's metrics are read back together.
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if is_log_step(self.trainer) and (result := self.step_loss.result(self._reduce)) is not None:
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
-            self._log_metrics(host_metrics("train", *result, **{"train/grad_norm": norm}))
-            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), batch_size=1)
 
     def configure_optimizers(self):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]

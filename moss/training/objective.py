@@ -24,16 +24,21 @@ class StepLoss:
         self.weights = weights
         self.counts: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None
+        self.ranks = 1
 
-    def start(self, counts: torch.Tensor, reduce: Reduce) -> None:
+    def start(self, counts: torch.Tensor, reduce: Reduce, ranks: int = 1) -> None:
         """A new step: `counts` are this rank's label counts of all its micro-batches in the step."""
-        self.counts = reduce(counts)
+        self.counts, self.ranks = reduce(counts), ranks
         self.sums = torch.zeros(counts.shape, dtype=torch.float32, device=counts.device)
 
     def __call__(self, sums: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's share of the step loss (its summed CE over the step's counts)."""
+        """What this micro-batch backpropagates: its summed CE over the step's counts, times the ranks.
+
+        The step loss is the *sum* of every rank's share; DDP and FSDP average gradients over ranks, so each
+        rank's share is scaled by their number to make that average the sum.
+        """
         self.sums += sums.detach()
-        return weighted_loss(sums, self.counts, self.weights)[0]
+        return weighted_loss(sums, self.counts, self.weights)[0] * self.ranks
 
     def result(self, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(loss, per-channel losses) of the step so far over all ranks; None before the first micro-batch."""

@@ -65,8 +65,7 @@ class PreemptionCheckpoint(L.Callback):
             self._previous[name] = signal.signal(getattr(signal, name), self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # only at optimiser-step boundaries: the resumed run starts a fresh step
+        # Each training batch is a whole optimiser step: the resumed run starts the next one.
         if trainer.world_size == 1:
             if not self.received:
                 return

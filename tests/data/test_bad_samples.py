@@ -89,7 +89,7 @@ def builder(tiny_tokenizer):
 def keys_of(stream, limit):
     out = []
     for batch in DataLoader(stream, batch_size=None, num_workers=0):
-        out.extend(batch["keys"])
+        out.extend(batch.stats.keys)
         if len(out) >= limit:
             return out
     return out

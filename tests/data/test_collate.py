@@ -23,13 +23,13 @@ def test_matches_the_original_batch(golden):
         ]
         assert [e["input_ids"].shape[0] for e in examples] == g["shifted_lengths"].tolist()
         batch = PaddingCollator(text_pad_id=368, max_length=16000)(examples)
-        assert torch.equal(batch["input_ids"], g["batch_input_ids"])
-        assert torch.equal(batch["labels"], g["batch_labels"])
-        assert torch.equal(batch["attention_mask"], g["batch_attention_mask"].long())
+        assert torch.equal(batch.input_ids, g["batch_input_ids"])
+        assert torch.equal(batch.labels, g["batch_labels"])
+        assert torch.equal(batch.attention_mask, g["batch_attention_mask"].long())
 
 
 def test_truncates_on_the_right_like_the_original():
     ex = {"key": "a", "input_ids": np.ones((10, 8), np.int32), "labels": np.ones((10, 8), np.int32)}
     batch = PaddingCollator(text_pad_id=5, max_length=6)([ex])
-    assert batch["input_ids"].shape == (1, 6, 8) and int(batch["real_rows"]) == 6
-    assert batch["label_counts"].tolist() == [5] * 8
+    assert batch.input_ids.shape == (1, 6, 8) and int(batch.stats.real_rows) == 6
+    assert batch.label_counts.tolist() == [5] * 8

@@ -184,7 +184,7 @@ def builder(tiny_tokenizer):
 
 
 def stream_keys(stream) -> list[str]:
-    return [k for batch in DataLoader(stream, batch_size=None, num_workers=0) for k in batch["keys"]]
+    return [k for batch in DataLoader(stream, batch_size=None, num_workers=0) for k in batch.stats.keys]
 
 
 @pytest.mark.parametrize("case", [0, 1, 2, 6, 8, 9, 10, 12, 13, 15])
@@ -213,10 +213,10 @@ def test_duplicate_keys_are_used_once_and_reported_also_after_a_resume(tmp_path,
     # so the resumed stream skips the same duplicates and continues exactly.
     first = ShardStream(urls, builder, repeat=False, shuffle=False)
     iterator = iter(first)
-    before = [k for _ in range(7) for k in next(iterator)["keys"]]
+    before = [k for _ in range(7) for k in next(iterator).stats.keys]
     resumed = ShardStream(urls, builder, repeat=False, shuffle=False)
     resumed.load_state_dict(first.state_dict())
-    after = [k for batch in resumed for k in batch["keys"]]
+    after = [k for batch in resumed for k in batch.stats.keys]
     assert before + after == keys
 
 

@@ -38,18 +38,18 @@ def examples(tiny_tokenizer):
 def test_collated_pack_layout(examples):
     budget = sum(e["rows"] for e in examples) + 13
     batch = collate_packs([examples], budget, text_pad_id=368)
-    assert batch["input_ids"].shape == (1, budget, 8) and "attention_mask" not in batch
+    assert batch.input_ids.shape == (1, budget, 8) and batch.attention_mask is None
     starts = np.cumsum([0] + [e["rows"] for e in examples])
     for e, s in zip(examples, starts, strict=False):
-        assert batch["position_ids"][0, s : s + e["rows"]].tolist() == list(range(e["rows"]))
-        assert (batch["labels"][0, s] == -100).all()  # the next sample's first row is never a target
-    assert batch["position_ids"][0, -13:].tolist() == list(range(13))  # pad tail: a segment of its own
-    assert batch["cu_seqlens"].tolist() == [*starts.tolist(), budget] and batch["max_seqlen"] == max(
+        assert batch.position_ids[0, s : s + e["rows"]].tolist() == list(range(e["rows"]))
+        assert (batch.labels[0, s] == -100).all()  # the next sample's first row is never a target
+    assert batch.position_ids[0, -13:].tolist() == list(range(13))  # pad tail: a segment of its own
+    assert batch.cu_seqlens.tolist() == [*starts.tolist(), budget] and batch.max_seqlen == max(
         [e["rows"] for e in examples] + [13]
     )
     expected = sum((shift_labels(torch.from_numpy(e["labels"]).long()[None]) != -100).sum((0, 1)) for e in examples)
-    assert torch.equal(batch["label_counts"], expected)
-    assert int(batch["real_rows"]) == budget - 13 and batch["keys"] == [e["key"] for e in examples]
+    assert torch.equal(batch.label_counts, expected)
+    assert int(batch.stats.real_rows) == budget - 13 and batch.stats.keys == tuple(e["key"] for e in examples)
 
 
 def _module(model):
@@ -99,14 +99,12 @@ def test_a_mask_or_cache_sneaking_in_is_caught(examples, tiny_config):
     second = slice(examples[0]["rows"], examples[0]["rows"] + examples[1]["rows"])
     with torch.no_grad():
         alone = model(torch.from_numpy(examples[1]["input_ids"]).long()[None]).last_hidden_state[0]
-        isolated = model(batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state[0, second]
+        isolated = model(batch.input_ids, position_ids=batch.position_ids).last_hidden_state[0, second]
         masked = model(
-            batch["input_ids"],
-            position_ids=batch["position_ids"],
+            batch.input_ids,
+            position_ids=batch.position_ids,
             attention_mask=torch.ones(1, budget, dtype=torch.long),
         ).last_hidden_state[0, second]
-        cached = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).last_hidden_state[
-            0, second
-        ]
+        cached = model(batch.input_ids, position_ids=batch.position_ids, use_cache=True).last_hidden_state[0, second]
     torch.testing.assert_close(isolated, alone, atol=2e-5, rtol=1e-5)
     assert (masked - alone).abs().max() > 1e-3 and (cached - alone).abs().max() > 1e-3

@@ -28,7 +28,7 @@ def keys_of(stream, workers=0, limit=None):
     out = []
     try:
         for batch in iterator:
-            out.extend(batch["keys"])
+            out.extend(batch.stats.keys)
             if limit and len(out) >= limit:
                 break
     finally:
@@ -60,10 +60,10 @@ def test_example_is_the_delayed_prompt_grid(tiny_shards, builder):
     batch = next(iter(ShardStream(expand_shards(str(tiny_shards)), builder, repeat=False, shuffle=False)))
     sample = next(generate_samples(1, seed=3))
     grid, labels = builder.prompt(sample.text, sample.codes, sample.ref_text, sample.ref_codes)
-    ids = batch["input_ids"][0]
-    assert ids.shape == (grid.shape[0] + 7, 8) and batch["keys"] == [sample.key]
+    ids = batch.input_ids[0]
+    assert ids.shape == (grid.shape[0] + 7, 8) and batch.stats.keys == (sample.key,)
     assert torch.equal(ids[3 : 3 + grid.shape[0], 3], torch.from_numpy(grid[:, 3]))
-    assert (batch["labels"][0, :3, 3] == -100).all()
+    assert (batch.labels[0, :3, 3] == -100).all()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -163,8 +163,8 @@ def test_packed_pass_over_two_ranks_and_two_workers_is_exactly_once(tiny_shards,
         for batch in DataLoader(
             packed_stream(expand_shards(str(tiny_shards)), builder, False), batch_size=None, num_workers=2
         ):
-            assert batch["input_ids"].shape == (1, 1024, 8) and int(batch["real_rows"]) <= 1024
-            keys.extend(batch["keys"])
+            assert batch.input_ids.shape == (1, 1024, 8) and int(batch.stats.real_rows) <= 1024
+            keys.extend(batch.stats.keys)
     assert sorted(keys) == sorted(s.key for s in generate_samples(48, seed=3))
 
 
@@ -179,13 +179,13 @@ def test_stream_state_restores_the_exact_continuation(tiny_shards, builder, pack
 
     reference = make()
     it = iter(reference)
-    head = [next(it)["keys"] for _ in range(9)]
+    head = [next(it).stats.keys for _ in range(9)]
     state = reference.state_dict()
-    tail = [next(it)["keys"] for _ in range(30)]  # crosses into the second pass
+    tail = [next(it).stats.keys for _ in range(30)]  # crosses into the second pass
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives plain serialisation
     again = iter(resumed)
-    assert [next(again)["keys"] for _ in range(30)] == tail and head != tail[:9]
+    assert [next(again).stats.keys for _ in range(30)] == tail and head != tail[:9]
 
 
 def test_skip_report_is_written(tmp_path, builder):
@@ -196,7 +196,7 @@ def test_skip_report_is_written(tmp_path, builder):
         expand_shards(str(tmp_path / "s")), builder, repeat=False, shuffle=False, report_dir=str(report)
     )
     batches = list(stream)
-    assert batches[-1]["skipped"] == {"over-long sample": 1}
+    assert batches[-1].stats.skipped == {"over-long sample": 1}
     (line,) = (report / "skipped-val-reader0000.jsonl").read_text().splitlines()
     assert json.loads(line)["reason"] == "over-long sample" and "too-long" in json.loads(line)["detail"]
 

@@ -55,7 +55,7 @@ def test_every_sample_read_is_either_emitted_or_held_in_a_stage(tiny_shards, bui
     per_shard = [[raw["__key__"] for raw in tar_samples(url)] for url in order]
     emitted = []
     for batch in stream:
-        emitted += batch["keys"]
+        emitted += list(batch.stats.keys)
         reader = stream.state_dict()["reader"]
         if reader["epoch"] > 0:
             read = [k for keys in per_shard for k in keys]
@@ -74,13 +74,13 @@ def test_resuming_at_any_micro_batch_continues_exactly(tiny_shards, builder, pac
     iterator = iter(reference)
     states, batches = [], []
     for _ in range(24):  # two passes and more
-        batches.append(next(iterator)["keys"])
+        batches.append(next(iterator).stats.keys)
         states.append(json.loads(json.dumps(reference.state_dict())))
     for k in range(0, 21, 2 if packed else 3):
         resumed = make(urls, builder, packed)
         resumed.load_state_dict(states[k])
         again = iter(resumed)
-        assert [next(again)["keys"] for _ in range(3)] == batches[k + 1 : k + 4], f"resumed after batch {k}"
+        assert [next(again).stats.keys for _ in range(3)] == batches[k + 1 : k + 4], f"resumed after batch {k}"
 
 
 def test_a_state_without_stages_is_refused_with_the_reason(tiny_shards, builder):

@@ -56,7 +56,7 @@ def test_end_to_end_into_the_training_datamodule(tmp_path, codec_files, tiny_tok
         model_config=MossTTSDConfig.tiny(),
     )
     data.setup("fit")
-    keys = [k for batch in data.stream(data.train_urls, train=False) for k in batch["keys"]]
+    keys = [k for batch in data.stream(data.train_urls, train=False) for k in batch.stats.keys]
     assert sorted(keys) == sorted(samples)
 
 

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 
-from moss.data.collate import model_inputs
 from moss.data.packing import collate_packs
 from moss.generation import GenerationConfig, generate
 from moss.model import MossTTSD, MossTTSDConfig, speedups, varlen
@@ -68,7 +67,7 @@ def test_packed_logits_equal_each_sample_alone_in_bf16(config, attn):
     reference = MossTTSD.from_config(config, seed=0, attn_implementation="sdpa").to(CUDA, torch.bfloat16).eval()
     samples = examples(config)
     batch = collate_packs([samples], sum(LENGTHS) + 13, text_pad_id=368)
-    inputs = {k: v for k, v in model_inputs(batch, CUDA).items() if k != "labels"}
+    inputs = {k: v for k, v in batch.to(CUDA).model_inputs().items() if k != "labels"}
     agree = total = 0
     with torch.no_grad():
         packed = model(**inputs, output_logits=True).logits
@@ -161,7 +160,7 @@ def test_lora_step_with_gradient_checkpointing_matches_without(config):
                 torch.nn.init.normal_(p, std=0.02)
         model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(**model_inputs(batch, CUDA))
+            out = model(**batch.to(CUDA).model_inputs())
         assert torch.isfinite(out.loss)
         out.loss.backward()
         grads[checkpointing] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -295,7 +294,7 @@ def lora_pack_step(config, liger: bool = False, compile_backend=None, seeds=(0,)
     for seed in seeds:
         lengths = np.random.default_rng(seed).integers(20, 400, 5).tolist()
         batch = collate_packs([examples(config, lengths, seed)], 2048, text_pad_id=368)
-        loss = model(**model_inputs(batch, CUDA)).loss
+        loss = model(**batch.to(CUDA).model_inputs()).loss
         loss.backward()
         losses.append(float(loss.detach()))
     return losses, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}

@@ -31,11 +31,6 @@ def pack(seed: int) -> dict:
     return collate_packs([items], BUDGET, text_pad_id=0)
 
 
-def model_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "label_counts")
-    return {key: batch[key] for key in keys}
-
-
 def tiny(bucket: int = 0, lora: bool = False) -> torch.nn.Module:
     model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0, attn_implementation="varlen_sdpa").double().train()
     model.varlen_bucket = bucket
@@ -45,7 +40,7 @@ def tiny(bucket: int = 0, lora: bool = False) -> torch.nn.Module:
 def train_packs(model, seeds) -> tuple[list[float], dict]:
     losses = []
     for seed in seeds:
-        out = model(**model_inputs(pack(seed)))
+        out = model(**pack(seed).model_inputs())
         out.loss.backward()
         losses.append(float(out.loss.detach()))
     return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -82,7 +77,7 @@ class CountingBackend:
 def test_compiled_layers_equal_eager_with_one_compilation_over_five_packs(lora):
     torch._dynamo.reset()
     seeds = [0, 1, 2, 3, 4]
-    assert len({pack(s)["cu_seqlens"].numel() for s in seeds}) > 1  # the packs do differ in segment count
+    assert len({pack(s).cu_seqlens.numel() for s in seeds}) > 1  # the packs do differ in segment count
     eager, eager_grads = train_packs(tiny(bucket=16, lora=lora), seeds)
     backend, model = CountingBackend(), tiny(bucket=16, lora=lora)
     assert speedups.compile_layers(model, backend=backend) == 2  # fullgraph: a graph break raises
@@ -123,7 +118,7 @@ def test_liger_switch_keeps_modules_and_names_and_is_eager_off_cuda():
         assert modeling_qwen3.apply_rotary_pos_emb is not speedups._EAGER_ROPE
         assert isinstance(model.decoder_layers()[0].mlp, speedups.LigerSwiGLUMLP)
         assert list(model.state_dict()) == names
-        batch = model_inputs(pack(0))
+        batch = pack(0).model_inputs()
         torch.testing.assert_close(model(**batch).loss, reference(**batch).loss, rtol=0, atol=0)
         adapted = apply_lora(model, r=4)  # peft still finds the projections inside the switched MLPs
         assert any("mlp.gate_proj.lora_A" in n for n, _ in adapted.named_parameters())

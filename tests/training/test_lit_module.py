@@ -107,9 +107,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
     grads = []
     for checkpointing in (False, True):
         module = make_module(tiny_config, gradient_checkpointing=checkpointing)
-        assert unwrap(module.model).model.language_model.layers[0].gradient_checkpointing is checkpointing
+        assert unwrap(module.model).decoder_layers()[0].gradient_checkpointing is checkpointing
         module.model.train()
-        module({"input_ids": ids, "labels": labels}).loss.backward()
+        module.model(ids, labels=labels).loss.backward()
         grads.append({n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

@@ -10,7 +10,7 @@ import torch
 
 from moss.data.collate import PaddingCollator
 from moss.data.examples import ExampleBuilder
-from moss.data.loader import StepWindowLoader
+from moss.data.loader import StepLoader
 from moss.data.packing import collate_packs
 from moss.data.synthetic import generate_samples
 from moss.distributed import rank_and_world
@@ -24,14 +24,14 @@ CONFIG = dict(hidden_size=32, intermediate_size=64, head_dim=8)
 
 
 class ListLoader:
-    """Fixed micro-batches per rank, with the state interface StepWindowLoader expects."""
+    """Fixed micro-batches per rank, with the state interface StepLoader expects."""
 
     def __init__(self, per_rank):
         self.per_rank = per_rank
 
     def __iter__(self):
         rank, _ = rank_and_world()
-        return iter([dict(b) for b in self.per_rank[rank]])
+        return iter(self.per_rank[rank])
 
     def state_dict(self):
         return {}
@@ -54,20 +54,22 @@ def examples():
     return [builder(s) for s in generate_samples(4, seed=21)]
 
 
-def step_gradients(tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa", checkpointing=False):
+def step_gradients(
+    tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa", checkpointing=False, clip=None, metrics=None
+):
     module = MossTTSDLitModule(
         config=MossTTSDConfig.tiny(**CONFIG),
         net=functools.partial(MossTTSD.from_config, seed=0, attn_implementation=attn),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         channel_weights=[8, 2, 1, 1, 1, 1, 1, 1],
         gradient_checkpointing=checkpointing,
+        gradient_clip_val=clip,
     )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=1,
-        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -75,8 +77,10 @@ def step_gradients(tmp_path, per_rank, accumulate=1, devices=1, attn="sdpa", che
         callbacks=[GradCapture(str(tmp_path))],
         use_distributed_sampler=False,
     )
-    loader = StepWindowLoader(ListLoader(per_rank), accumulate=accumulate, length=accumulate)
+    loader = StepLoader(ListLoader(per_rank), accumulate=accumulate, steps=1)
     trainer.fit(module, train_dataloaders=loader)
+    if metrics is not None:
+        metrics.update(trainer.callback_metrics)
     return torch.load(tmp_path / "grads-rank0.pt", weights_only=True)
 
 
@@ -133,6 +137,16 @@ def test_packed_with_gradient_accumulation(tmp_path, exs, reference):
     assert_same(step_gradients(tmp_path, [micro], accumulate=2), reference)
 
 
+def test_clipping_scales_the_step_gradient_to_the_limit_and_logs_the_norm_before(tmp_path, exs, reference):
+    micro = [pack([0, 1, 2], exs=exs), pack([3], exs=exs)]
+    metrics = {}
+    grads = step_gradients(tmp_path, [micro], accumulate=2, clip=1e-3, metrics=metrics)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in reference.values()]))
+    assert float(metrics["train/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)  # pre-clip, whole step
+    assert norm > 1e-2  # so the limit really cut it
+    assert_same(grads, {name: g * (1e-3 / norm) for name, g in reference.items()})
+
+
 @pytest.mark.slow  # several processes (CI runs slow tests too)
 def test_two_ddp_processes(tmp_path, exs, reference):
     per_rank = [[pack([0], exs=exs), pack([1, 2], exs=exs)], [PaddingCollator(368)([exs[3]]), pack([], exs=exs)]]
@@ -140,10 +154,14 @@ def test_two_ddp_processes(tmp_path, exs, reference):
 
 
 class PerMicroBatchMean(MossTTSDLitModule):
-    """What Lightning's accumulation does on its own: the mean of per-micro-batch means (pitfall P4)."""
+    """What plain accumulation does: the mean of per-micro-batch means (pitfall P4)."""
 
-    def training_step(self, batch, batch_idx):
-        return self(batch).loss
+    def training_step(self, step, batch_idx):
+        optimizer = self.optimizers()
+        for micro in step.micro:
+            self.manual_backward(self(micro).loss / len(step))
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def test_the_naive_objective_would_be_caught(tmp_path, exs, reference, monkeypatch):
@@ -159,12 +177,12 @@ def test_pack_sums_are_the_sums_of_its_samples(exs):
     model = MossTTSD.from_config(MossTTSDConfig.tiny(**CONFIG), seed=0).eval()
     batch = pack([0, 1, 2, 3], exs=exs)
     with torch.no_grad():
-        hidden = model(batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-        packed = channel_cross_entropy(hidden, [h.weight for h in model.lm_heads], batch["labels"])
+        hidden = model(batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+        packed = channel_cross_entropy(hidden, [h.weight for h in model.lm_heads], batch.labels)
         alone = [
             model(torch.from_numpy(e["input_ids"]).long()[None], labels=torch.from_numpy(e["labels"]).long()[None])
             for e in exs
         ]
-    assert torch.equal(packed.counts, batch["label_counts"])
+    assert torch.equal(packed.counts, batch.label_counts)
     assert torch.equal(packed.counts, sum(o.channel_label_counts for o in alone))
     torch.testing.assert_close(packed.sums, sum(o.channel_loss_sums for o in alone), rtol=1e-5, atol=1e-4)

@@ -4,8 +4,9 @@ On a GPU every `.item()`, `.tolist()`, `bool(tensor)`, `nonzero()` or `.cpu()` o
 host until the GPU has caught up, and every Python number given to `self.log` is copied to the device
 synchronously. Here, on CPU, those calls are counted wherever our training code (`moss/`, outside the CPU-only
 data pipeline) makes them, directly or through torch, during real Lightning steps of the tiny default; the
-batch entries the model deliberately reads on the host (`HOST_KEYS`) do not count. The budget: nothing on
-ordinary steps, at most 2 on the steps whose metrics are logged. (tests/gpu/ counts real CUDA syncs.)
+batch fields the model deliberately keeps on the host (`cu_seqlens`, `label_counts`) do not count. The
+budget: nothing on ordinary steps, at most 2 on the steps whose metrics are logged. (tests/gpu/ counts real
+CUDA syncs.)
 """
 
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from moss.data.collate import HOST_KEYS
+from moss.data.batch import StepBatch
 from moss.training.lit_module import MossTTSDLitModule
 from tests.conftest import compose_train
 from train import train
@@ -49,7 +50,7 @@ class ReadCounter(L.Callback):
         for name in READS:
             monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
         monkeypatch.setattr(torch, "nonzero", self._wrap(torch.nonzero, "nonzero"))
-        log, transfer = MossTTSDLitModule.log, MossTTSDLitModule.transfer_batch_to_device
+        log, transfer = MossTTSDLitModule.log, StepBatch.to
         counter = self
 
         def logged(module, name, value, *args, **kwargs):
@@ -57,13 +58,14 @@ class ReadCounter(L.Callback):
                 counter._count(f"self.log({name!r}, <Python number>)")
             return log(module, name, value, *args, **kwargs)
 
-        def moved(module, batch, device, dataloader_idx):
-            out = transfer(module, batch, device, dataloader_idx)
-            counter.host_ptrs = {out[k].untyped_storage().data_ptr() for k in HOST_KEYS if k in out}
+        def moved(step, *args, **kwargs):
+            out = transfer(step, *args, **kwargs)
+            host = [t for micro in out.micro for t in (micro.cu_seqlens, micro.label_counts) if t is not None]
+            counter.host_ptrs = {t.untyped_storage().data_ptr() for t in host}
             return out
 
         monkeypatch.setattr(MossTTSDLitModule, "log", logged)
-        monkeypatch.setattr(MossTTSDLitModule, "transfer_batch_to_device", moved)
+        monkeypatch.setattr(StepBatch, "to", moved)
 
     def _wrap(self, original, name):
         counter = self
@@ -101,7 +103,7 @@ def test_training_steps_read_nothing_back_except_once_per_logged_step(tmp_path, 
             "trainer.max_steps=12",
             "trainer.log_every_n_steps=5",
             "trainer.val_check_interval=6",
-            "trainer.accumulate_grad_batches=2",
+            "data.accumulate_grad_batches=2",
             "data.num_workers=0",
             "callbacks.model_checkpoint.every_n_train_steps=6",
             "callbacks.throughput.window=3",
