@@ -44,7 +44,7 @@ from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
 from moss.errors import ConfigError
-from moss.outputs import FolderLock, OutputFolder
+from moss.outputs import TEMPORARY, FolderLock, OutputFolder, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_s
             )
         return saved
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**plan, "sources": sources}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps({**plan, "sources": sources}, indent=1) + "\n"))
     return plan
 
 
@@ -212,9 +210,8 @@ class EncodeJournal:
 
     def begin(self, records: list[Record]) -> None:
         solo = self.solo_crashes.get(self.key(records[0]), 0) + 1 if len(records) == 1 else 0
-        tmp = self.path.with_name(self.path.name + ".tmp")  # not `<shard>.tmp`: the shard writer's file
-        tmp.write_text(json.dumps({"records": [self.key(r) for r in records], "solo": solo}))
-        os.replace(tmp, self.path)
+        text = json.dumps({"records": [self.key(r) for r in records], "solo": solo})
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -372,9 +369,7 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
                         f"settle, then run again into a new output_dir (or delete {output_dir})"
                     )
                 meta = output_dir / f"{name}.json"
-                tmp = meta.with_name(meta.name + ".tmp")
-                tmp.write_text(json.dumps(entry) + "\n")
-                os.replace(tmp, meta)  # the shard is done only from here on
+                atomic_write(meta, lambda tmp, e=entry: tmp.write_text(json.dumps(e) + "\n"))  # the shard is done
                 journal.close()
                 hours = encoder.audio_seconds / 3600
                 bar.set_postfix(audio_h=f"{hours:.2f}", h_per_h=f"{hours / ((time.perf_counter() - start) / 3600):.0f}")
@@ -396,9 +391,8 @@ def write_slot_manifest(output_dir: Path, slot: int, records: int, per: int) -> 
         skipped += entry.pop("skipped")
         entries.append(entry)
     write_manifest(output_dir / f"manifest-{slot:05d}.json", entries)
-    tmp = output_dir / f"skipped-{slot:05d}.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    os.replace(tmp, output_dir / f"skipped-{slot:05d}.jsonl")
+    text = "".join(json.dumps(s) + "\n" for s in skipped)
+    atomic_write(output_dir / f"skipped-{slot:05d}.jsonl", lambda tmp: tmp.write_text(text))
 
 
 def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], plan: dict, position: int) -> None:
@@ -407,11 +401,12 @@ def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], pla
 
 OWN_FILES = (  # every name preprocessing writes into output_dir (see shard_name, write_slot_manifest, EncodeJournal)
     "plan.json",
-    "plan.tmp",
+    "plan.tmp",  # the temporary names of earlier versions, left by a killed run
     "preprocess.log",
     "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].*",
     "manifest-[0-9][0-9][0-9][0-9][0-9].json*",
     "skipped-[0-9][0-9][0-9][0-9][0-9].jsonl*",
+    TEMPORARY,
 )
 
 

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 
 from moss.audio import SAMPLE_RATE, read_audio
 from moss.cli import check_override_keys, command, fail, require
-from moss.outputs import OutputFolder
+from moss.outputs import OutputFolder, atomic_write
 
 TAGS = re.compile(r"\[S?\d+\]")
 
@@ -143,9 +143,8 @@ def spliced_dialogues(
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Write records atomically (a rerun never sees half a file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def single_speaker(cfg: DictConfig) -> dict:

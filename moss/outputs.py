@@ -32,10 +32,19 @@ RECORD = ".moss-outputs.json"
 STAGING = ".moss-staging-"  # prefix of the folder a whole output is written into before it is put in place
 
 
+TEMPORARY = ".*.tmp*"  # fnmatch pattern of `atomic_write`'s temporary names
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` with a temporary path beside `path`, then move it onto `path` in one step."""
+    """Call `write(tmp)` with a temporary path beside `path`, then move it onto `path` in one step.
+
+    The one tmp-then-rename of the project. The temporary name is fixed per path (`.<stem>.tmp<suffix>`: hidden,
+    so shard globs and listings pass it over; the suffix kept, as writers infer formats from it), so a write
+    killed half-way leaves at most one, which the next write of that path replaces. Each path has one writer at
+    a time: tools lock their folders, and ranks write disjoint names.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: writers infer formats
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -108,10 +117,11 @@ class OutputFolder:
         return name in self._earlier or name in self.written or any(fnmatch.fnmatch(name, p) for p in self.patterns)
 
     def entries(self) -> list[str]:
-        """Names in the folder, less the record and staging folders."""
+        """Names in the folder, less the record, staging folders and temporaries (the next write replaces them)."""
         if not self.path.is_dir():
             return []
-        return sorted(n for n in os.listdir(self.path) if n != RECORD and not n.startswith(STAGING))
+        names = (n for n in os.listdir(self.path) if n != RECORD and not n.startswith(STAGING))
+        return sorted(n for n in names if not fnmatch.fnmatch(n, TEMPORARY))
 
     # -- the checks, before anything is written --------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -14,25 +14,27 @@ from pathlib import Path
 import webdataset as wds
 
 from moss.data.schema import MANIFEST, ShardSample
+from moss.outputs import atomic_write
 
 
 def write_shard(path: str | Path, samples: Iterable[ShardSample]) -> dict:
-    """Write one tar shard atomically (`<path>.tmp`, then rename); returns its manifest entry.
+    """Write one tar shard atomically (`moss.outputs.atomic_write`), on disk before it has its name.
 
     The entry is `{"shard", "samples", "frames", "sample_frames"}` (per-sample audio frames, for statistics).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    frames = []
-    with open(tmp, "wb") as stream:
-        tar = wds.TarWriter(stream, encoder=False, mtime=0.0)
-        for sample in samples:
-            tar.write(sample.to_wds())
-            frames.append(sample.frames)
-        tar.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    path, frames = Path(path), []
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:
+            tar = wds.TarWriter(stream, encoder=False, mtime=0.0)
+            for sample in samples:
+                tar.write(sample.to_wds())
+                frames.append(sample.frames)
+            tar.close()
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    atomic_write(path, write)
     return {"shard": path.name, "samples": len(frames), "frames": sum(frames), "sample_frames": frames}
 
 
@@ -44,10 +46,7 @@ def write_manifest(path: str | Path, entries: list[dict]) -> Path:
         "samples": sum(e["samples"] for e in entries),
         "frames": sum(e["frames"] for e in entries),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1) + "\n"))
 
 
 class ShardSetWriter:
