@@ -26,6 +26,7 @@ from moss.outputs import FolderLock, OutputFolder
 from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
+from moss.training.preemption import cluster_plugins
 from moss.training.run_checkpoint import checkpoint_problem, load_best
 
 log = logging.getLogger("train")
@@ -115,7 +116,10 @@ def _fit_and_export(cfg: DictConfig, raw: list, output_dir: Path) -> dict:
         apply_epoch_plan(cfg, plan)
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False)
+    plugins = cluster_plugins(callbacks.get("preemption"))  # the callback, not Lightning, saves on SLURM's signal
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, plugins=plugins or None
+    )
 
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)

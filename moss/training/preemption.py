@@ -8,6 +8,12 @@ every step boundary; several ranks agree on it with one tiny all-reduce every `c
 steps (reading the result back is a device sync, too costly for every step), so every rank saves and stops
 at the same step even when only one of them was signalled. Under SLURM with `requeue: true` the job is
 requeued after the save.
+
+Lightning's own SLURM auto-requeue (`SLURMEnvironment(auto_requeue=True)`, its default under SLURM) is turned off
+while this callback runs (`cluster_plugins`): Lightning 2.6 saves its checkpoint *inside* the signal handler
+(`_SignalConnector._slurm_sigusr_handler_fn`), wherever the step happens to be: between two micro-batches or
+half-way through `optimizer.step()`, which no resume can continue exactly, and under DDP a collective save that the
+ranks enter at different points. Lightning's SLURM environment itself (ranks, addresses) is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +100,10 @@ class PreemptionCheckpoint(L.Callback):
         for name, previous in self._previous.items():
             signal.signal(getattr(signal, name), previous)
         self._previous = {}
+
+
+def cluster_plugins(preemption: PreemptionCheckpoint | None) -> list:
+    """Trainer plugins: under SLURM, when `preemption` saves at step boundaries, SLURM without auto-requeue."""
+    if preemption is None or not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
