@@ -1,74 +1,43 @@
 """The layers of `moss/` only point down, and plain inference needs neither Lightning nor Hydra.
 
-Every import (module level or inside a function) between the top-level units of `moss/` is read from the
-source; a unit may import only units listed before it in `LAYERS`, which also rules out cycles.
+The layer contract is import-linter's (`[tool.importlinter]` in pyproject.toml): every import between the
+top-level units of `moss/`, function-level ones included, may only point to a unit listed below it, which
+also rules out cycles, and every unit must be listed.
 """
 
 from __future__ import annotations
 
-import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import REPO
 
-# Bottom to top: the model knows nothing of data, data nothing of training, training nothing of the CLI.
-LAYERS = (
-    "moss.errors",
-    "moss.worker_signals",
-    "moss.outputs",
-    "moss.distributed",
-    "moss.model",
-    "moss.text",
-    "moss.audio",
-    "moss.codec",
-    "moss.data",
-    "moss.streaming",
-    "moss.sampling",
-    "moss.generation",
-    "moss.inference",
-    "moss.training",
-    "moss.config_checks",
-    "moss.cli",
-)
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
-def unit_of(module: str) -> str | None:
-    parts = module.split(".")
-    if parts[0] != "moss" or len(parts) < 2 or parts[1] == "__init__":
-        return None  # outside moss/, or the package root
-    return ".".join(parts[:2])
-
-
-def imports() -> dict[tuple[str, str], list[str]]:
-    """(importing unit, imported unit) -> files where it happens."""
-    found: dict[tuple[str, str], list[str]] = {}
-    for path in sorted((REPO / "moss").rglob("*.py")):
-        relative = path.relative_to(REPO).with_suffix("")
-        source = unit_of(".".join(relative.parts))
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            for name in names:
-                target = unit_of(name)
-                if source and target and target != source:
-                    found.setdefault((source, target), []).append(str(path.relative_to(REPO)))
-    return found
-
-
-def test_every_unit_has_a_layer():
-    units = {unit_of(".".join(p.relative_to(REPO).with_suffix("").parts)) for p in (REPO / "moss").rglob("*.py")}
-    assert units - {None} <= set(LAYERS), f"add {sorted(units - {None} - set(LAYERS))} to LAYERS"
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter over the `moss` package found in `root`, with the project's contract."""
+    command = [str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"), "--no-cache"]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True)
 
 
 def test_imports_only_point_down():
-    upward = {
-        f"{a} imports {b} ({', '.join(sorted(set(files)))})": None
-        for (a, b), files in imports().items()
-        if LAYERS.index(b) > LAYERS.index(a)
-    }
-    assert not upward, list(upward)
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 kept, 0 broken" in done.stdout
+
+
+def test_the_contract_catches_an_upward_import_inside_a_function_and_an_unlisted_unit(tmp_path):
+    shutil.copytree(REPO / "moss", tmp_path / "moss", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "moss" / "model" / "probe.py").write_text("def f():\n    from moss.training import lit_module\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0 and "moss.model is not allowed to import moss.training" in done.stdout, done.stdout
+    (tmp_path / "moss" / "model" / "probe.py").unlink()
+    (tmp_path / "moss" / "newunit.py").write_text("")
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0 and "moss.newunit" in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_inference_of_a_model_folder_needs_neither_lightning_nor_hydra(tmp_path, tiny_tokenizer):
