@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moss.errors import ConfigError
 from moss.model.activation_checkpointing import checkpointing_policy
+from moss.model.attention import ATTN_IMPLEMENTATIONS
 from moss.model.loss import normalized_weights
-from moss.model.modeling import ATTN_IMPLEMENTATIONS
 from moss.model.speedups import liger_problem
 from moss.training.launch import relaunched_rank
 

@@ -1,6 +1,7 @@
 """The MOSS-TTSD model in plain PyTorch + transformers (no Lightning, no Hydra)."""
 
+from moss.model.attention import ATTN_IMPLEMENTATIONS
 from moss.model.config import ConfigError, MossTTSDConfig
-from moss.model.modeling import ATTN_IMPLEMENTATIONS, MossTTSD, MossTTSDOutput
+from moss.model.modeling import MossTTSD, MossTTSDOutput
 
 __all__ = ["ATTN_IMPLEMENTATIONS", "ConfigError", "MossTTSD", "MossTTSDConfig", "MossTTSDOutput"]

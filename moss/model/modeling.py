@@ -9,7 +9,6 @@ token or (codebook-0 code + speech offset), channels 1..7 codebooks 1..7 (1024 =
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,8 +20,9 @@ from torch import nn
 from transformers import DynamicCache, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from moss.model import varlen  # noqa: F401  (registers the varlen_sdpa attention with transformers)
+from moss.model import varlen
 from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
+from moss.model.attention import check_attn_implementation
 from moss.model.config import MossTTSDConfig
 from moss.model.loss import (
     DEFAULT_CHUNK_ROWS,
@@ -34,23 +34,6 @@ from moss.model.loss import (
 
 # transformers renamed `past_key_values` to `cache` (5.2x); both the keyword and the output attribute follow it.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", varlen.NAME)
-
-
-def check_attn_implementation(name: str) -> str:
-    """Validate an attention implementation name, with the fix in the message."""
-    if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {name!r}; choose one of {ATTN_IMPLEMENTATIONS} "
-            f"(e.g. model.attn_implementation=sdpa)"
-        )
-    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError(
-            "attn_implementation='flash_attention_2' needs the flash-attn package (pip install 'moss-lightning[gpu]' "
-            "on a CUDA machine); use model.attn_implementation=sdpa otherwise"
-        )
-    return name
 
 
 @dataclass

@@ -41,7 +41,7 @@ def test_attention_implementations_agree_with_eager(tiny_config, tmp_path, attn)
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_needs_the_package():
-    from moss.model.modeling import check_attn_implementation
+    from moss.model.attention import check_attn_implementation
 
     with pytest.raises(ValueError, match="needs the flash-attn package"):
         check_attn_implementation("flash_attention_2")
