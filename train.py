@@ -14,18 +14,17 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
 from moss.cli import check_override_keys, command
-from moss.config_checks import run_problems, validate, world_size
-from moss.data.dataset import expand_shards
+from moss.config_checks import run_problems, validate
 from moss.errors import ConfigError
-from moss.model.checkpoint import resolve_model_path
 from moss.outputs import FolderLock, OutputFolder
 from moss.training.callbacks import build_callbacks
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
+from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_size
 from moss.training.preemption import cluster_plugins
 from moss.training.run_checkpoint import checkpoint_problem, load_best
 
@@ -73,20 +72,23 @@ def record_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Build data, model, callbacks, loggers and trainer from `cfg`, fit, export; return what tests check."""
-    if cfg.model.get("path"):  # a Hub id becomes the local folder it is downloaded to (every ${model.path} follows)
-        with open_dict(cfg):
-            cfg.model.path = resolve_model_path(cfg.model.path)
-    raw = point_data_at_raw(cfg)
+    """Plan the run, make its data, record the plan, fit, export; return what tests check.
+
+    The config recorded in `<run>/.hydra/` is the one that runs (`moss.training.plan`): the model folder a Hub id
+    resolved to, the shard folders of `raw.*`, the loader workers and the steps `data.epochs` came to.
+    """
+    cfg, stages = plan_sources(cfg)
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with contextlib.ExitStack() as held:
         if not relaunched_rank():
             held.enter_context(own_run_folder(cfg, output_dir))
-            record_config(cfg, output_dir)
-            for inputs, out in raw:
-                preprocess_raw(cfg, inputs, out)
-        return _fit_and_export(cfg, raw, output_dir)
+            for stage in stages:
+                preprocess_raw(cfg, stage)
+        plan = plan_run(cfg, fit_workers=bool(stages))
+        if not relaunched_rank():
+            record_config(plan.cfg, output_dir)
+        return _fit_and_export(plan, output_dir)
 
 
 def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
@@ -102,18 +104,15 @@ def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
     return lock
 
 
-def _fit_and_export(cfg: DictConfig, raw: list, output_dir: Path) -> dict:
-    """The run itself, once its folder is this process's."""
-    if raw:
-        fit_workers_to_shards(cfg)
+def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
+    """The run itself, once its folder is this process's and its plan is final."""
+    cfg = plan.cfg
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.tokenizer)
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
-    plan = datamodule.epoch_plan(world_size(cfg))
-    if plan is not None:
-        apply_epoch_plan(cfg, plan)
+    datamodule.epoch_samples = plan.epochs.samples if plan.epochs else None  # data/epoch is logged from it
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     plugins = cluster_plugins(callbacks.get("preemption"))  # the callback, not Lightning, saves on SLURM's signal
@@ -128,11 +127,12 @@ def _fit_and_export(cfg: DictConfig, raw: list, output_dir: Path) -> dict:
     exported = export(cfg, module, tokenizer, callbacks, trainer) if cfg.export.enabled and not stopped else {}
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
-        _report(trainer, output_dir, exported, summary, stopped, plan)
+        _report(trainer, output_dir, exported, summary, stopped, plan.epochs)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # the next job of a multirun starts its own group
     return {
-        "plan": plan,
+        "plan": plan.epochs,
+        "cfg": cfg,
         "trainer": trainer,
         "module": module,
         "output_dir": output_dir,
@@ -167,30 +167,11 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
     return exported
 
 
-def point_data_at_raw(cfg: DictConfig) -> list[tuple[list[str], Path]]:
-    """Point `data.train_shards` (`data.val_shards`) at the folders `raw.train` (`raw.val`) is preprocessed into.
-
-    Returns (inputs, folder) pairs. The built-in validation set is never mixed with the user's data: without
-    `raw.val` there is no validation.
-    """
-    raw = cfg.get("raw") or {}
-    if not raw.get("train"):
-        return []
-    pairs = []
-    with open_dict(cfg):
-        for split in ("train", "val"):
-            inputs = raw.get(split)
-            folder = Path(cfg.paths.output_dir) / "shards" / split
-            if inputs:
-                pairs.append(([str(i) for i in inputs], folder))
-            cfg.data[f"{split}_shards"] = str(folder) if inputs else None
-        cfg.data.synthetic = None
-    return pairs
-
-
-def preprocess_raw(cfg: DictConfig, inputs: list[str], out: Path) -> None:
-    """Preprocess `inputs` into `out` with the run's codec: resumed where it stopped; redone when stale."""
+def preprocess_raw(cfg: DictConfig, stage: RawStage) -> None:
+    """Preprocess the stage's JSONL into its folder with the run's codec: resumed where it stopped, redone if stale."""
     from data_pipelines.preprocess import preprocess, preprocess_config, stale_reason
+
+    inputs, out = list(stage.inputs), stage.folder
 
     settings = OmegaConf.to_container(cfg.raw.settings, resolve=True) if cfg.raw.get("settings") else {}
     if "records_per_shard" not in settings:  # enough shards for every reader, 4 each, as a small set needs
@@ -209,33 +190,6 @@ def preprocess_raw(cfg: DictConfig, inputs: list[str], out: Path) -> None:
         shutil.rmtree(out)
     log.info("preprocessing %s into %s (done shards are kept)", ", ".join(inputs), out)
     preprocess(pcfg)
-
-
-def fit_workers_to_shards(cfg: DictConfig) -> None:
-    """A set preprocessed from a few records may have fewer shards than ranks x loader workers: use fewer workers."""
-    shards, world = len(expand_shards(cfg.data.train_shards)), world_size(cfg)
-    most = max(1, shards // world)
-    if int(cfg.data.num_workers) > most:
-        log.warning(
-            "%s has %d shards for %d ranks: data.num_workers %d -> %d",
-            cfg.data.train_shards,
-            shards,
-            world,
-            cfg.data.num_workers,
-            most,
-        )
-        with open_dict(cfg):
-            cfg.data.num_workers = most
-
-
-def apply_epoch_plan(cfg: DictConfig, plan) -> None:
-    """Train for the plan's steps, validating and checkpointing once per epoch."""
-    with open_dict(cfg):
-        cfg.trainer.max_steps = plan.max_steps
-        cfg.trainer.val_check_interval = plan.steps_per_epoch
-        if cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint"):
-            cfg.callbacks.model_checkpoint.every_n_train_steps = plan.steps_per_epoch
-    log.info(plan.describe())
 
 
 def _report(

@@ -20,6 +20,7 @@ from moss.model.attention import ATTN_IMPLEMENTATIONS
 from moss.model.loss import normalized_weights
 from moss.model.speedups import liger_problem
 from moss.training.launch import relaunched_rank
+from moss.training.plan import world_size
 
 # Folders of a run directory that only a run writes: their presence means the name is taken.
 RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
@@ -184,21 +185,6 @@ def _synthetic_shards(cfg: DictConfig, split: str, spec) -> int | None:
     if Path(spec).resolve() != (Path(str(synthetic.dir)) / split).resolve():
         return None
     return math.ceil(samples / synthetic.get("samples_per_shard", 64))
-
-
-def world_size(cfg: DictConfig) -> int:
-    """Ranks the run will have (devices x nodes), from the config."""
-    devices = _select(cfg, "trainer.devices")
-    nodes = int(_select(cfg, "trainer.num_nodes") or 1)
-    if isinstance(devices, int) and devices > 0:
-        return devices * nodes
-    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
-        return len(devices) * nodes
-    if str(devices) in ("-1", "auto") and _select(cfg, "trainer.accelerator") in ("gpu", "cuda", "auto"):
-        import torch
-
-        return max(1, torch.cuda.device_count()) * nodes
-    return nodes
 
 
 def _trainer_problems(cfg: DictConfig) -> list[str]:

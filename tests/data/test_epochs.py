@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from moss.data.dataset import ShardStream, expand_shards
 from moss.data.epochs import plan_epochs, sample_frames
@@ -66,3 +67,6 @@ def test_a_run_of_two_epochs_validates_once_per_epoch_and_reads_the_data_twice(t
     epochs_logged = [float(r["data/epoch"]) for r in rows if r.get("data/epoch")]
     assert epochs_logged == sorted(epochs_logged) and 1.8 <= epochs_logged[-1] <= 2.1
     assert "trained (" in capsys.readouterr().out
+    recorded = OmegaConf.load(result["output_dir"] / ".hydra" / "config.yaml")  # the config that ran, not as composed
+    assert recorded.trainer.max_steps == plan.max_steps and recorded.trainer.val_check_interval == plan.steps_per_epoch
+    assert recorded.callbacks.model_checkpoint.every_n_train_steps == plan.steps_per_epoch != 100
