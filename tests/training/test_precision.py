@@ -1,11 +1,21 @@
 """Full fine-tuning keeps updates smaller than bf16 can represent: fp32 master weights, bf16 compute."""
 
+import lightning as L
 import torch
 
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import unwrap
 from tests.conftest import compose_train
 from train import train
+
+
+class MatmulDtypes(L.Callback):
+    """Records the dtype a decoder layer's matmul really computed in, during training steps."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = set()
+        layer = unwrap(pl_module.model).decoder_layers()[0]
+        layer.mlp.up_proj.register_forward_hook(lambda module, args, out: self.seen.add(out.dtype))
 
 
 def changed_fraction(tmp_path, dtype: str) -> float:
@@ -21,11 +31,17 @@ def changed_fraction(tmp_path, dtype: str) -> float:
             "model.scheduler=null",  # no warm-up: the first step already moves every weight by about lr
             "export.enabled=false",
             "data.num_workers=0",
+            "trainer.log_every_n_steps=1",
+            "+callbacks.dtypes={_target_: tests.training.test_precision.MatmulDtypes}",
         ],
     )
-    module = train(cfg)["module"]
+    result = train(cfg)
+    module = result["module"]
+    probe = next(c for c in result["trainer"].callbacks if type(c).__name__ == "MatmulDtypes")
+    assert probe.seen == {torch.bfloat16}  # bf16-mixed: the matmuls ran in bf16 whatever the weights' dtype
+    assert torch.isfinite(result["trainer"].callback_metrics["train/loss"])
     before = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=cfg.seed).model.language_model.layers[0]
-    after = unwrap(module.model).model.language_model.layers[0]
+    after = unwrap(module.model).decoder_layers()[0]
     weight = after.mlp.up_proj.weight
     assert weight.dtype == getattr(torch, dtype)
     return (weight.float() != before.mlp.up_proj.weight.to(weight.dtype).float()).float().mean().item()
