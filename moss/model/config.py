@@ -13,11 +13,10 @@ nothing about the backbone is restated here.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import Qwen3Config
+from transformers import PretrainedConfig, Qwen3Config
 
 from moss.errors import ConfigError
 
@@ -33,9 +32,11 @@ REAL_SPEECH_EOS = 152694
 REAL_SPEECH_OFFSET = 151665
 
 
-@dataclass
-class MossTTSDConfig:
+class MossTTSDConfig(PretrainedConfig):
     """Architecture of MOSS-TTSD: Qwen3 backbone fields plus the multichannel fields.
+
+    A transformers `PretrainedConfig` (`model_type="moss_ttsd"`, registered with `AutoConfig`), serialised flat
+    as either published `config.json` form (`to_dict(layout)`), never in transformers' nested default form.
 
     Attributes:
         channels: number of token channels (8: text/codebook-0 + 7 codebooks).
@@ -47,15 +48,29 @@ class MossTTSDConfig:
         backbone: every other key, passed to `transformers.Qwen3Config` as is.
     """
 
-    channels: int = 8
-    speech_vocab_size: int = 1025
-    speech_pad_token: int = 1024
-    speech_token_range: tuple[int, int] = (REAL_SPEECH_OFFSET, REAL_SPEECH_OFFSET + 1024)
-    speech_eos_token: int | None = None
-    backbone: dict[str, Any] = field(default_factory=dict)
+    model_type = "moss_ttsd"
 
-    def __post_init__(self) -> None:
-        self.speech_token_range = tuple(int(x) for x in self.speech_token_range)
+    def __init__(
+        self,
+        channels: int = 8,
+        speech_vocab_size: int = 1025,
+        speech_pad_token: int = 1024,
+        speech_token_range: tuple[int, int] = (REAL_SPEECH_OFFSET, REAL_SPEECH_OFFSET + 1024),
+        speech_eos_token: int | None = None,
+        backbone: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        # The heads are the channel embeddings, always (the backbone's own tie_word_embeddings is about its
+        # unused token table); transformers ties what `_tied_weights_keys` names only when this is true.
+        kwargs["tie_word_embeddings"] = True
+        super().__init__(**kwargs)
+        self.channels, self.speech_vocab_size, self.speech_pad_token = channels, speech_vocab_size, speech_pad_token
+        self.speech_token_range = tuple(int(x) for x in speech_token_range)
+        self.speech_eos_token = speech_eos_token
+        self.backbone = dict(backbone or {})
+        self._check()
+
+    def _check(self) -> None:
         problems = []
         if self.channels < 2:
             problems.append(f"channels must be >= 2, got {self.channels}")
@@ -75,6 +90,11 @@ class MossTTSDConfig:
         if self.speech_eos_token is None:
             real = self.speech_token_range[0] == REAL_SPEECH_OFFSET
             self.speech_eos_token = REAL_SPEECH_EOS if real else self.backbone.get("eos_token_id")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MossTTSDConfig) and self.to_dict("moss_ttsd") == other.to_dict("moss_ttsd")
+
+    __hash__ = None
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -110,7 +130,7 @@ class MossTTSDConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MossTTSDConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "config", **kwargs: Any) -> MossTTSDConfig:
         """Build from a config.json dict of either published form.
 
         Raises:
@@ -133,7 +153,8 @@ class MossTTSDConfig:
                 raise ConfigError(f"{source}: missing required key {key!r}")
         moss = {k: data[k] for k in MOSS_KEYS if k in data and data[k] is not None}
         backbone = {k: v for k, v in data.items() if k not in MOSS_KEYS and k not in _IGNORED_KEYS}
-        return cls(**moss, backbone=backbone)
+        config = cls(**moss, backbone=backbone)
+        return (config, kwargs) if kwargs.pop("return_unused_kwargs", False) else config
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MossTTSDConfig:
@@ -152,8 +173,7 @@ class MossTTSDConfig:
         if layout not in ("original", "moss_ttsd"):
             raise ValueError(f"layout must be 'original' or 'moss_ttsd', got {layout!r}")
         out = dict(self.backbone)
-        moss = asdict(self)
-        moss.pop("backbone")
+        moss = {key: getattr(self, key) for key in MOSS_KEYS}
         moss["speech_token_range"] = list(self.speech_token_range)
         if layout == "original":
             out.update(model_type="qwen3", architectures=["AsteroidTTSInstruct"])
@@ -164,7 +184,10 @@ class MossTTSDConfig:
         out.update(moss)
         return dict(sorted(out.items()))
 
-    def save_pretrained(self, out_dir: str | Path, layout: str = "original") -> None:
+    def to_json_string(self, use_diff: bool = True, layout: str = "original") -> str:
+        return json.dumps(self.to_dict(layout), indent=2) + "\n"
+
+    def save_pretrained(self, out_dir: str | Path, layout: str = "original", **kwargs: Any) -> None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "config.json").write_text(json.dumps(self.to_dict(layout), indent=2) + "\n")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, Qwen3Model
+from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen
@@ -94,8 +94,23 @@ class MossTTSDBackbone(nn.Module):
         return embeds
 
 
-class MossTTSD(nn.Module):
-    """MOSS-TTSD language model with tied multichannel heads and a chunked per-channel loss."""
+class MossTTSD(PreTrainedModel):
+    """MOSS-TTSD language model with tied multichannel heads and a chunked per-channel loss.
+
+    A transformers `PreTrainedModel` (registered with `AutoModel` for `model_type="moss_ttsd"`), with the
+    original's key layout.
+    """
+
+    config_class = MossTTSDConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+    # Each head is its channel's embedding (sorted pairwise: fine up to 10 channels).
+    _tied_weights_keys = {r"lm_heads\.\d+\.weight": r"model\.embedding_list\.\d+\.weight"}
+    # The Qwen3 token table is never used (inputs arrive as summed channel embeddings); checkpoints may omit it.
+    _keys_to_ignore_on_load_missing = [r"model\.language_model\.embed_tokens\."]
 
     def __init__(
         self,
@@ -105,8 +120,7 @@ class MossTTSD(nn.Module):
         ce_chunk_rows: int = DEFAULT_CHUNK_ROWS,
         ce_impl: str = "fused",
     ):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.model = MossTTSDBackbone(config, attn_implementation)
         self.lm_heads = nn.ModuleList(nn.Linear(config.hidden_size, v, bias=False) for v in config.channel_vocab_sizes)
         self._init_embeddings()
@@ -131,10 +145,18 @@ class MossTTSD(nn.Module):
                 with torch.no_grad():
                     emb.weight[emb.padding_idx].zero_()
 
-    def tie_weights(self) -> None:
+    def tie_weights(self, *args, **kwargs) -> None:
         """Heads share the input embeddings, unconditionally, as in the original."""
         for head, emb in zip(self.lm_heads, self.model.embedding_list, strict=True):
             head.weight = emb.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """Channel 0's table (text and codebook-0 tokens); channels 1..7 have their own (`model.embedding_list`)."""
+        return self.model.embedding_list[0]
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embedding_list[0] = value
+        self.tie_weights()
 
     def set_channel_weights(self, weights: Sequence[float]) -> None:
         """Loss weights per channel; normalised to sum 1 (original default [1]*8, fine-tuning [8,2,1,...])."""
@@ -189,6 +211,12 @@ class MossTTSD(nn.Module):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def enable_input_require_grads(self) -> None:
+        """Nothing to do: checkpointing here is non-reentrant, which needs no input that requires grad.
+
+        peft calls this for frozen bases; making the embeddings' output require grad would cost backward work.
+        """
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn activation checkpointing off again."""
@@ -389,3 +417,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return value
+
+
+AutoConfig.register(MossTTSDConfig.model_type, MossTTSDConfig)
+AutoModel.register(MossTTSDConfig, MossTTSD)
