@@ -85,59 +85,50 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
-def _read(file: Path):
-    """Yield (key, tensor) pairs of one weight file without unpickling anything but tensors."""
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # noqa: BLE001 - truncated, not a zip, or refused by weights_only: one message
-            raise ConfigError(f"{file} is not a readable weights file ({first_line(err)})") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
-        yield from state.items()
+def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
+    """`load(path, ...)` (transformers' `from_pretrained`) with this project's checks around it.
 
-
-def load_state_dict_into(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
-    """Copy a checkpoint folder into `model` (a `MossTTSD`), casting to `dtype`; strict on names and shapes.
-
-    Raises:
-        KeyError: parameters missing from the checkpoint or names the model does not have.
-        ValueError: a tensor of the wrong shape.
+    transformers warns about missing, unexpected or misshapen weights and initialises what is missing at random;
+    a MOSS-TTSD folder missing a parameter (other than the unused token table) is the wrong folder, so each of
+    those is an error here, naming the parameters, as is a weights file that does not open.
     """
-    model.to(dtype)
-    params = dict(model.state_dict(keep_vars=True))
-    seen, unexpected, wrong_shape = set(), [], []
-    for file in weight_files(path):
-        for key, value in _read(file):
-            if key.startswith(TIED_PREFIX):
-                continue  # heads are tied to the embeddings; the original ignores stored copies too
-            target = params.get(key)
-            if target is None:
-                unexpected.append(key)
-                continue
-            if tuple(target.shape) != tuple(value.shape):
-                wrong_shape.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                continue
-            with torch.no_grad():
-                target.copy_(value.to(dtype))
-            seen.add(key)
-    missing = [k for k in params if k not in seen and not k.startswith(TIED_PREFIX)]
-    for key in [k for k in missing if k.startswith(OPTIONAL_PREFIXES)]:
-        with torch.no_grad():
-            params[key].zero_()
-        missing.remove(key)
-    if wrong_shape:
-        raise ValueError(f"{path}: tensors of the wrong shape (config.json does not match the weights): {wrong_shape}")
+    weight_files(path)  # no weights at all: name what the folder holds
+    try:  # misshapen weights come back in the loading info, to be refused below with their names
+        model, info = load(path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise ConfigError(f"{path}: the weights do not load ({first_line(err)})") from None
+    if mismatched := sorted(info.get("mismatched_keys") or ()):
+        shapes = [f"{key}: checkpoint {tuple(saved)} vs model {tuple(made)}" for key, saved, made in mismatched]
+        raise ValueError(
+            f"{path}: tensors of the wrong shape (config.json does not match the weights): {shapes[:4]}"
+            f"{'...' if len(shapes) > 4 else ''} ({len(shapes)})"
+        )
+    missing = [k for k in info["missing_keys"] if not k.startswith((*OPTIONAL_PREFIXES, TIED_PREFIX))]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(TIED_PREFIX)]
     if missing or unexpected:
         raise KeyError(
             f"{path} does not match the MOSS-TTSD layout: missing {missing[:8]}{'...' if len(missing) > 8 else ''} "
             f"({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
         )
-    model.tie_weights()
+    if not any(k.startswith(OPTIONAL_PREFIXES) for k in stored_keys(path)):
+        with torch.no_grad():
+            model.decoder.embed_tokens.weight.zero_()  # never read: zero rather than random, as a re-save writes it
+    return model
+
+
+def stored_keys(path: Path) -> set[str]:
+    """The parameter names a checkpoint folder stores (indexes and safetensors headers; `.bin` memory-mapped)."""
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / name).is_file():
+            return set(json.loads((path / name).read_text())["weight_map"])
+    keys = set()
+    for file in weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                keys.update(f.keys())
+        else:
+            keys.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return keys
 
 
 def usual_permissions(*paths: Path) -> None:

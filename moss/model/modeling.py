@@ -12,17 +12,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, Qwen3Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen
 from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
 from moss.model.attention import check_attn_implementation
+from moss.model.backbone import MossTTSDBackbone, MossTTSDOutput
 from moss.model.config import MossTTSDConfig
 from moss.model.loss import (
     DEFAULT_CHUNK_ROWS,
@@ -34,64 +33,6 @@ from moss.model.loss import (
 
 # transformers renamed `past_key_values` to `cache` (5.2x); both the keyword and the output attribute follow it.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
-
-
-@dataclass
-class MossTTSDOutput:
-    """Model outputs.
-
-    Attributes:
-        loss: weighted sum of `channel_losses` (None without labels).
-        channel_losses: `[C]` mean CE per channel over its valid shifted labels.
-        channel_loss_sums: `[C]` summed CE per channel (for step-level normalisation).
-        channel_label_counts: `[C]` valid shifted labels per channel.
-        logits: tuple of C tensors `[B, T, V_c]`, or None when not requested.
-        hidden_states: tuple of per-layer hidden states when requested.
-        cache: the KV cache when `use_cache=True`.
-        last_hidden_state: `[B, T, H]` final normed hidden states.
-    """
-
-    loss: torch.Tensor | None = None
-    channel_losses: torch.Tensor | None = None
-    channel_loss_sums: torch.Tensor | None = None
-    channel_label_counts: torch.Tensor | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    cache: object | None = None
-    last_hidden_state: torch.Tensor | None = None
-
-
-class MossTTSDBackbone(nn.Module):
-    """Channel embeddings summed, then the Qwen3 decoder (`AsteroidTTSModel` in the original).
-
-    It holds the parameters under the original key names; `MossTTSD.forward` runs `embed` and the decoder
-    itself, flattening packed rows in between.
-    """
-
-    def __init__(self, config: MossTTSDConfig, attn_implementation: str = "sdpa"):
-        super().__init__()
-        self.config = config
-        embeddings = [nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)]
-        embeddings += [
-            nn.Embedding(config.speech_vocab_size, config.hidden_size, padding_idx=config.speech_pad_token)
-            for _ in range(1, config.channels)
-        ]
-        self.embedding_list = nn.ModuleList(embeddings)
-        # `language_model.embed_tokens` exists in real checkpoints but is never used: inputs arrive as embeddings.
-        self.language_model = Qwen3Model(config.qwen3_config(check_attn_implementation(attn_implementation)))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Sum of channel embeddings. input_ids `[B, T, C]` -> `[B, T, H]`."""
-        channels = self.config.channels
-        if input_ids.ndim != 3 or input_ids.shape[-1] != channels:
-            raise ValueError(
-                f"expected input_ids [B, T, {channels}] (channels={channels}: text/codebook-0 + "
-                f"{channels - 1} codebooks), got {tuple(input_ids.shape)}"
-            )
-        embeds = self.embedding_list[0](input_ids[..., 0])
-        for c in range(1, channels):
-            embeds = embeds + self.embedding_list[c](input_ids[..., c])
-        return embeds
 
 
 class MossTTSD(PreTrainedModel):
@@ -115,16 +56,21 @@ class MossTTSD(PreTrainedModel):
     def __init__(
         self,
         config: MossTTSDConfig,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
         channel_weights: Sequence[float] | None = None,
         ce_chunk_rows: int = DEFAULT_CHUNK_ROWS,
         ce_impl: str = "fused",
     ):
         super().__init__(config)
+        # transformers' loader passes the implementation on the config, a direct call as an argument
+        attn_implementation = attn_implementation or config._attn_implementation_internal or "sdpa"
         self.model = MossTTSDBackbone(config, attn_implementation)
         self.lm_heads = nn.ModuleList(nn.Linear(config.hidden_size, v, bias=False) for v in config.channel_vocab_sizes)
         self._init_embeddings()
         self.tie_weights()
+        for module in (*self.model.embedding_list, *self.lm_heads):
+            module._is_hf_initialized = True  # initialised above (and tied): transformers' init leaves them
+        self.post_init()
         self.ce_chunk_rows = ce_chunk_rows
         self.ce_impl = check_ce_impl(ce_impl)
         self.set_channel_weights(channel_weights if channel_weights is not None else [1.0] * config.channels)
@@ -149,6 +95,8 @@ class MossTTSD(PreTrainedModel):
         """Heads share the input embeddings, unconditionally, as in the original."""
         for head, emb in zip(self.lm_heads, self.model.embedding_list, strict=True):
             head.weight = emb.weight
+        if hasattr(self, "all_tied_weights_keys"):  # after post_init: transformers' bookkeeping (loading reports)
+            super().tie_weights(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """Channel 0's table (text and codebook-0 tokens); channels 1..7 have their own (`model.embedding_list`)."""
@@ -354,7 +302,7 @@ class MossTTSD(PreTrainedModel):
     def from_pretrained(
         cls,
         path: str | Path,
-        *,
+        *args,
         dtype: torch.dtype | str = torch.float32,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
@@ -363,33 +311,35 @@ class MossTTSD(PreTrainedModel):
     ) -> MossTTSD:
         """Load a checkpoint folder of the original or the port layout (safetensors, sharded, or .bin).
 
-        `config` (default: read from `path/config.json`) lets a caller that already parsed it pass it in.
+        transformers' loader reads the weights (`.bin` with `weights_only`, shards, meta init, dtype); this adds
+        the original's `config.json` form, which transformers takes for a plain Qwen3 (`model_type: qwen3`),
+        refuses weights that leave parameters unset or name ones the model lacks, and reads the folder's
+        `generation_config.json` in the original's sampling form. `config` (default: read from
+        `path/config.json`) lets a caller that already parsed it pass it in.
 
         Raises:
             FileNotFoundError: no config.json or no weights in `path`.
-            ConfigError: config.json of another model.
+            ConfigError: config.json of another model, or unreadable weights.
             KeyError: weights with missing or unexpected parameters.
+            ValueError: weights of the wrong shape.
         """
-        from moss.model.checkpoint import load_state_dict_into, read_generation_config
+        from moss.model.checkpoint import checked_load, read_generation_config
 
+        path = Path(path)
         config = config if config is not None else MossTTSDConfig.from_pretrained(path)
-        model = cls.empty(config, attn_implementation=attn_implementation, device=device, **kwargs)
-        load_state_dict_into(model, Path(path), dtype=_as_dtype(dtype))
-        model.generation_config = read_generation_config(Path(path))
-        return model
-
-    @classmethod
-    def empty(cls, config: MossTTSDConfig, *, attn_implementation: str = "sdpa", device="cpu", **kwargs) -> MossTTSD:
-        """A model with allocated but uninitialised weights (to be loaded), built without a random init pass."""
         check_attn_implementation(attn_implementation)
-        with torch.device("meta"):
-            model = cls(config, attn_implementation=attn_implementation, **kwargs)
-        model.to_empty(device=device)
-        lm = model.model.language_model
-        # RoPE frequencies are computed, not stored: rebuild them on a real device after meta construction.
-        with torch.device(device):
-            lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
-        model.tie_weights()
+        kwargs.pop("name_or_path", None)  # AutoModel's, already the path
+        model = checked_load(
+            super().from_pretrained,
+            path,
+            *args,
+            config=config,
+            dtype=_as_dtype(dtype),
+            attn_implementation=attn_implementation,
+            device_map=torch.device(device),
+            **kwargs,
+        )
+        model.generation_config = read_generation_config(path)
         return model
 
     def save_pretrained(

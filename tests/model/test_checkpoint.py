@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moss.model import MossTTSD
+from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.checkpoint import weight_files
 from tests.conftest import random_batch, requires_golden
 
@@ -158,3 +158,27 @@ def test_model_path_may_be_a_hub_id(tiny_model, tiny_tokenizer, tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="not a local folder, and fetching it from the Hugging Face Hub failed"):
         resolve_model_path("nobody-here/no-such-model-3f9c")
+
+
+def test_exports_load_with_transformers_auto_classes(tiny_model, tmp_path):
+    """The port layout (model_type moss_ttsd) is registered with AutoConfig/AutoModel: plain transformers loads it."""
+    from transformers import AutoConfig, AutoModel
+
+    tiny_model.save_pretrained(tmp_path, layout="moss_ttsd")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MossTTSDConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, MossTTSD) and loaded.lm_heads[5].weight is loaded.model.embedding_list[5].weight
+    ids = torch.randint(0, 300, (2, 7, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, output_logits=True).logits, tiny_model(ids, output_logits=True).logits)
+
+
+def test_a_checkpoint_without_the_unused_token_table_loads_it_as_zeros(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.language_model.embed_tokens.weight"]  # as the original's checkpoints may lack it
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = MossTTSD.from_pretrained(tmp_path)
+    assert not loaded.decoder.embed_tokens.weight.any()
