@@ -92,10 +92,10 @@ def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
     a MOSS-TTSD folder missing a parameter (other than the unused token table) is the wrong folder, so each of
     those is an error here, naming the parameters, as is a weights file that does not open.
     """
-    weight_files(path)  # no weights at all: name what the folder holds
+    stored = stored_keys(path)  # no weights: names what the folder holds; a file that does not open: names it
     try:  # misshapen weights come back in the loading info, to be refused below with their names
         model, info = load(path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user gets one line
         raise ConfigError(f"{path}: the weights do not load ({first_line(err)})") from None
     if mismatched := sorted(info.get("mismatched_keys") or ()):
         shapes = [f"{key}: checkpoint {tuple(saved)} vs model {tuple(made)}" for key, saved, made in mismatched]
@@ -110,24 +110,36 @@ def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
             f"{path} does not match the MOSS-TTSD layout: missing {missing[:8]}{'...' if len(missing) > 8 else ''} "
             f"({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
         )
-    if not any(k.startswith(OPTIONAL_PREFIXES) for k in stored_keys(path)):
+    if not any(k.startswith(OPTIONAL_PREFIXES) for k in stored):
         with torch.no_grad():
             model.decoder.embed_tokens.weight.zero_()  # never read: zero rather than random, as a re-save writes it
     return model
 
 
 def stored_keys(path: Path) -> set[str]:
-    """The parameter names a checkpoint folder stores (indexes and safetensors headers; `.bin` memory-mapped)."""
+    """The parameter names a checkpoint folder stores (indexes and safetensors headers; `.bin` memory-mapped).
+
+    Raises:
+        ConfigError: a weights file that does not open (named), or a `.bin` that is not a dict of tensors.
+    """
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / name).is_file():
             return set(json.loads((path / name).read_text())["weight_map"])
     keys = set()
     for file in weight_files(path):
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                keys.update(f.keys())
-        else:
-            keys.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    keys.update(f.keys())
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict):
+                    raise ConfigError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
+                keys.update(state)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - truncated, not a zip, refused by weights_only: one message
+            raise ConfigError(f"{file} is not a readable weights file ({first_line(err)})") from None
     return keys
 
 
