@@ -122,11 +122,12 @@ def stored_keys(path: Path) -> set[str]:
     Raises:
         ConfigError: a weights file that does not open (named), or a `.bin` that is not a dict of tensors.
     """
+    files = weight_files(path)  # raises naming what is missing
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / name).is_file():
             return set(json.loads((path / name).read_text())["weight_map"])
     keys = set()
-    for file in weight_files(path):
+    for file in files:
         try:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt") as f:
