@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, Qwen3Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen
 from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
@@ -340,6 +341,20 @@ class MossTTSD(PreTrainedModel):
             **kwargs,
         )
         model.generation_config = read_generation_config(path)
+        return model
+
+    @classmethod
+    def empty(cls, config: MossTTSDConfig, *, attn_implementation: str = "sdpa", device="cpu", **kwargs) -> MossTTSD:
+        """A model with allocated but uninitialised weights (to be loaded), built without a random init pass."""
+        check_attn_implementation(attn_implementation)
+        with torch.device("meta"):
+            model = cls(config, attn_implementation=attn_implementation, **kwargs)
+        model.to_empty(device=device)
+        lm = model.model.language_model
+        # RoPE frequencies are computed, not stored: rebuild them on a real device after meta construction.
+        with torch.device(device):
+            lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
+        model.tie_weights()
         return model
 
     def save_pretrained(
