@@ -66,7 +66,8 @@ class PackedBatch:
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PackedBatch:
         """The batch with its device fields on `device`; `cu_seqlens` and `label_counts` stay on the host.
 
-        The copies are asynchronous to CUDA (`non_blocking` None): the loader pins the memory they come from.
+        The copies are asynchronous to CUDA (`non_blocking` None): the loader pins the memory they come from
+        (`pin_memory`).
         """
         if non_blocking is None:
             non_blocking = torch.device(device).type == "cuda"
@@ -76,6 +77,15 @@ class PackedBatch:
             if (value := getattr(self, name)) is not None
         }
         return dataclasses.replace(self, **moved)
+
+    def pin_memory(self) -> PackedBatch:
+        """The batch with its device fields in page-locked memory (what a `pin_memory=True` loader calls).
+
+        torch's loader pins a dataclass only through this method; without it the batch would stay pageable and
+        every copy to the GPU synchronous.
+        """
+        pinned = {name: value.pin_memory() for name in self.DEVICE_FIELDS if (value := getattr(self, name)) is not None}
+        return dataclasses.replace(self, **pinned)
 
     def model_inputs(self) -> dict:
         """Keyword arguments of `MossTTSD.forward`."""
