@@ -32,19 +32,19 @@ RECORD = ".moss-outputs.json"
 STAGING = ".moss-staging-"  # prefix of the folder a whole output is written into before it is put in place
 
 
-TEMPORARY = ".*.tmp*"  # fnmatch pattern of `atomic_write`'s temporary names
+TEMPORARY = ".*.moss-tmp*"  # fnmatch pattern of `atomic_write`'s temporary names
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` with a temporary path beside `path`, then move it onto `path` in one step.
 
-    The one tmp-then-rename of the project. The temporary name is fixed per path (`.<stem>.tmp<suffix>`: hidden,
+    The one tmp-then-rename of the project. The temporary name is fixed per path (`.<stem>.moss-tmp<suffix>`: hidden,
     so shard globs and listings pass it over; the suffix kept, as writers infer formats from it), so a write
     killed half-way leaves at most one, which the next write of that path replaces. Each path has one writer at
     a time: tools lock their folders, and ranks write disjoint names.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.moss-tmp{path.suffix}")
     try:
         write(tmp)
         os.replace(tmp, path)

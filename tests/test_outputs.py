@@ -186,10 +186,11 @@ def test_stale_names_reached_through_a_link_are_not_deleted(tmp_path):
 
 
 def test_a_killed_writes_temporary_file_is_the_tools_own_and_the_next_write_replaces_it(tmp_path):
-    (tmp_path / ".results.tmp.jsonl").write_text("half")  # what kill -9 during atomic_write leaves
+    (tmp_path / ".results.moss-tmp.jsonl").write_text("half")  # what kill -9 during atomic_write leaves
     folder = OutputFolder(tmp_path, "infer")
     assert folder.problems() == []  # not taken for a file of the user's
     folder.put_text("results.jsonl", "new\n")
     assert sorted(os.listdir(tmp_path)) == [RECORD, "results.jsonl"]
     (tmp_path / ".notes.txt").write_text("the user's")  # a hidden file that is not a temporary is still foreign
+    (tmp_path / ".results.tmp.jsonl").write_text("the user's")  # nor one that only looks like a temporary
     assert "did not write" in OutputFolder(tmp_path, "infer").problems()[0]
