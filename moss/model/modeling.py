@@ -49,7 +49,7 @@ class MossTTSD(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen3DecoderLayer"]
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
-    # Each head is its channel's embedding (sorted pairwise: fine up to 10 channels).
+    # Each head is its channel's embedding (transformers pairs the matches of both patterns in sorted order).
     _tied_weights_keys = {r"lm_heads\.\d+\.weight": r"model\.embedding_list\.\d+\.weight"}
     # The Qwen3 token table is never used (inputs arrive as summed channel embeddings); checkpoints may omit it.
     _keys_to_ignore_on_load_missing = [r"model\.language_model\.embed_tokens\."]
