@@ -7,20 +7,18 @@ here in a second with one message.
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from moss.config_schema import schema_problems
 from moss.errors import ConfigError
 from moss.model.activation_checkpointing import checkpointing_policy
 from moss.model.attention import ATTN_IMPLEMENTATIONS
 from moss.model.loss import normalized_weights
 from moss.model.speedups import liger_problem
 from moss.training.launch import relaunched_rank
-from moss.training.plan import world_size
+from moss.training.plan import synthetic_shards
 
 # Folders of a run directory that only a run writes: their presence means the name is taken.
 RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
@@ -29,7 +27,7 @@ RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem found in `cfg` (nothing is changed or written)."""
     problems = [
-        *_unknown_keys(OmegaConf.to_container(cfg, resolve=False)),
+        *schema_problems(cfg),
         *_model_problems(cfg),
         *_data_problems(cfg),
         *_trainer_problems(cfg),
@@ -51,42 +49,6 @@ def _is_missing(cfg: DictConfig, key: str) -> bool:
     node, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, node) if node else cfg
     return parent is None or leaf not in parent or OmegaConf.is_missing(parent, leaf)
-
-
-def _unknown_keys(node, prefix: str = "") -> list[str]:
-    """Settings that the `_target_` they configure does not accept, with the closest real name.
-
-    Catches `+trainer.max_step=5` (Hydra's own suggestion for a typo), which would otherwise die with a
-    TypeError deep inside instantiation, or be ignored.
-    """
-    problems = []
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if isinstance(target, str):
-            problems += _keys_not_accepted(node, target, prefix)
-        for key, value in node.items():
-            problems += _unknown_keys(value, f"{prefix}{key}.")
-    return problems
-
-
-def _keys_not_accepted(node: dict, target: str, prefix: str) -> list[str]:
-    from hydra.utils import get_object
-
-    try:
-        params = inspect.signature(get_object(target)).parameters
-    except Exception as err:  # noqa: BLE001 - any import or lookup failure is the user's to see
-        return [f"{prefix}_target_={target} cannot be loaded ({type(err).__name__}: {err})"]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n != "self"]
-    problems = []
-    for key in node:
-        if key.startswith("_") or key in names:
-            continue
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-        hint = f"did you mean {prefix}{close[0]}?" if close else f"it takes {', '.join(names)}"
-        problems.append(f"{prefix}{key} is not a setting of {target}; {hint} (drop the {prefix}{key} override)")
-    return problems
 
 
 def _model_problems(cfg: DictConfig) -> list[str]:
@@ -143,7 +105,7 @@ def _raw_problems(cfg: DictConfig) -> list[str]:
 
 
 def _data_problems(cfg: DictConfig) -> list[str]:
-    """Shard specs that match nothing, and fewer training shards than readers (ranks x workers)."""
+    """Shard specs that match nothing (the plan fits the readers to the shards: `moss.training.plan`)."""
     raw = _select(cfg, "raw") or {}
     if raw.get("train") or raw.get("val"):
         return _raw_problems(cfg)  # the shards are made from raw.* before training
@@ -151,40 +113,16 @@ def _data_problems(cfg: DictConfig) -> list[str]:
         return ["data.train_shards is required; set data.train_shards='/path/to/shards/*.tar'"]
     from moss.data.dataset import expand_shards
 
-    problems, shards = [], {}
+    problems = []
     for split in ("train", "val"):
         spec = _select(cfg, f"data.{split}_shards")
-        if spec is None:
-            continue
-        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-        generated = _synthetic_shards(cfg, split, spec)
-        if generated is not None:
-            shards[split] = generated
+        if spec is None or synthetic_shards(cfg, split) is not None:  # none, or the corpus generated on first use
             continue
         try:
-            shards[split] = len(expand_shards(spec, f"data.{split}_shards"))
+            expand_shards(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, f"data.{split}_shards")
         except FileNotFoundError as err:
             problems.append(str(err))
-    workers = max(1, int(_select(cfg, "data.num_workers") or 0))
-    readers = world_size(cfg) * workers
-    if shards.get("train", readers) < readers:
-        problems.append(
-            f"data.train_shards has {shards['train']} shards but {world_size(cfg)} ranks x {workers} workers = "
-            f"{readers} readers need one each; lower data.num_workers or trainer.devices, or write the set in more "
-            f"shards (4x readers or more keeps them evenly loaded)"
-        )
     return problems
-
-
-def _synthetic_shards(cfg: DictConfig, split: str, spec) -> int | None:
-    """Shards the built-in corpus will have for `split`, when `spec` points at its (generated) folder."""
-    synthetic = _select(cfg, "data.synthetic")
-    samples = synthetic and synthetic.get(f"{split}_samples")
-    if not samples or not isinstance(spec, str):
-        return None
-    if Path(spec).resolve() != (Path(str(synthetic.dir)) / split).resolve():
-        return None
-    return math.ceil(samples / synthetic.get("samples_per_shard", 64))
 
 
 def _trainer_problems(cfg: DictConfig) -> list[str]:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from moss.config_checks import ConfigError, validate
 from moss.model import MossTTSD
 from moss.model.lora import unwrap
+from moss.training.plan import plan_run
 from tests.conftest import REPO, compose_train, random_batch
 from train import train
 
@@ -250,10 +251,12 @@ def test_too_few_shards_for_the_readers_fails_at_start_up(tmp_path, tiny_shards,
             "data.num_workers=8",
         ],
     )
-    module = instantiate(cfg.model)
-    data = instantiate(cfg.data, _partial_=True)(tokenizer=instantiate(cfg.tokenizer), model_config=module.config)
-    with pytest.raises(ValueError, match="has 6 shards but 1 ranks x 8 workers = 8 readers.*lower data.num_workers"):
-        data.setup("fit")
+    with pytest.raises(ConfigError, match="has 6 shards but 1 ranks x 8 workers = 8 readers.*lower data.num_workers"):
+        plan_run(cfg)  # before anything is built: the plan applies the readers rule
+    with pytest.raises(ConfigError, match="has 6 shards but 8 ranks x 1 workers"):
+        plan_run(compose_train(tmp_path, [f"data.train_shards={tiny_shards}", "trainer.devices=8"]), fit_workers=True)
+    fitted = plan_run(cfg, fit_workers=True).cfg  # a set made from raw.* is fitted: 6 shards, 1 rank
+    assert fitted.data.num_workers == 6
 
 
 def test_a_user_shard_folder_is_read_never_written(tmp_path, tiny_shards):

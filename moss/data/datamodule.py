@@ -146,14 +146,6 @@ class MossDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = expand_shards(self.train_shards, "data.train_shards")
         self.val_urls = expand_shards(self.val_shards, "data.val_shards") if self.val_shards else []
-        _, world = rank_and_world()
-        readers = world * max(1, self.num_workers)
-        if len(self.train_urls) < readers:
-            raise ValueError(
-                f"data.train_shards has {len(self.train_urls)} shards but {world} ranks x "
-                f"{max(1, self.num_workers)} workers = {readers} readers need one each; lower data.num_workers "
-                f"or write the set in more shards (4x readers or more keeps them evenly loaded)"
-            )
         log.info(
             "train: %d shards (%s samples by manifest); val: %d shards; %s",
             len(self.train_urls),

@@ -71,6 +71,23 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     return sorted(set(urls))
 
 
+def readers_problem(shards: int, ranks: int, workers: int) -> str | None:
+    """Why `shards` training shards cannot feed `ranks` x `workers` readers, else None.
+
+    The rule of the shard split (`ShardReader`): every reader streams shards of its own, so a training set
+    needs at least one shard per reader. The run plan applies it before a run starts (fitting the workers to a
+    set made from `raw.*`), the stream again in each reader.
+    """
+    workers = max(1, workers)
+    if shards >= ranks * workers:
+        return None
+    return (
+        f"data.train_shards has {shards} shards but {ranks} ranks x {workers} workers = {ranks * workers} readers "
+        f"need one each; lower data.num_workers or trainer.devices, or write the set in more shards (4x readers or "
+        f"more keeps them evenly loaded)"
+    )
+
+
 def manifest_entries(urls: list[str]) -> list[dict] | None:
     """The manifest entry of every shard of a local shard set (None: remote shards, or no manifest at all).
 
@@ -234,11 +251,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = self._slot()
-        if self.repeat and slots > len(self.urls):  # a one-pass stream may leave readers idle, a training one not
-            raise RuntimeError(
-                f"{len(self.urls)} shards cannot feed {slots} readers (ranks x dataloader workers); "
-                f"lower data.num_workers or write more shards (at least {slots})"
-            )
+        _, world = rank_and_world()
+        # A one-pass stream may leave readers idle; a training one may not (that reader would have no data).
+        if self.repeat and (problem := readers_problem(len(self.urls), world, slots // world)):
+            raise ConfigError(problem)
         report = self._report_path(slot)
         # Validation streams read the same samples at every validation: report them at the first one only.
         skips = SkipLog(self.skipped, report, quiet=bool(not self.repeat and report and os.path.exists(report)))

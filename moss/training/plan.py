@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moss.data.dataset import expand_shards
+from moss.data.dataset import expand_shards, readers_problem
 from moss.data.epochs import EpochPlan
+from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -68,13 +70,12 @@ def plan_run(cfg: DictConfig, fit_workers: bool = False) -> RunPlan:
     """The final config: `cfg` with the loader workers fitted to the shards and `data.epochs` turned into steps.
 
     Needs the shard sets to exist (after the `plan_sources` stages; the built-in corpus is generated here when
-    `data.epochs` must count it). `fit_workers`: a set preprocessed from a few records may have fewer shards
-    than ranks x loader workers; lower `data.num_workers` to fit instead of refusing.
+    `data.epochs` must count it). A training set needs a shard per reader (ranks x loader workers): too few is
+    refused, or with `fit_workers` (a set preprocessed from a few records) `data.num_workers` is lowered to fit.
     """
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        if fit_workers:
-            _fit_workers_to_shards(cfg)
+        _fit_readers(cfg, fit_workers)
         epochs = _epoch_plan(cfg)
         if epochs is not None:
             cfg.trainer.max_steps = epochs.max_steps
@@ -101,19 +102,30 @@ def world_size(cfg: DictConfig) -> int:
     return nodes
 
 
-def _fit_workers_to_shards(cfg: DictConfig) -> None:
-    shards, world = len(expand_shards(cfg.data.train_shards)), world_size(cfg)
-    most = max(1, shards // world)
-    if int(cfg.data.num_workers) > most:
-        log.warning(
-            "%s has %d shards for %d ranks: data.num_workers %d -> %d",
-            cfg.data.train_shards,
-            shards,
-            world,
-            cfg.data.num_workers,
-            most,
-        )
-        cfg.data.num_workers = most
+def synthetic_shards(cfg: DictConfig, split: str) -> int | None:
+    """Shards the built-in corpus will have for `split`, when `data.<split>_shards` is its (generated) folder."""
+    synthetic, spec = cfg.data.get("synthetic"), cfg.data.get(f"{split}_shards")
+    samples = synthetic and synthetic.get(f"{split}_samples")
+    if not samples or not isinstance(spec, str):
+        return None
+    if Path(spec).resolve() != (Path(str(synthetic.dir)) / split).resolve():
+        return None
+    return math.ceil(samples / synthetic.get("samples_per_shard", 64))
+
+
+def _fit_readers(cfg: DictConfig, fit_workers: bool) -> None:
+    """Apply the readers rule (`readers_problem`): refuse, or with `fit_workers` lower `data.num_workers` to fit."""
+    shards = synthetic_shards(cfg, "train")
+    shards = len(expand_shards(cfg.data.train_shards)) if shards is None else shards
+    ranks, workers = world_size(cfg), int(cfg.data.num_workers)
+    problem = readers_problem(shards, ranks, workers)
+    if problem is None:
+        return
+    fitted = shards // ranks
+    if not fit_workers or fitted < 1:
+        raise ConfigError(problem)
+    log.warning("%d shards for %d ranks: data.num_workers %d -> %d", shards, ranks, workers, fitted)
+    cfg.data.num_workers = fitted
 
 
 def _epoch_plan(cfg: DictConfig) -> EpochPlan | None:

@@ -15,6 +15,7 @@ from moss.data.schema import SampleError, ShardSample
 from moss.data.stages import ShardReader
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
+from moss.errors import ConfigError
 from moss.text import PromptBuilder
 
 
@@ -95,7 +96,7 @@ def test_training_stream_repeats_with_new_orders(tiny_shards, builder):
 def test_fewer_shards_than_readers_fails_with_the_fix(tiny_shards, builder, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     stream = ShardStream(expand_shards(str(tiny_shards)), builder, repeat=True, shuffle=False)
-    with pytest.raises(RuntimeError, match="6 shards cannot feed 8 readers.*lower data.num_workers"):
+    with pytest.raises(ConfigError, match="has 6 shards but 4 ranks x 2 workers = 8 readers.*lower data.num_workers"):
         keys_of(stream, workers=2, limit=1)
 
 
