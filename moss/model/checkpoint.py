@@ -156,33 +156,13 @@ def usual_permissions(*paths: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def save_model(
-    model: torch.nn.Module,
-    out_dir: Path,
-    layout: str = "original",
-    max_shard_size: int = 5 * 2**30,
-    generation_config: dict | None = None,
-):
-    """Write `config.json`, safetensors weights and `generation_config.json` (none when it is None).
-
-    Weights above `max_shard_size` bytes are sharded with an index.
-    Sharding, the index and the removal of an earlier export's shards are huggingface_hub's
-    `save_torch_state_dict`, the writer transformers uses.
-    """
-    from huggingface_hub import save_torch_state_dict
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out_dir, layout=layout)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)}
-    for stale in WEIGHT_FILES:  # a .bin export of the same folder would be read before the new weights
-        (out_dir / stale).unlink(missing_ok=True)
-    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size)
-    usual_permissions(*weight_files(out_dir))
+def write_generation_config(out_dir: Path, generation_config: dict | None) -> None:
+    """Write `generation_config.json`, or remove an earlier export's (its sampling does not belong to this model)."""
     generation = out_dir / GENERATION_CONFIG
     if generation_config:
         generation.write_text(json.dumps(generation_config, indent=2) + "\n")
     else:
-        generation.unlink(missing_ok=True)  # an earlier export's sampling does not belong to this model
+        generation.unlink(missing_ok=True)
 
 
 def read_generation_config(path: Path) -> dict | None:

@@ -364,14 +364,22 @@ class MossTTSD(PreTrainedModel):
         max_shard_size: int = 5 * 2**30,
         generation_config: dict | None = None,
     ) -> None:
-        """Write config.json + safetensors (original key layout, tied heads omitted) + generation_config.json.
+        """Write config.json (`layout`), safetensors (original key layout) and generation_config.json.
 
+        transformers writes the weights (shards above `max_shard_size` bytes with an index, an earlier export's
+        shards removed, the tied heads left out); the config is then written in the requested published form.
         The generation config written is `generation_config`, else the model's own (none when both are None).
         """
-        from moss.model.checkpoint import save_model
+        from moss.model.checkpoint import WEIGHT_FILES, usual_permissions, weight_files, write_generation_config
 
-        generation = generation_config if generation_config is not None else self.generation_config
-        save_model(self, Path(out_dir), layout=layout, max_shard_size=max_shard_size, generation_config=generation)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in WEIGHT_FILES:  # a .bin export of the same folder would be read before the new weights
+            (out_dir / stale).unlink(missing_ok=True)
+        super().save_pretrained(out_dir, max_shard_size=max_shard_size)
+        self.config.save_pretrained(out_dir, layout=layout)
+        usual_permissions(*weight_files(out_dir))
+        write_generation_config(out_dir, generation_config if generation_config is not None else self.generation_config)
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
