@@ -42,7 +42,7 @@ def infer(cfg: DictConfig) -> list[Result]:
     """
     folder = check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    items, results = _parse_items(cfg)
+    items, results = parse_items(cfg)
     folder.refuse_taken([RESULTS] + [f"output_{it.index:04d}.{cfg.format}" for it in items])
     model, tokenizer = _load(cfg, device)
     codec = load_codec(cfg.codec, device=device)
@@ -125,7 +125,7 @@ def _load(cfg: DictConfig, device: str):
     )
 
 
-def _parse_items(cfg: DictConfig) -> tuple[list[Item], dict[int, Result]]:
+def parse_items(cfg: DictConfig) -> tuple[list[Item], dict[int, Result]]:
     """The valid items of the input, and a Result with its error for each rejected line."""
     raw = read_items(cfg.input) if cfg.input else [{"text": cfg.text}]
     base = cfg.base_path or (str(Path(cfg.input).parent) if cfg.input else None)

@@ -10,7 +10,8 @@ rm -rf .whl && mkdir .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     webdataset==1.0.2 braceexpand==0.1.7 omegaconf==2.3.1 hydra-core==1.3.8 hydra-zen==0.17.2 torchdata==0.11.0 \
-    soundfile==0.14.0 cffi==2.0.0 pycparser==3.0 liger-kernel==0.8.5 soxr==1.1.0
+    soundfile==0.14.0 cffi==2.0.0 pycparser==3.0 liger-kernel==0.8.5 soxr==1.1.0 jiwer==4.0.0 rapidfuzz==3.14.6 \
+    click==8.5.1
 # antlr4-python3-runtime 4.9.3 (what hydra-core 1.3 needs) is published as a source archive only: build its wheel.
 python3 -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
 ls .whl && du -sh .whl

@@ -54,6 +54,7 @@ class Item:
     text: str
     prompt_audio: np.ndarray | None = None
     source: dict = field(default_factory=dict)
+    voices: dict[int, np.ndarray] = field(default_factory=dict)  # per-speaker prompts: speaker -> clip (evaluation)
 
 
 def _string(data: dict, key: str, required: bool = False) -> str | None:
@@ -127,12 +128,13 @@ def parse_item(
     unknown = sorted({f"[S{n}]" for n in KNOWN_TAGS.findall(full) if n not in ("1", "2")})
     if unknown:
         raise ItemError(f"unknown speaker tags {unknown}: MOSS-TTSD speaks [S1] and [S2]")
-    audio = None
-    if clips:
-        audio = np.concatenate([_prompt_wave(clip, base, max_prompt_seconds) for clip in clips])
+    audio, waves = None, [_prompt_wave(clip, base, max_prompt_seconds) for clip in clips]
+    if waves:
+        audio = np.concatenate(waves)
         if silence_seconds > 0:
             audio = np.concatenate([audio, np.zeros(int(silence_seconds * SAMPLE_RATE), np.float32)])
-    return Item(index, full, audio, data)
+    voices = dict(zip((1, 2), waves, strict=True)) if len(waves) == 2 else {}
+    return Item(index, full, audio, data, voices)
 
 
 def batch_prompts(grids: list[np.ndarray], text_pad_id: int, speech_pad: int = 1024):

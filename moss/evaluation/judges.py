@@ -1,0 +1,111 @@
+"""The models that judge generated speech: an ASR model (what was said, and when) and a speaker embedder.
+
+Both load by local folder or Hub id through transformers (`pipeline("automatic-speech-recognition")` for ASR:
+Whisper, or any CTC model; `AutoModelForAudioXVector` for voices: WavLM/UniSpeech-SAT x-vectors), load once,
+and run batched. Neither is needed for training: they are named in `eval.asr_model` / `eval.speaker_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moss.audio import resample
+from moss.evaluation.turns import Word
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What the ASR model heard: the text, and its words with timestamps (None when the model gives none)."""
+
+    text: str
+    words: list[Word] | None
+
+
+class Transcriber:
+    """Speech to text (with word times) through transformers' ASR pipeline.
+
+    Args:
+        model: local folder or Hub id (e.g. `openai/whisper-large-v3`).
+        device: torch device for the model.
+        batch_size: clips per forward pass.
+        language: Whisper's language (e.g. `en`, `zh`); None lets Whisper detect it.
+        dtype: the model's dtype (float16/bfloat16 halve its memory on a GPU).
+    """
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, language: str | None = None, dtype=None):
+        from transformers import pipeline
+
+        self.name, self.batch_size = model, batch_size
+        self.pipe = pipeline("automatic-speech-recognition", model=model, device=device, dtype=dtype)
+        self.rate = self.pipe.feature_extractor.sampling_rate
+        whisper = self.pipe.model.config.model_type == "whisper"
+        self.generate_kwargs = {"language": language, "task": "transcribe"} if whisper and language else {}
+        self.timestamps = True
+
+    def __call__(self, waves: list[np.ndarray], sample_rate: int) -> list[Transcript]:
+        """Transcripts of mono clips at `sample_rate`, in order."""
+        if not waves:
+            return []
+        inputs = [{"raw": self._clip(w, sample_rate), "sampling_rate": self.rate} for w in waves]
+        if self.timestamps:
+            try:
+                return [self._transcript(o) for o in self._run(inputs, return_timestamps="word")]
+            except (ValueError, RuntimeError, KeyError) as err:  # e.g. a Whisper without alignment heads
+                log.warning("%s gives no word timestamps (%s); turns are cut in proportion to the text", self.name, err)
+                self.timestamps = False
+        return [Transcript(o["text"].strip(), None) for o in self._run(inputs)]
+
+    def _clip(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
+        return resample(np.asarray(wave, np.float32), sample_rate, self.rate)
+
+    def _run(self, inputs: list[dict], **kwargs) -> list[dict]:
+        extra = {"generate_kwargs": self.generate_kwargs} if self.generate_kwargs else {}
+        with torch.inference_mode():
+            return self.pipe(inputs, batch_size=self.batch_size, chunk_length_s=30, **extra, **kwargs)
+
+    @staticmethod
+    def _transcript(out: dict) -> Transcript:
+        words = [
+            Word(c["text"], float(c["timestamp"][0]), float(c["timestamp"][1] or c["timestamp"][0]))
+            for c in out.get("chunks") or []
+            if c.get("timestamp") and c["timestamp"][0] is not None
+        ]
+        return Transcript(out["text"].strip(), words)
+
+
+class VoiceEmbedder:
+    """Speaker embeddings (x-vectors) of clips, for voice similarity.
+
+    Args:
+        model: local folder or Hub id of an `AutoModelForAudioXVector` (e.g. `microsoft/wavlm-base-plus-sv`).
+        device: torch device for the model.
+        batch_size: clips per forward pass.
+    """
+
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8):
+        from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+        self.name, self.device, self.batch_size = model, device, batch_size
+        self.extractor = AutoFeatureExtractor.from_pretrained(model)
+        self.model = AutoModelForAudioXVector.from_pretrained(model).to(device).eval()
+        self.rate = self.extractor.sampling_rate
+
+    def __call__(self, waves: list[np.ndarray], sample_rate: int) -> np.ndarray:
+        """One embedding row per clip, `[len(waves), dim]` float32."""
+        rows = []
+        for start in range(0, len(waves), self.batch_size):
+            clips = [
+                resample(np.asarray(w, np.float32), sample_rate, self.rate) for w in waves[start:][: self.batch_size]
+            ]
+            batch = self.extractor(
+                clips, sampling_rate=self.rate, padding=True, return_attention_mask=True, return_tensors="pt"
+            ).to(self.device)
+            with torch.inference_mode():
+                rows.append(self.model(**batch).embeddings.float().cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)

@@ -1,0 +1,141 @@
+"""Scores of synthesised dialogues: intelligibility, per-turn voice similarity, speaker switching, length.
+
+`score_dialogues` takes what was generated (a waveform per script) and what was asked for (the script, each
+speaker's prompt clip, the expected length) and returns the `eval.json` section of one checkpoint: a record
+per item and per turn, and the aggregate. The metric models are optional: without the ASR model there is no
+CER/WER (and turns are cut in proportion to the text), without the speaker model no similarity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moss.evaluation.judges import Transcriber, VoiceEmbedder
+from moss.evaluation.metrics import Errors, cosine, errors, mean
+from moss.evaluation.turns import Span, Turn, script_turns, turn_spans
+
+# A turn shorter than this is not embedded: a speaker embedding of a fraction of a second says little.
+MIN_TURN_SECONDS = 0.5
+
+
+@dataclass
+class Dialogue:
+    """One generated script and what it was asked to be.
+
+    Args:
+        index: the item's index in the input.
+        script: the text that was to be spoken (without the prompt's transcript).
+        wave: the generated audio (mono, `sample_rate`), None when generation failed.
+        voices: speaker number -> that speaker's prompt clip (16 kHz), for similarity.
+        expected_seconds: the length the audio should have (e.g. the held-out recording's), if known.
+        error: why nothing was generated.
+    """
+
+    index: int
+    script: str
+    wave: np.ndarray | None
+    voices: dict[int, np.ndarray] = field(default_factory=dict)
+    expected_seconds: float | None = None
+    error: str | None = None
+
+
+def score_dialogues(
+    dialogues: list[Dialogue],
+    sample_rate: int,
+    limit_seconds: float | None = None,
+    asr: Transcriber | None = None,
+    voices: VoiceEmbedder | None = None,
+    voice_rate: int = 16000,
+) -> dict:
+    """The per-item, per-turn and aggregate scores of `dialogues` (see the module docstring)."""
+    done = [d for d in dialogues if d.wave is not None]
+    heard = asr([d.wave for d in done], sample_rate) if asr else [None] * len(done)
+    records, total = [], Errors(0, 0, 0, 0)
+    for dialogue, transcript in zip(done, heard, strict=True):
+        record = _length_record(dialogue, sample_rate, limit_seconds)
+        turns = script_turns(dialogue.script)
+        spans = turn_spans(turns, record["duration_s"], transcript.words if transcript else None)
+        if transcript is not None:
+            counted = errors(dialogue.script, transcript.text)
+            total += counted
+            record.update(transcript=transcript.text, cer=counted.cer, wer=counted.wer)
+        record["turns"] = [
+            {
+                "speaker": t.speaker,
+                "text": t.text,
+                "start_s": round(s.start, 3),
+                "end_s": round(s.end, 3),
+                "cut": s.method,
+            }
+            for t, s in zip(turns, spans, strict=True)
+        ]
+        records.append((dialogue, spans, record))
+    if voices:
+        _voice_scores(records, sample_rate, voices, voice_rate)
+    items = [r for _, _, r in records] + [
+        {"index": d.index, "script": d.script, "error": d.error or "not generated"} for d in dialogues if d.wave is None
+    ]
+    items.sort(key=lambda r: r["index"])
+    return {"aggregate": _aggregate(items, total, asr is not None, voices is not None), "items": items}
+
+
+def _turn_record(turn: Turn, span: Span) -> dict:
+    start, end = round(span.start, 3), round(span.end, 3)
+    return {"speaker": turn.speaker, "text": turn.text, "start_s": start, "end_s": end, "cut": span.method}
+
+
+def _length_record(dialogue: Dialogue, sample_rate: int, limit_seconds: float | None) -> dict:
+    duration = len(dialogue.wave) / sample_rate
+    record = {"index": dialogue.index, "script": dialogue.script, "duration_s": round(duration, 3)}
+    if dialogue.expected_seconds:
+        record["expected_seconds"] = dialogue.expected_seconds
+        record["duration_ratio"] = round(duration / dialogue.expected_seconds, 4)
+    if limit_seconds:
+        # Generation stopped by the limit rather than by its end token (the delay tail is within a second).
+        record["hit_limit"] = duration >= limit_seconds - 1.0
+    return record
+
+
+def _voice_scores(records: list, sample_rate: int, embedder: VoiceEmbedder, voice_rate: int) -> None:
+    """Similarity of each turn to its speaker's prompt and to the other's, and whether it is closer to its own."""
+    clips, owners = [], []
+    for n, (dialogue, spans, _) in enumerate(records):
+        for k, span in enumerate(spans):
+            if span.end - span.start >= MIN_TURN_SECONDS:
+                clips.append(dialogue.wave[int(span.start * sample_rate) : int(span.end * sample_rate)])
+                owners.append((n, k))
+    prompts = [(n, s) for n, (d, _, _) in enumerate(records) for s in sorted(d.voices)]
+    turn_rows = embedder(clips, sample_rate) if clips else []
+    prompt_rows = embedder([records[n][0].voices[s] for n, s in prompts], voice_rate) if prompts else []
+    prompt_of = {key: row for key, row in zip(prompts, prompt_rows, strict=True)}
+    for (n, k), row in zip(owners, turn_rows, strict=True):
+        turn = records[n][2]["turns"][k]
+        own, other = prompt_of.get((n, turn["speaker"])), prompt_of.get((n, 3 - turn["speaker"]))
+        if own is None:
+            continue
+        turn["sim_own"] = round(cosine(row, own), 4)
+        if other is not None:
+            turn["sim_other"] = round(cosine(row, other), 4)
+            turn["switch_ok"] = turn["sim_own"] > turn["sim_other"]
+
+
+def _aggregate(items: list[dict], total: Errors, asr: bool, voices: bool) -> dict:
+    done = [r for r in items if "error" not in r]
+    turns = [t for r in done for t in r["turns"]]
+    out = {
+        "items": len(items),
+        "generated": len(done),
+        "seconds": round(sum(r["duration_s"] for r in done), 3),
+        "duration_ratio": mean(r.get("duration_ratio") for r in done),
+        "hit_limit_rate": mean(float(r["hit_limit"]) for r in done if "hit_limit" in r),
+    }
+    if asr:
+        out.update(cer=total.cer, wer=total.wer)
+    if voices:
+        for speaker in (1, 2):
+            out[f"sim_s{speaker}"] = mean(t.get("sim_own") for t in turns if t["speaker"] == speaker)
+        out["switch_acc"] = mean(float(t["switch_ok"]) for t in turns if "switch_ok" in t)
+        out["turns_scored"] = sum("sim_own" in t for t in turns)
+    return out
