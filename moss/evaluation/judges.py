@@ -17,6 +17,7 @@ from moss.audio import resample
 from moss.evaluation.turns import Word
 
 log = logging.getLogger(__name__)
+WHISPER_WINDOW_S = 30  # Whisper's input window: longer clips are decoded in sequential windows, alone
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,38 @@ class Transcriber:
         self.rate = self.pipe.feature_extractor.sampling_rate
         whisper = self.pipe.model.config.model_type == "whisper"
         self.generate_kwargs = {"language": language, "task": "transcribe"} if whisper and language else {}
+        # Whisper transcribes long clips in its own sequential windows; a CTC model is read in 30 s chunks.
+        self.chunking = {} if whisper else {"chunk_length_s": 30}
         self.timestamps = True
 
     def __call__(self, waves: list[np.ndarray], sample_rate: int) -> list[Transcript]:
         """Transcripts of mono clips at `sample_rate`, in order."""
         if not waves:
             return []
-        inputs = [{"raw": self._clip(w, sample_rate), "sampling_rate": self.rate} for w in waves]
+        clips = [self._clip(w, sample_rate) for w in waves]
         if self.timestamps:
             try:
-                return [self._transcript(o) for o in self._run(inputs, return_timestamps="word")]
-            except (ValueError, RuntimeError, KeyError) as err:  # e.g. a Whisper without alignment heads
+                return [self._transcript(o) for o in self._run(clips, return_timestamps="word")]
+            except (ValueError, KeyError) as err:  # e.g. a Whisper without alignment heads
                 log.warning("%s gives no word timestamps (%s); turns are cut in proportion to the text", self.name, err)
                 self.timestamps = False
-        return [Transcript(o["text"].strip(), None) for o in self._run(inputs)]
+        return [Transcript(o["text"].strip(), None) for o in self._run(clips)]
 
     def _clip(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         return resample(np.asarray(wave, np.float32), sample_rate, self.rate)
 
-    def _run(self, inputs: list[dict], **kwargs) -> list[dict]:
+    def _run(self, clips: list[np.ndarray], **kwargs) -> list[dict]:
+        """The pipeline's outputs in order; Whisper's clips over 30 s go one at a time (its long-form decoding)."""
         extra = {"generate_kwargs": self.generate_kwargs} if self.generate_kwargs else {}
+        single = [i for i, c in enumerate(clips) if not self.chunking and len(c) > WHISPER_WINDOW_S * self.rate]
+        batched = [i for i in range(len(clips)) if i not in set(single)]
+        out: dict[int, dict] = {}
         with torch.inference_mode():
-            return self.pipe(inputs, batch_size=self.batch_size, chunk_length_s=30, **extra, **kwargs)
+            for indices, size in ((batched, self.batch_size), *(([i], 1) for i in single)):
+                inputs = [{"raw": clips[i], "sampling_rate": self.rate} for i in indices]  # the pipeline empties them
+                results = self.pipe(inputs, batch_size=size, **self.chunking, **extra, **kwargs) if inputs else []
+                out.update(zip(indices, results, strict=True))
+        return [out[i] for i in range(len(clips))]
 
     @staticmethod
     def _transcript(out: dict) -> Transcript:

@@ -56,3 +56,67 @@ def tiny_speaker_model(tmp_path_factory) -> Path:
     )
     _feature_extractor().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A Whisper (byte-level vocabulary, the special and timestamp tokens, alignment heads) with its processor."""
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = tmp_path_factory.mktemp("judges") / "whisper"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    end = "<|endoftext|>"
+    tokenizer = WhisperTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=end, bos_token=end, eos_token=end
+    )
+    specials = ["<|startoftranscript|>", "<|en|>", "<|zh|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    tokenizer.pad_token = end
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        folder
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in [end, *specials]}
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_target_positions=64,
+        pad_token_id=ids[end],
+        bos_token_id=ids[end],
+        eos_token_id=ids[end],
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    settings = dict(
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        max_length=20,
+        is_multilingual=True,
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|zh|>": ids["<|zh|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        alignment_heads=[[0, 0], [0, 1]],  # what word timestamps are read from
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    generation = model.generation_config
+    for key, value in settings.items():  # setattr: GenerationConfig.update skips keys it does not know
+        setattr(generation, key, value)
+    generation._from_model_config = False  # else it is rebuilt from the model config on load, without the above
+    model.save_pretrained(folder)
+    return folder

@@ -60,11 +60,20 @@ def test_the_judges_load_by_folder_and_run_batched(tiny_asr, tiny_speaker_model)
     np.testing.assert_allclose(embedder(waves[2:], 24000)[0], rows[2], rtol=1e-4, atol=1e-6)  # not its batch's
 
 
+def test_whisper_takes_long_clips_alone_and_gives_word_times(tiny_whisper):
+    # The pipeline cannot batch a clip over Whisper's 30 s window with shorter ones (its features differ in length).
+    waves = [np.random.default_rng(n).standard_normal(16000 * n).astype(np.float32) * 0.1 for n in (3, 40, 5)]
+    heard = Transcriber(str(tiny_whisper), batch_size=2, language="en")(waves, 16000)
+    assert len(heard) == 3 and all(t.words for t in heard)
+    assert all(w.start <= w.end for t in heard for w in t.words)
+
+
 @pytest.mark.slow  # two syntheses and the metric models (about 20 s)
-def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path, tiny_asr, tiny_speaker_model):
+def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path, tiny_whisper, tiny_speaker_model):
     from evaluate import evaluate
 
-    judges = [f"asr_model={tiny_asr}", f"speaker_model={tiny_speaker_model}", f"base={tmp_path / 'base'}"]
+    judges = [f"asr_model={tiny_whisper}", "asr_language=en", f"speaker_model={tiny_speaker_model}"]
+    judges.append(f"base={tmp_path / 'base'}")
     report = evaluate(compose_config("evaluate", [*heldout, *judges]))
     assert report == json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(report["checkpoints"]) == {"tuned", "base"}
