@@ -26,6 +26,7 @@ from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
 from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_size
 from moss.training.preemption import cluster_plugins
+from moss.training.quality_gate import GATE_METRICS
 from moss.training.run_checkpoint import checkpoint_problem, load_best
 
 log = logging.getLogger("train")
@@ -195,7 +196,8 @@ def preprocess_raw(cfg: DictConfig, stage: RawStage) -> None:
 def _report(
     trainer: L.Trainer, output_dir: Path, exported: dict, summary: dict, stopped: str | None, plan=None
 ) -> None:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "val/loss")}
+    shown = ("train/loss", "val/loss", *(f"val/{name}" for name in GATE_METRICS))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in shown}
     lines = [f"run directory: {output_dir}", f"checkpoints:   {output_dir / 'checkpoints'}"]
     if stopped:
         lines.insert(
@@ -208,7 +210,8 @@ def _report(
         lines.insert(
             0,
             f"early stopping ended the run at step {trainer.global_step} of {trainer.max_steps}: {early.wait_count} "
-            f"validations without a val/loss lower than {float(early.best_score):.4f} by {early.min_delta:g} "
+            f"validations without a {early.monitor} {'lower' if early.mode == 'min' else 'higher'} than "
+            f"{float(early.best_score):.4f} by {early.min_delta:g} "
             f"(callbacks.early_stopping.patience={early.patience})",
         )
     lines += [f"{name + ':':<14} {path}" for name, path in exported.items() if path]

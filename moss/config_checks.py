@@ -19,6 +19,7 @@ from moss.model.loss import normalized_weights
 from moss.model.speedups import liger_problem
 from moss.training.launch import relaunched_rank
 from moss.training.plan import synthetic_shards
+from moss.training.quality_gate import gate_metric
 
 # Folders of a run directory that only a run writes: their presence means the name is taken.
 RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
@@ -31,6 +32,7 @@ def validate(cfg: DictConfig) -> None:
         *_model_problems(cfg),
         *_data_problems(cfg),
         *_trainer_problems(cfg),
+        *_monitor_problems(cfg),
         *run_problems(cfg),
     ]
     if problems:
@@ -161,11 +163,38 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _monitor_problems(cfg: DictConfig) -> list[str]:
+    """Monitors of best.ckpt / early stopping that nothing would log, and a quality gate that would never run."""
+    callbacks = _select(cfg, "callbacks") or {}
+    gate = callbacks.get("quality_gate")
+    problems = []
+    if gate is not None and _select(cfg, "data.val_shards") is None and not (_select(cfg, "raw") or {}).get("val"):
+        problems.append(
+            "callbacks.quality_gate runs at each validation, and this run has no validation data; set "
+            "data.val_shards (or raw.val), or drop the gate with ~callbacks.quality_gate"
+        )
+    for name in ("best_checkpoint", "early_stopping"):
+        monitor = (callbacks.get(name) or {}).get("monitor")
+        if not gate_metric(monitor):
+            continue
+        if gate is None:
+            problems.append(
+                f"callbacks.{name}.monitor={monitor} is logged by the quality gate, which is off; add "
+                f"callbacks=quality_gate (with its scripts, codec and metric models), or monitor val/loss"
+            )
+        elif gate.get("every_n_validations", 1) != 1:
+            problems.append(
+                f"callbacks.{name}.monitor={monitor} must be measured at every validation; set "
+                f"callbacks.quality_gate.every_n_validations=1"
+            )
+    return problems
+
+
 def run_problems(cfg: DictConfig) -> list[str]:
     """A resume target that does not exist, or a run directory that already holds another run."""
     source = _select(cfg, "export.from")
     if source not in (None, "best", "last"):
-        return [f"export.from={source} is unknown; use export.from=best (lowest val/loss) or export.from=last"]
+        return [f"export.from={source} is unknown; use export.from=best (best.ckpt's monitor) or export.from=last"]
     resume = _select(cfg, "resume")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         return [f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt"]

@@ -68,25 +68,11 @@ class AudioSamples(L.Callback):
             return
         self._sample(trainer, pl_module, step)
 
-    @torch.no_grad()
     def _sample(self, trainer, pl_module, step: int) -> None:
         from moss.codec import XYTokenizer
 
         if self._codec is None:
             self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=str(pl_module.device))
-        model = unwrap(pl_module.model)
-        was_training = model.training
-        model.eval()  # the static engine attends through its own cache, whatever attention training uses
-        synth = Synthesizer(
-            model,
-            trainer.datamodule.tokenizer,
-            self._codec,
-            self.generation,
-            normalizer(self.normalize),
-            batch_size=len(self.items),
-            # No CUDA graphs inside training: their memory pool would stay, and sharded weights move under them.
-            engine="static",
-        )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rate = self._codec.output_sample_rate
 
@@ -98,13 +84,9 @@ class AudioSamples(L.Callback):
             for key, value in self._measures(item, wave.numel() / rate).items():
                 pl_module.log(f"samples/{key}_{item.index}", torch.tensor(value), batch_size=1)
 
-        try:
-            # Decoder layers compiled for training (model.speedups.compile) generate eagerly: no recompiles per step.
-            with torch.compiler.set_stance("force_eager"):
-                synth.synthesize(self.items, write)
-        finally:
-            model.__dict__.pop("_static_decoder", None)  # the decoding cache is not kept through training
-            model.train(was_training)
+        synthesize_in_training(pl_module, trainer.datamodule.tokenizer, self._codec, self.generation, self.normalize)(
+            self.items, write
+        )
 
     def _measures(self, item: Item, seconds: float) -> dict[str, float]:
         measures = {"duration_s": seconds, "hit_limit": float(seconds >= 0.99 * self.max_seconds)}
@@ -126,7 +108,33 @@ class AudioSamples(L.Callback):
                 logger.experiment.log({f"samples/{index}": wandb.Audio(wave.numpy(), sample_rate=rate)}, step=step)
 
 
-def load_scripts(texts: list[str], scripts: str | None) -> list[Item]:
+def synthesize_in_training(pl_module, tokenizer, codec, generation, normalize: str | None):
+    """A function `(items, write)` that synthesises with the weights being trained, then restores training mode.
+
+    LoRA stays active; generation runs in eval mode without gradients, through the static engine (no CUDA
+    graphs inside training: their memory pool would stay) and eagerly (layers compiled for training are not
+    recompiled per step); the decoding cache is dropped afterwards.
+    """
+
+    @torch.no_grad()
+    def run(items: list[Item], write) -> list:
+        model = unwrap(pl_module.model)
+        was_training = model.training
+        model.eval()  # the static engine attends through its own cache, whatever attention training uses
+        synth = Synthesizer(
+            model, tokenizer, codec, generation, normalizer(normalize), batch_size=len(items), engine="static"
+        )
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                return synth.synthesize(items, write)
+        finally:
+            model.__dict__.pop("_static_decoder", None)  # the decoding cache is not kept through training
+            model.train(was_training)
+
+    return run
+
+
+def load_scripts(texts: list[str], scripts: str | None, setting: str = "callbacks.audio_samples") -> list[Item]:
     """Text-only `texts`, then the items of the JSONL `scripts` (prompt audio paths relative to its folder).
 
     Raises:
@@ -144,7 +152,7 @@ def load_scripts(texts: list[str], scripts: str | None) -> list[Item]:
                     raise ItemError(f"expected_seconds must be a positive number, got {expected!r}")
                 items.append(parse_item(data, len(items), base_path=base))
             except ItemError as err:
-                raise ConfigError(f"callbacks.audio_samples.scripts={scripts}, line {line}: {err}") from None
+                raise ConfigError(f"{setting}.scripts={scripts}, line {line}: {err}") from None
     if not items:
-        raise ConfigError("callbacks.audio_samples needs texts or scripts (a JSONL in the inference formats)")
+        raise ConfigError(f"{setting} needs texts or scripts (a JSONL in the inference formats)")
     return items

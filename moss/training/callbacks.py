@@ -30,13 +30,18 @@ def build_callbacks(group) -> dict[str, L.Callback]:
     return {name: callback for name, callback in built.items() if callback is not None}
 
 
-def early_stopping(patience: int | None = None, min_delta: float = 0.0) -> L.Callback | None:
-    """Stop when `val/loss` has not improved by `min_delta` for `patience` validations; None: never stop early."""
+def early_stopping(
+    patience: int | None = None, min_delta: float = 0.0, monitor: str = "val/loss", mode: str = "min"
+) -> L.Callback | None:
+    """Stop when `monitor` has not improved by `min_delta` for `patience` validations; None: never stop early.
+
+    `monitor` is `val/loss` or a metric of the quality gate (`val/cer` with mode min, `val/switch_acc` max, ...).
+    """
     if patience is None:
         return None
     from lightning.pytorch.callbacks import EarlyStopping
 
-    return EarlyStopping(monitor="val/loss", mode="min", patience=int(patience), min_delta=float(min_delta))
+    return EarlyStopping(monitor=monitor, mode=mode, patience=int(patience), min_delta=float(min_delta))
 
 
 class FrameThroughput(L.Callback):

@@ -68,7 +68,6 @@ def test_whisper_takes_long_clips_alone_and_gives_word_times(tiny_whisper):
     assert all(w.start <= w.end for t in heard for w in t.words)
 
 
-@pytest.mark.slow  # two syntheses and the metric models (about 20 s)
 def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path, tiny_whisper, tiny_speaker_model):
     from evaluate import evaluate
 
@@ -92,7 +91,7 @@ def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path,
     assert {"cer", "wer", "duration_ratio", "hit_limit_rate"} <= set(comparison)
 
 
-@pytest.mark.slow  # one synthesis in a subprocess
+@pytest.mark.slow  # two commands in subprocesses (about 17 s)
 def test_without_metric_models_it_says_how_to_turn_them_on(heldout, tmp_path):
     done = subprocess.run(
         [sys.executable, "evaluate.py", *heldout], cwd=REPO, capture_output=True, text=True, timeout=300

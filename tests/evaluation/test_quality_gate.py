@@ -1,0 +1,88 @@
+"""The quality gate in a real (tiny, CPU) training run, and the config checks around its monitors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+
+from moss.config_checks import validate
+from moss.errors import ConfigError
+from tests.conftest import compose_train
+
+
+@pytest.fixture
+def gate_settings(tmp_path, tiny_asr, tiny_speaker_model) -> list[str]:
+    from moss.codec import XYTokenizer, XYTokenizerConfig
+
+    config = XYTokenizerConfig.tiny()
+    (tmp_path / "codec.yaml").write_text(yaml.safe_dump({"generator_params": config.params}))
+    torch.save(XYTokenizer.from_config(config, seed=0).state_dict(), tmp_path / "codec.ckpt")
+    rng = np.random.default_rng(0)
+    for n in (1, 2):
+        sf.write(tmp_path / f"s{n}.wav", 0.1 * rng.standard_normal(16000).astype(np.float32), 16000)
+    script = {
+        "text": "[S1]good morning[S2]morning to you",
+        "prompt_audio_speaker1": "s1.wav",
+        "prompt_audio_speaker2": "s2.wav",
+        "expected_seconds": 1.5,
+    }
+    (tmp_path / "heldout.jsonl").write_text(json.dumps(script) + "\n")
+    gate = "callbacks.quality_gate"
+    return [
+        "callbacks=quality_gate",
+        f"{gate}.scripts={tmp_path / 'heldout.jsonl'}",
+        f"{gate}.codec_config={tmp_path / 'codec.yaml'}",
+        f"{gate}.codec_checkpoint={tmp_path / 'codec.ckpt'}",
+        f"{gate}.asr_model={tiny_asr}",
+        f"{gate}.speaker_model={tiny_speaker_model}",
+        f"{gate}.max_seconds=2",
+    ]
+
+
+def test_gate_metrics_are_logged_at_each_validation_and_can_choose_the_best_checkpoint(tmp_path, gate_settings):
+    from train import train
+
+    cfg = compose_train(
+        tmp_path,
+        [
+            *gate_settings,
+            "debug=fast_dev_run",  # 4 steps, validation at steps 2 and 4
+            "data.num_workers=0",
+            "callbacks.best_checkpoint.monitor=val/cer",
+            "callbacks.early_stopping.monitor=val/switch_acc",
+            "callbacks.early_stopping.mode=max",
+            "callbacks.early_stopping.patience=5",
+        ],
+    )
+    validate(cfg)
+    result = train(cfg)
+    out = result["output_dir"]
+    reports = sorted(p.name for p in (out / "quality").iterdir())
+    assert reports == ["step_0000002.json", "step_0000004.json"]
+    last = json.loads((out / "quality" / "step_0000004.json").read_text())
+    logged = result["trainer"].callback_metrics
+    for name in ("cer", "wer", "sim_s1", "sim_s2", "switch_acc", "duration_ratio", "hit_limit_rate"):
+        expected = last["aggregate"][name]
+        worst = {"sim_s1": -1.0, "sim_s2": -1.0, "switch_acc": 0.0}.get(name)
+        assert float(logged[f"val/{name}"]) == pytest.approx(expected if expected is not None else worst), name
+    rows = list(csv.DictReader(open(next(out.rglob("metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("val/cer")] == [1, 3]  # Lightning logs validation at step - 1
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+    assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")  # readable
+
+
+def test_a_gate_metric_monitor_needs_the_gate_at_every_validation(tmp_path, gate_settings):
+    with pytest.raises(ConfigError, match=r"monitor=val/cer is logged by the quality gate, which is off"):
+        validate(compose_train(tmp_path, ["callbacks.best_checkpoint.monitor=val/cer"]))
+    every_other = [*gate_settings, "callbacks.quality_gate.every_n_validations=2"]
+    with pytest.raises(ConfigError, match=r"early_stopping.monitor=val/sim_s1 must be measured at every validation"):
+        validate(compose_train(tmp_path, [*every_other, "callbacks.early_stopping.monitor=val/sim_s1"]))
+    with pytest.raises(ConfigError, match=r"quality_gate runs at each validation, and this run has no validation"):
+        validate(compose_train(tmp_path, [*gate_settings, "data.val_shards=null"]))
+    validate(compose_train(tmp_path, [*gate_settings, "callbacks.best_checkpoint.monitor=val/switch_acc"]))
