@@ -22,14 +22,16 @@ from infer import check_arguments, infer, parse_items
 from moss.audio import FRAME_RATE, SAMPLE_RATE, read_audio
 from moss.cli import check_override_keys, command, fail, quote_values
 from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, score_dialogues
+from moss.evaluation.report_page import render_report
+from moss.evaluation.scoring import METRICS, comparison
 from moss.generation import generation_for
 from moss.model.checkpoint import HUB_ID, read_generation_config
 from moss.outputs import OutputFolder
 
 log = logging.getLogger("evaluate")
 REPORT = "eval.json"
-OWN_FILES = ("evaluate.log", REPORT, "tuned", "tuned/*", "base", "base/*")
-METRICS = ("cer", "wer", "sim_s1", "sim_s2", "switch_acc", "duration_ratio", "hit_limit_rate")
+PAGE = "eval_report.html"
+OWN_FILES = ("evaluate.log", REPORT, PAGE, "tuned", "tuned/*", "base", "base/*")
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -51,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "speaker_model": cfg.speaker_model,
         "checkpoints": {},
     }
+    audio = {}
     for label, checkpoint in _checkpoints(cfg).items():
         run = _run_config(cfg, label, checkpoint)
         results = infer(run)
@@ -67,10 +70,12 @@ def evaluate(cfg: DictConfig) -> dict:
             for r in results
         ]
         scores = score_dialogues(dialogues, SAMPLE_RATE, _limit_seconds(run), *judges)
+        audio.update({(label, r.index): f"{label}/{Path(r.path).name}" for r in results if r.path})
         report["checkpoints"][label] = {"checkpoint": str(checkpoint), **scores}
     if "base" in report["checkpoints"]:
-        report["comparison"] = _comparison(report["checkpoints"])
+        report["comparison"] = comparison(report["checkpoints"])
     folder.put_text(REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    folder.put_text(PAGE, render_report(report, audio))
     print(_summary(report, Path(cfg.output_dir) / REPORT))
     return report
 
@@ -128,17 +133,6 @@ def _limit_seconds(run: DictConfig) -> float:
     folder = Path(run.checkpoint)
     saved = read_generation_config(folder) if folder.is_dir() else None
     return generation_for(saved).max_new_tokens / FRAME_RATE
-
-
-def _comparison(runs: dict) -> dict:
-    """Each aggregate metric for base and tuned, and tuned minus base."""
-    out = {}
-    for metric in METRICS:
-        tuned, base = runs["tuned"]["aggregate"].get(metric), runs["base"]["aggregate"].get(metric)
-        if tuned is not None or base is not None:
-            delta = None if tuned is None or base is None else tuned - base
-            out[metric] = {"base": base, "tuned": tuned, "delta": delta}
-    return out
 
 
 def _summary(report: dict, path: Path) -> str:

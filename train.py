@@ -126,6 +126,13 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
 
     stopped = getattr(callbacks.get("preemption"), "received", None)  # a stopped run exports when it finishes
     exported = export(cfg, module, tokenizer, callbacks, trainer) if cfg.export.enabled and not stopped else {}
+    if exported.get("export") and "quality_gate" in callbacks and trainer.is_global_zero:
+        from moss.training.eval_report import write_eval_report
+
+        device = trainer.strategy.root_device
+        exported["report"] = write_eval_report(
+            callbacks["quality_gate"], cfg, module.config, exported["export"], device
+        )
     summary = callbacks["throughput"].summary if "throughput" in callbacks else {}
     if trainer.is_global_zero:
         _report(trainer, output_dir, exported, summary, stopped, plan.epochs)

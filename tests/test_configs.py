@@ -59,9 +59,15 @@ def test_every_option_composes_validates_and_instantiates(
     settings = {
         "model.path": str(real_layout_checkpoint),  # a real-layout checkpoint for model=moss_ttsd
         "data.train_shards": str(tiny_shards),
+        "data.val_shards": str(tiny_shards),  # the quality gate runs at validations
         "callbacks.audio_samples.codec_config": "codec.yaml",  # built lazily: only the setting is needed
         "callbacks.audio_samples.codec_checkpoint": "codec.ckpt",
+        "callbacks.quality_gate.codec_config": "codec.yaml",  # the gate loads its codec and models lazily too
+        "callbacks.quality_gate.codec_checkpoint": "codec.ckpt",
+        "callbacks.quality_gate.scripts": str(tmp_path / "heldout.jsonl"),  # read when built: a bad line fails early
+        "callbacks.quality_gate.asr_model": "openai/whisper-large-v3",
     }
+    (tmp_path / "heldout.jsonl").write_text('{"text": "[S1]Hello.[S2]Hi."}\n')
     for group, options in GROUPS.items():
         for option in options:
             overrides = [f"experiment={experiment}"] if experiment else []

@@ -16,6 +16,17 @@ from moss.evaluation.judges import Transcriber, VoiceEmbedder
 from moss.evaluation.metrics import Errors, cosine, errors, mean
 from moss.evaluation.turns import Span, Turn, script_turns, turn_spans
 
+# The aggregate metrics compared between checkpoints, and how each improves: down, up, or towards 1.
+DIRECTION = {
+    "cer": "down",
+    "wer": "down",
+    "sim_s1": "up",
+    "sim_s2": "up",
+    "switch_acc": "up",
+    "duration_ratio": "one",
+    "hit_limit_rate": "down",
+}
+METRICS = tuple(DIRECTION)
 # A turn shorter than this is not embedded: a speaker embedding of a fraction of a second says little.
 MIN_TURN_SECONDS = 0.5
 
@@ -138,4 +149,25 @@ def _aggregate(items: list[dict], total: Errors, asr: bool, voices: bool) -> dic
             out[f"sim_s{speaker}"] = mean(t.get("sim_own") for t in turns if t["speaker"] == speaker)
         out["switch_acc"] = mean(float(t["switch_ok"]) for t in turns if "switch_ok" in t)
         out["turns_scored"] = sum("sim_own" in t for t in turns)
+    return out
+
+
+def verdict(metric: str, base: float | None, tuned: float | None) -> str:
+    """`better`, `worse` or `same` for tuned against base, in the metric's direction."""
+    if base is None or tuned is None or base == tuned:
+        return "same"
+    if DIRECTION.get(metric, "up") == "one":
+        return "better" if abs(tuned - 1) < abs(base - 1) else "worse"
+    return "better" if (tuned < base) == (DIRECTION.get(metric, "up") == "down") else "worse"
+
+
+def comparison(runs: dict) -> dict:
+    """Each aggregate metric of `runs["base"]` and `runs["tuned"]`, tuned minus base, and better or worse."""
+    out = {}
+    for metric in METRICS:
+        base, tuned = runs["base"]["aggregate"].get(metric), runs["tuned"]["aggregate"].get(metric)
+        if base is None and tuned is None:
+            continue
+        delta = None if base is None or tuned is None else tuned - base
+        out[metric] = {"base": base, "tuned": tuned, "delta": delta, "verdict": verdict(metric, base, tuned)}
     return out

@@ -24,8 +24,11 @@ import numpy as np
 from moss.audio import FRAME_RATE, SAMPLE_RATE, resample
 from moss.errors import ConfigError
 from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, score_dialogues
+from moss.evaluation.scoring import METRICS
 from moss.generation import sampling_config
+from moss.inference import Synthesizer
 from moss.outputs import atomic_write
+from moss.text.normalize import normalizer
 from moss.training.audio_samples import load_scripts, synthesize_in_training
 from moss.training.sharding import is_sharded
 
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # What each gate metric is logged as when it could not be measured: the worst it can be.
 WORST = {"sim_s1": -1.0, "sim_s2": -1.0, "switch_acc": 0.0}
-GATE_METRICS = ("cer", "wer", "sim_s1", "sim_s2", "switch_acc", "duration_ratio", "hit_limit_rate")
+GATE_METRICS = METRICS
 
 
 class QualityGate(L.Callback):
@@ -104,24 +107,62 @@ class QualityGate(L.Callback):
                 pl_module.log(f"val/{name}", float(value), batch_size=1, sync_dist=False)
 
     def _score(self, trainer, pl_module) -> dict:
-        device = str(pl_module.device)
-        if self._codec is None:
-            from moss.codec import XYTokenizer
+        self._load(str(pl_module.device))
+        synthesize = synthesize_in_training(
+            pl_module, trainer.datamodule.tokenizer, self._codec, self.generation, self.normalize
+        )
+        report, _ = self._measure(synthesize)
+        step = trainer.global_step
+        report = {"step": step, **report}
+        path = self.output_dir / f"step_{step:07d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
+        log.info("quality gate at step %d: %s", step, _brief(report["aggregate"]))
+        return {k: v for k, v in report["aggregate"].items() if k in GATE_METRICS and v is not None}
 
-            asr, speaker, language = self.names
-            self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=device)
-            self._judges = (
-                Transcriber(asr, device, language=language) if asr else None,
-                VoiceEmbedder(speaker, device) if speaker else None,
-            )
+    def compare(
+        self, models: dict[str, object], tokenizer, device: str
+    ) -> tuple[dict, dict[tuple[str, int], np.ndarray]]:
+        """Score each of `models` (label -> MossTTSD) on the gate's scripts with the same seed and settings.
+
+        Returns the report (`eval.json`'s shape: `checkpoints[label]` with items and aggregate) and the audio
+        (16 kHz) by (label, item index).
+        """
+        self._load(device)
+        report, audio = {"seed": self.generation.seed, "checkpoints": {}}, {}
+        for label, model in models.items():
+            synth = Synthesizer(model, tokenizer, self._codec, self.generation, normalizer(self.normalize))
+            scores, waves = self._measure(synth.synthesize)
+            report["checkpoints"][label] = {"checkpoint": label, **scores}
+            audio.update({(label, index): wave for index, wave in waves.items()})
+        return report, audio
+
+    def history(self) -> list[dict]:
+        """The aggregate scores of every gate run of this run so far, by step."""
+        runs = [json.loads(p.read_text()) for p in sorted(self.output_dir.glob("step_*.json"))]
+        return [{"step": run["step"], "aggregate": run["aggregate"]} for run in runs]
+
+    def _load(self, device: str) -> None:
+        if self._codec is not None:
+            return
+        from moss.codec import XYTokenizer
+
+        asr, speaker, language = self.names
+        self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=device)
+        self._judges = (
+            Transcriber(asr, device, language=language) if asr else None,
+            VoiceEmbedder(speaker, device) if speaker else None,
+        )
+
+    def _measure(self, synthesize) -> tuple[dict, dict[int, np.ndarray]]:
+        """Synthesise the scripts through `synthesize(items, write)` and score them; also the audio (16 kHz)."""
         waves: dict[int, np.ndarray] = {}
         rate = self._codec.output_sample_rate
 
         def keep(item, wave):
             waves[item.index] = resample(wave.float().cpu().numpy(), rate, SAMPLE_RATE)
 
-        tokenizer = trainer.datamodule.tokenizer
-        synthesize_in_training(pl_module, tokenizer, self._codec, self.generation, self.normalize)(self.items, keep)
+        synthesize(self.items, keep)
         dialogues = [
             Dialogue(
                 item.index,
@@ -132,14 +173,7 @@ class QualityGate(L.Callback):
             )
             for item in self.items
         ]
-        report = score_dialogues(dialogues, SAMPLE_RATE, self.max_seconds, *self._judges)
-        step = trainer.global_step
-        report = {"step": step, **report}
-        path = self.output_dir / f"step_{step:07d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n"))
-        log.info("quality gate at step %d: %s", step, _brief(report["aggregate"]))
-        return {k: v for k, v in report["aggregate"].items() if k in GATE_METRICS and v is not None}
+        return score_dialogues(dialogues, SAMPLE_RATE, self.max_seconds, *self._judges), waves
 
 
 def _brief(aggregate: dict) -> str:

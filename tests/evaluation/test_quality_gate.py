@@ -75,6 +75,17 @@ def test_gate_metrics_are_logged_at_each_validation_and_can_choose_the_best_chec
     assert [int(r["step"]) for r in rows if r.get("val/cer")] == [1, 3]  # Lightning logs validation at step - 1
     assert (out / "checkpoints" / "best.ckpt").is_file()
     assert torch.load(out / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")  # readable
+    # At export: the weights the run started from against the export, on the same scripts and seed.
+    report = json.loads((out / "export" / "eval_report.json").read_text())
+    assert set(report["checkpoints"]) == {"base", "tuned"} and [h["step"] for h in report["history"]] == [2, 4]
+    for metric, values in report["comparison"].items():
+        assert values["verdict"] in ("better", "worse", "same"), metric
+    page = (out / "export" / "eval_report.html").read_text()
+    for label in ("base", "tuned"):
+        assert f"src='eval_audio/{label}_0000.wav'" in page or "generated no audio" in page
+        assert report["checkpoints"][label]["items"][0]["script"] == "[S1]good morning[S2]morning to you"
+    assert page.count("<polyline") >= 2  # the gate's metrics over the two validations
+    assert "eval_report.html" in result["exported"]["report"].name
 
 
 def test_a_gate_metric_monitor_needs_the_gate_at_every_validation(tmp_path, gate_settings):
