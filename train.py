@@ -28,6 +28,7 @@ from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_
 from moss.training.preemption import cluster_plugins
 from moss.training.quality_gate import GATE_METRICS
 from moss.training.run_checkpoint import checkpoint_problem, load_best
+from moss.training.sanity import check_training_data
 
 log = logging.getLogger("train")
 
@@ -121,8 +122,11 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
         cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, plugins=plugins or None
     )
 
+    resume = resolve_resume(cfg, output_dir)
+    if resume is None and not relaunched_rank():  # a fresh run: its data is checked once, before anything trains
+        check_training_data(cfg, datamodule, tokenizer)
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 
     stopped = getattr(callbacks.get("preemption"), "received", None)  # a stopped run exports when it finishes
     exported = export(cfg, module, tokenizer, callbacks, trainer) if cfg.export.enabled and not stopped else {}

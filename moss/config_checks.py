@@ -33,6 +33,7 @@ def validate(cfg: DictConfig) -> None:
         *_data_problems(cfg),
         *_trainer_problems(cfg),
         *_monitor_problems(cfg),
+        *_sanity_problems(cfg),
         *run_problems(cfg),
     ]
     if problems:
@@ -161,6 +162,15 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     if _select(cfg, "model.speedups.liger") and (problem := liger_problem("cpu" if accelerator == "cpu" else "cuda")):
         problems.append(f"{problem}; set model.speedups.liger=false")
     return problems
+
+
+def _sanity_problems(cfg: DictConfig) -> list[str]:
+    """The pre-training check's ASR half needs the codec that decodes the shards' codes."""
+    if not _select(cfg, "sanity_check.asr_model") or not int(_select(cfg, "sanity_check.samples") or 0):
+        return []
+    from moss.codec.checkpoint import codec_problems
+
+    return [f"sanity_check.asr_model decodes the training codes: {p}" for p in codec_problems(cfg.codec)]
 
 
 def _monitor_problems(cfg: DictConfig) -> list[str]:
