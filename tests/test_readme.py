@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -29,6 +30,7 @@ from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from tests.conftest import REPO
 from tests.data_pipelines.conftest import write_good_corpus
+from tests.evaluation.conftest import build_tiny_speaker_model, build_tiny_whisper
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +90,19 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
     blobs = [pickle.dumps(r, protocol=4) for r in records]
     legacy.write_bytes(b"".join(blobs))
     np.save(user / "processed_data_metas.npy", np.array([[0, len(blobs[0])], [3, 3], [4, 4]]))
+    build_tiny_whisper(user / "whisper")  # the metric models of the evaluation commands
+    build_tiny_speaker_model(user / "speaker")
+    for n in (1, 2):
+        sf.write(
+            user / f"voice{n}.wav", 0.1 * np.random.default_rng(n).standard_normal(16000).astype(np.float32), 16000
+        )
+    heldout = {"text": "[S1]Good morning.[S2]Morning to you!", "expected_seconds": 1.5}
+    heldout.update(prompt_audio_speaker1="voice1.wav", prompt_audio_speaker2="voice2.wav")
+    (user / "heldout.jsonl").write_text(json.dumps(heldout) + "\n")
     return {
+        "openai/whisper-large-v3": str(user / "whisper"),
+        "microsoft/wavlm-base-plus-sv": str(user / "speaker"),
+        "=heldout.jsonl": f"={user / 'heldout.jsonl'}",
         "/path/to/MOSS-TTSD-v0.5": str(model),
         "model.path=...": f"model.path={model}",
         "'/data/shards/*.tar'": f"'{user / 'shards'}/*.tar'",
@@ -160,6 +174,15 @@ def test_every_documented_command_runs_as_written(tmp_path):
     adapter = json.loads((work / "runs" / "lora_v05" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == replacements["/path/to/MOSS-TTSD-v0.5"]  # absolute
 
+    # The quality gate on the same recipe (its own run name), then base vs tuned with evaluate.py.
+    gate = next(c for c in commands if c.startswith("python train.py " + GPU_EXPERIMENT) and "quality_gate" in c)
+    gated = ["name=lora-gate", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    ok(gate, *CPU_INSTEAD, *gated, "callbacks.quality_gate.max_seconds=2", "callbacks.quality_gate.asr_language=en")
+    report = json.loads((work / "runs" / "lora-gate" / "export" / "eval_report.json").read_text())
+    assert set(report["checkpoints"]) == {"base", "tuned"} and "cer" in report["comparison"]
+    done = ok(next(c for c in commands if c.startswith("python evaluate.py")), "max_seconds=2", "progress=false")
+    assert "wrote" in done.stdout and (work / "eval" / "eval_report.html").is_file(), done.stdout
+
     # Hyper-parameter sweep (2 jobs x 2 DDP ranks), shortened.
     sweep = next(c for c in commands if " -m " in c and c.startswith("python train.py"))
     done = ok(sweep, "trainer.max_steps=4", "export.enabled=false")
@@ -200,4 +223,5 @@ def test_every_documented_command_runs_as_written(tmp_path):
     not_run = {c for c in commands if any(c.startswith(prefix) for prefix in NOT_RUN)}
     assert set(commands) - not_run - set(ran) == set(), "documented but neither run nor skipped with a reason"
     assert snapshot(tmp_path / "user") == user  # nothing was written into the user's folders
-    assert sorted(p.name for p in work.iterdir()) == ["demo", "dialogues", "exported", "out", "pairs", "runs", "try"]
+    folders = ["demo", "dialogues", "eval", "exported", "out", "pairs", "runs", "try"]
+    assert sorted(p.name for p in work.iterdir()) == folders

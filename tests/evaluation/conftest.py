@@ -28,13 +28,11 @@ def _feature_extractor():
     return Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_asr(tmp_path_factory) -> Path:
+def build_tiny_ctc(folder: Path) -> Path:
     """A character CTC model (wav2vec2 layout) with its processor: transformers' ASR pipeline loads it."""
     from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor
 
-    folder = tmp_path_factory.mktemp("judges") / "asr"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), word_delimiter_token="|")
@@ -44,12 +42,10 @@ def tiny_asr(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_speaker_model(tmp_path_factory) -> Path:
+def build_tiny_speaker_model(folder: Path) -> Path:
     """An x-vector model (WavLM layout) with its feature extractor."""
     from transformers import WavLMConfig, WavLMForXVector
 
-    folder = tmp_path_factory.mktemp("judges") / "speaker"
     torch.manual_seed(0)
     WavLMForXVector(WavLMConfig(tdnn_dim=(16,) * 5, xvector_output_dim=8, num_buckets=32, **SMALL)).save_pretrained(
         folder
@@ -58,8 +54,7 @@ def tiny_speaker_model(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_whisper(tmp_path_factory) -> Path:
+def build_tiny_whisper(folder: Path) -> Path:
     """A Whisper (byte-level vocabulary, the special and timestamp tokens, alignment heads) with its processor."""
     from transformers import (
         WhisperConfig,
@@ -70,8 +65,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
     )
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    folder = tmp_path_factory.mktemp("judges") / "whisper"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     end = "<|endoftext|>"
@@ -120,3 +114,18 @@ def tiny_whisper(tmp_path_factory) -> Path:
     generation._from_model_config = False  # else it is rebuilt from the model config on load, without the above
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_asr(tmp_path_factory) -> Path:
+    return build_tiny_ctc(tmp_path_factory.mktemp("judges") / "asr")
+
+
+@pytest.fixture(scope="session")
+def tiny_speaker_model(tmp_path_factory) -> Path:
+    return build_tiny_speaker_model(tmp_path_factory.mktemp("judges") / "speaker")
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    return build_tiny_whisper(tmp_path_factory.mktemp("judges") / "whisper")
