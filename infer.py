@@ -44,7 +44,7 @@ def infer(cfg: DictConfig) -> list[Result]:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     items, results = parse_items(cfg)
     folder.refuse_taken([RESULTS] + [f"output_{it.index:04d}.{cfg.format}" for it in items])
-    model, tokenizer = _load(cfg, device)
+    model, tokenizer = load_checkpoint(cfg, device)
     codec = load_codec(cfg.codec, device=device)
     generation = generation_for(
         model.generation_config,
@@ -109,7 +109,7 @@ def _within_limits(items: list[Item], results: dict[int, Result], synth: Synthes
     return kept
 
 
-def _load(cfg: DictConfig, device: str):
+def load_checkpoint(cfg: DictConfig, device: str):
     """The model and tokenizer of `cfg.checkpoint`: a model folder (no Lightning), or a run's `.ckpt`."""
     if Path(cfg.checkpoint).suffix == ".ckpt":  # a training run's checkpoint: the training layer reads it
         from moss.training.run_checkpoint import model_from_checkpoint

@@ -104,6 +104,10 @@ def test_free_text_overrides_are_quoted_for_hydra(value, hydra):
         (["-m", "data_pipelines.import_legacy", "input=/nope.pkl", "output_dir=shards"], "input=/nope.pkl is not a"),
         (["-m", "data_pipelines.inspect_shards", "dir=/nope"], "no manifest*.json in /nope"),
         (["export.py", "checkpoint=/nope", "output_dir=exported"], "checkpoint=/nope is neither"),
+        (["evaluate.py", "checkpoint=/nope", "input=/nope.jsonl", "output_dir=eval"], "checkpoint=/nope does not"),
+        (["evaluate.py", "checkpoint=/nope", "text=x", "output_dir=eval", "asr_model=a b"], "asr_model=a b is neither"),
+        (["app.py", "checkpoint=/nope", "codec=tiny"], "checkpoint=/nope does not exist"),
+        (["app.py", "checkpoint=/nope", "port=70000"], "port=70000 must be a port number"),
     ],
 )
 def test_every_tool_reports_a_usage_error_in_one_message_and_writes_nothing(tmp_path, args, message):

@@ -44,6 +44,7 @@ NOT_RUN = {
     "python benchmarks/": "benchmarks print measurements (minutes); they are not a workflow step",
     "bash benchmarks/": "the GPU machine's check",
     "bash .ci/floor": "the floor-version CI",
+    "python app.py": "a server that runs until stopped: tests/studio/test_browser.py drives it in chromium",
 }
 GPU_EXPERIMENT = "experiment=lora_v05"
 CPU_INSTEAD = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1", "strategy=auto"]
