@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from infer import check_arguments, infer, parse_items
+from infer import NO_AUDIO, check_arguments, infer, parse_items
 from moss.audio import FRAME_RATE, SAMPLE_RATE, read_audio
 from moss.cli import check_override_keys, command, fail, quote_values
 from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, score_dialogues
@@ -62,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict:
             Dialogue(
                 index=r.index,
                 script=str(items[r.index].source.get("text", "")) if r.index in items else r.text,
-                wave=read_audio(r.path, SAMPLE_RATE) if r.path else None,
+                wave=_wave(r),
                 voices=items[r.index].voices if r.index in items else {},
                 expected_seconds=_expected(items[r.index].source) if r.index in items else None,
                 error=r.error,
@@ -119,6 +120,13 @@ def _judges(cfg: DictConfig, device: str) -> tuple[Transcriber | None, VoiceEmbe
     except (OSError, ValueError) as err:
         raise ConfigError(f"a metric model cannot be loaded ({type(err).__name__}: {err})") from None
     return asr, voices
+
+
+def _wave(result) -> np.ndarray | None:
+    """The audio of a result at 16 kHz: empty when the model ended at once (it said nothing), None on an error."""
+    if result.path:
+        return read_audio(result.path, SAMPLE_RATE)
+    return np.zeros(0, np.float32) if result.error == NO_AUDIO else None
 
 
 def _expected(source: dict) -> float | None:

@@ -29,6 +29,7 @@ from moss.text.normalize import normalize_text, normalizer
 
 log = logging.getLogger("infer")
 RESULTS = "results.jsonl"
+NO_AUDIO = "generated no audio (the model ended at once)"
 OWN_FILES = ("infer.log",)  # written by Hydra's logging into output_dir, for this tool
 
 
@@ -175,7 +176,7 @@ class AudioWriter:
     def result(self, item: Item, samples: int, first: float | None = None) -> Result:
         """The item's Result; no audio at all is an error (the model ended at once), and no file of it is placed."""
         if samples == 0:
-            return Result(item.index, item.text, error="generated no audio (the model ended at once)")
+            return Result(item.index, item.text, error=NO_AUDIO)
         text = normalize_text(item.text, self.normalize) if self.normalize else item.text
         return Result(
             item.index, item.text, text, str(self.path(item)), samples / self.sample_rate, first_audio_s=first

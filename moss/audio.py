@@ -41,7 +41,7 @@ class AudioLimits:
 
 def resample(wave: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 `wave` from `rate` to `target`: torchaudio's kernel (the original's) when it is small."""
-    if rate == target:
+    if rate == target or not wave.size:  # an empty clip (a model that ended at once) stays empty
         return wave
     g = math.gcd(rate, target)
     if (rate // g) * (target // g) <= MAX_KERNEL_TAPS:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moss.evaluation.judges import Transcriber, VoiceEmbedder
+from moss.evaluation.judges import Transcriber, Transcript, VoiceEmbedder
 from moss.evaluation.metrics import Errors, cosine, errors, mean
 from moss.evaluation.turns import Span, Turn, script_turns, turn_spans
 
@@ -38,7 +38,8 @@ class Dialogue:
     Args:
         index: the item's index in the input.
         script: the text that was to be spoken (without the prompt's transcript).
-        wave: the generated audio (mono, `sample_rate`), None when generation failed.
+        wave: the generated audio (mono, `sample_rate`): empty when the model ended at once (scored as saying
+            nothing: every unit deleted), None when the item could not be synthesised (not scored).
         voices: speaker number -> that speaker's prompt clip (16 kHz), for similarity.
         expected_seconds: the length the audio should have (e.g. the held-out recording's), if known.
         error: why nothing was generated.
@@ -62,9 +63,12 @@ def score_dialogues(
 ) -> dict:
     """The per-item, per-turn and aggregate scores of `dialogues` (see the module docstring)."""
     done = [d for d in dialogues if d.wave is not None]
-    heard = asr([d.wave for d in done], sample_rate) if asr else [None] * len(done)
+    audible = [d for d in done if len(d.wave)]
+    heard = dict(zip(map(id, audible), asr([d.wave for d in audible], sample_rate), strict=True)) if asr else {}
+    silent = Transcript("", [])  # what an ASR model hears in no audio
     records, total = [], Errors(0, 0, 0, 0)
-    for dialogue, transcript in zip(done, heard, strict=True):
+    for dialogue in done:
+        transcript = heard.get(id(dialogue), silent) if asr else None
         record = _length_record(dialogue, sample_rate, limit_seconds)
         turns = script_turns(dialogue.script)
         spans = turn_spans(turns, record["duration_s"], transcript.words if transcript else None)

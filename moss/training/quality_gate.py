@@ -159,7 +159,7 @@ class QualityGate(L.Callback):
         waves: dict[int, np.ndarray] = {}
         rate = self._codec.output_sample_rate
 
-        def keep(item, wave):
+        def keep(item, wave):  # an early model may end a script at once: empty audio, scored as saying nothing
             waves[item.index] = resample(wave.float().cpu().numpy(), rate, SAMPLE_RATE)
 
         synthesize(self.items, keep)

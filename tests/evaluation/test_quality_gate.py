@@ -97,3 +97,23 @@ def test_a_gate_metric_monitor_needs_the_gate_at_every_validation(tmp_path, gate
     with pytest.raises(ConfigError, match=r"quality_gate runs at each validation, and this run has no validation"):
         validate(compose_train(tmp_path, [*gate_settings, "data.val_shards=null"]))
     validate(compose_train(tmp_path, [*gate_settings, "callbacks.best_checkpoint.monitor=val/switch_acc"]))
+
+
+def test_a_model_that_ends_a_script_at_once_scores_worst_instead_of_stopping_the_run(tmp_path, gate_settings):
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from moss.evaluation.judges import Transcript
+
+    gate = instantiate(compose_train(tmp_path, gate_settings).callbacks.quality_gate)
+    gate._codec = SimpleNamespace(output_sample_rate=24000)
+    gate._judges = (lambda clips, rate: [Transcript("x", []) for _ in clips], None)
+
+    def ends_at_once(items, write):  # what an early model does: the end token first, no audio
+        for item in items:
+            write(item, torch.zeros(0))
+
+    report, waves = gate._measure(ends_at_once)
+    assert [len(w) for w in waves.values()] == [0]
+    assert report["aggregate"]["cer"] == 1.0 and report["items"][0]["transcript"] == ""

@@ -80,3 +80,13 @@ def test_a_turn_too_short_to_embed_gets_no_similarity():
     )
     short, long = out["items"][0]["turns"]
     assert "sim_own" not in short and long["switch_ok"] is True
+
+
+def test_a_script_the_model_ended_at_once_is_scored_as_saying_nothing():
+    asr = HeardAs(Transcript("one two", []))  # only the audible clip reaches the ASR model
+    silent, spoken = Dialogue(0, "[S1]a b c", np.zeros(0)), Dialogue(1, "[S1]one two", np.zeros(100))
+    out = score_dialogues([silent, spoken], RATE, limit_seconds=5.0, asr=asr, voices=VoiceByLevel(), voice_rate=RATE)
+    first, second = out["items"]
+    assert first["transcript"] == "" and first["wer"] == 1.0 and first["duration_s"] == 0.0
+    assert second["wer"] == 0.0
+    assert out["aggregate"]["wer"] == pytest.approx(3 / 5) and out["aggregate"]["generated"] == 2
