@@ -22,6 +22,7 @@ from moss.config_checks import run_problems, validate
 from moss.errors import ConfigError
 from moss.outputs import FolderLock, OutputFolder
 from moss.training.callbacks import build_callbacks
+from moss.training.data_card import data_card, write_data_card
 from moss.training.export import export_hf, save_adapter, unsharded
 from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
 from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_size
@@ -125,6 +126,11 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
     resume = resolve_resume(cfg, output_dir)
     if resume is None and not relaunched_rank():  # a fresh run: its data is checked once, before anything trains
         check_training_data(cfg, datamodule, tokenizer)
+    if not relaunched_rank() and cfg.get("data_card") is not None:
+        datamodule.prepare_data()  # the built-in corpus is generated on first use
+        splits = {"train": cfg.data.train_shards, "val": cfg.data.get("val_shards")}
+        card = data_card(splits, datamodule.builder, int(cfg.data_card.max_samples))
+        write_data_card(card, output_dir / "data_card.json")
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
 

@@ -40,6 +40,8 @@ def test_tiny_default_trains_checkpoints_and_exports(tmp_path, capsys):
     )
     result = train(cfg)
     out = result["output_dir"]
+    card = json.loads((out / "data_card.json").read_text())  # written at the start, from the built-in corpus
+    assert card["splits"]["train"]["samples"] == 1024 and card["splits"]["val"]["samples"] == 64
     losses = logged(out, "train/loss")
     assert losses[0] > 6.5 and losses[-1] < losses[0] - 1.5, losses  # from ~log(1025) = 6.9, visibly down
     assert len(logged(out, "val/loss")) == 2 and logged(out, "train/grad_norm")
