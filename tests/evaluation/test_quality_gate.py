@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import lightning as L
 import numpy as np
 import pytest
 import soundfile as sf
@@ -14,6 +15,19 @@ import yaml
 from moss.config_checks import validate
 from moss.errors import ConfigError
 from tests.conftest import compose_train
+
+
+class GateValues(L.Callback):
+    """Test helper (the DDP test's subprocess): each rank writes the gate metrics it logged at the last validation."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_validation_end(self, trainer, pl_module):
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        values = {k: v for k, v in values.items() if not k.startswith("val/loss")}
+        with open(f"{self.path}/gate_values.rank{trainer.global_rank}.json", "w") as f:
+            json.dump(values, f)
 
 
 @pytest.fixture
@@ -117,3 +131,37 @@ def test_a_model_that_ends_a_script_at_once_scores_worst_instead_of_stopping_the
     report, waves = gate._measure(ends_at_once)
     assert [len(w) for w in waves.values()] == [0]
     assert report["aggregate"]["cer"] == 1.0 and report["items"][0]["transcript"] == ""
+
+
+@pytest.mark.slow  # a 2-process DDP run with the gate at two validations (about 40 s)
+def test_under_ddp_rank_0_measures_and_both_ranks_log_the_same_values(tmp_path, gate_settings):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    ddp = ["trainer.devices=2", "strategy=ddp", "data.num_workers=1", f"paths.root={tmp_path}", "name=gated"]
+    spy = "+callbacks.spy={_target_: tests.evaluation.test_quality_gate.GateValues, path: '" + str(tmp_path) + "'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *gate_settings,
+            *ddp,
+            spy,
+            "debug=fast_dev_run",
+            "callbacks.best_checkpoint.monitor=val/cer",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"gate_values.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and "val/cer" in ranks[0]  # the monitor every rank's ModelCheckpoint compares
+    assert sorted(p.name for p in (tmp_path / "gated" / "quality").iterdir()) == [
+        "step_0000002.json",
+        "step_0000004.json",
+    ]
+    assert (tmp_path / "gated" / "export" / "eval_report.html").is_file()
