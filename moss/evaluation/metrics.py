@@ -27,6 +27,11 @@ def scoring_units(text: str) -> list[str]:
     return _CJK.sub(r" \1 ", BasicTextNormalizer()(text)).split()
 
 
+def is_cjk(char: str) -> bool:
+    """Whether `char` is a Chinese, Japanese or Korean character (written without spaces between words)."""
+    return bool(_CJK.fullmatch(char))
+
+
 @dataclass(frozen=True)
 class Errors:
     """Edit counts of a hypothesis against a reference, in units (`wer`) and in characters (`cer`)."""
