@@ -93,6 +93,13 @@ class QualityGate(L.Callback):
                 "strategy=ddp (LoRA fits on each GPU) or drop the gate (~callbacks.quality_gate)"
             )
 
+    def state_dict(self) -> dict:
+        """The validations counted so far: a resumed run keeps the every-N schedule of the uninterrupted one."""
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.validations = int(state.get("validations", 0))
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return

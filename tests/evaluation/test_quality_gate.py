@@ -165,3 +165,18 @@ def test_under_ddp_rank_0_measures_and_both_ranks_log_the_same_values(tmp_path, 
         "step_0000004.json",
     ]
     assert (tmp_path / "gated" / "export" / "eval_report.html").is_file()
+
+
+def test_the_every_n_schedule_survives_a_resume(tmp_path, gate_settings):
+    from hydra.utils import instantiate
+
+    cfg = compose_train(tmp_path, [*gate_settings, "callbacks.quality_gate.every_n_validations=3"])
+    gate, resumed = instantiate(cfg.callbacks.quality_gate), instantiate(cfg.callbacks.quality_gate)
+    gate.validations = 4
+    resumed.load_state_dict(torch.load(_saved(tmp_path, gate.state_dict()), weights_only=True))
+    assert resumed.validations == 4  # the 7th validation is measured after the resume too, not the 3rd
+
+
+def _saved(folder, state):
+    torch.save(state, folder / "gate.pt")  # as Lightning keeps a callback's state in the .ckpt
+    return folder / "gate.pt"
