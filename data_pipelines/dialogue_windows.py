@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moss.evaluation.metrics import is_cjk
+from moss.evaluation.turns import Word
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,6 @@ class Segment:
     start: float
     end: float
     speaker: str
-
-
-@dataclass(frozen=True)
-class Word:
-    """A recognised word, its time and the ASR model's probability for it (1.0 when it gives none)."""
-
-    text: str
-    start: float
-    end: float
-    probability: float = 1.0
 
 
 @dataclass

@@ -27,11 +27,12 @@ class Turn:
 
 @dataclass(frozen=True)
 class Word:
-    """A recognised word (or chunk) and its time in the audio, in seconds."""
+    """A recognised word (or chunk), its time in the audio (seconds) and the ASR model's probability for it."""
 
     text: str
     start: float
     end: float
+    probability: float = 1.0  # 1.0 when the model gives none
 
 
 @dataclass(frozen=True)
