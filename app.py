@@ -21,7 +21,7 @@ from infer import load_checkpoint
 from moss.audio import FRAME_RATE
 from moss.cli import check_override_keys, command, fail, require, stop_signals_interrupt
 from moss.codec import codec_problems, load_codec
-from moss.evaluation import Transcriber, VoiceEmbedder
+from moss.evaluation import load_judges
 from moss.generation import generation_for
 from moss.model.checkpoint import HUB_ID, resolve_model_path
 from moss.studio import Studio, Voice, serve
@@ -41,10 +41,7 @@ def build_studio(cfg: DictConfig) -> Studio:
         int(cfg.max_seconds * FRAME_RATE) if cfg.max_seconds else None,
         cfg.seed,
     )
-    judges = (
-        Transcriber(cfg.asr_model, device, language=cfg.asr_language) if cfg.asr_model else None,
-        VoiceEmbedder(cfg.speaker_model, device) if cfg.speaker_model else None,
-    )
+    judges = load_judges(cfg.asr_model, cfg.speaker_model, device, cfg.asr_language)
     return Studio(
         voices,
         tokenizer,

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from infer import NO_AUDIO, check_arguments, infer, parse_items
 from moss.audio import FRAME_RATE, SAMPLE_RATE, read_audio
 from moss.cli import check_override_keys, command, fail, quote_values
-from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, score_dialogues
+from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, load_judges, score_dialogues
 from moss.evaluation.report_page import render_report
 from moss.evaluation.scoring import METRICS, comparison
 from moss.generation import generation_for
@@ -115,11 +115,9 @@ def _judges(cfg: DictConfig, device: str) -> tuple[Transcriber | None, VoiceEmbe
     from moss.errors import ConfigError
 
     try:
-        asr = Transcriber(cfg.asr_model, device, cfg.judge_batch_size, cfg.asr_language) if cfg.asr_model else None
-        voices = VoiceEmbedder(cfg.speaker_model, device, cfg.judge_batch_size) if cfg.speaker_model else None
+        return load_judges(cfg.asr_model, cfg.speaker_model, device, cfg.asr_language, cfg.judge_batch_size)
     except (OSError, ValueError) as err:
         raise ConfigError(f"a metric model cannot be loaded ({type(err).__name__}: {err})") from None
-    return asr, voices
 
 
 def _wave(result) -> np.ndarray | None:

@@ -4,7 +4,7 @@
 `scoring` (a checkpoint's `eval.json` section); `evaluate.py` runs it for one checkpoint or two.
 """
 
-from moss.evaluation.judges import Transcriber, VoiceEmbedder
+from moss.evaluation.judges import Transcriber, VoiceEmbedder, load_judges
 from moss.evaluation.scoring import Dialogue, score_dialogues
 
-__all__ = ["Dialogue", "Transcriber", "VoiceEmbedder", "score_dialogues"]
+__all__ = ["Dialogue", "Transcriber", "VoiceEmbedder", "load_judges", "score_dialogues"]

@@ -120,3 +120,13 @@ class VoiceEmbedder:
             with torch.inference_mode():
                 rows.append(self.model(**batch).embeddings.float().cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def load_judges(
+    asr_model: str | None, speaker_model: str | None, device: str = "cpu", language: str | None = None, batch_size=8
+) -> tuple[Transcriber | None, VoiceEmbedder | None]:
+    """The metric models named (None for each one not named), loaded once on `device`."""
+    return (
+        Transcriber(asr_model, device, batch_size, language) if asr_model else None,
+        VoiceEmbedder(speaker_model, device, batch_size) if speaker_model else None,
+    )

@@ -23,7 +23,7 @@ import numpy as np
 
 from moss.audio import FRAME_RATE, SAMPLE_RATE, resample
 from moss.errors import ConfigError
-from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, score_dialogues
+from moss.evaluation import Dialogue, load_judges, score_dialogues
 from moss.evaluation.scoring import METRICS
 from moss.generation import sampling_config
 from moss.inference import Synthesizer
@@ -156,10 +156,7 @@ class QualityGate(L.Callback):
 
         asr, speaker, language = self.names
         self._codec = XYTokenizer.from_pretrained(*self.codec_paths, device=device)
-        self._judges = (
-            Transcriber(asr, device, language=language) if asr else None,
-            VoiceEmbedder(speaker, device) if speaker else None,
-        )
+        self._judges = load_judges(asr, speaker, device, language)
 
     def _measure(self, synthesize) -> tuple[dict, dict[int, np.ndarray]]:
         """Synthesise the scripts through `synthesize(items, write)` and score them; also the audio (16 kHz)."""
