@@ -128,7 +128,7 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
         check_training_data(cfg, datamodule, tokenizer)
     if not relaunched_rank() and cfg.get("data_card") is not None:
         datamodule.prepare_data()  # the built-in corpus is generated on first use
-        splits = {"train": cfg.data.train_shards, "val": cfg.data.get("val_shards")}
+        splits = {**datamodule.card_splits(), "val": cfg.data.get("val_shards")}
         card = data_card(splits, datamodule.builder, int(cfg.data_card.max_samples))
         write_data_card(card, output_dir / "data_card.json")
     # Checkpoints hold tensors and plain containers only: never unpickle anything else from a file.
@@ -244,6 +244,15 @@ def _report(
         lines.append(
             f"epochs:        {epochs:.2f} trained ({summary['samples']} samples; data.epochs={plan.epochs:g} planned "
             f"{plan.steps_per_epoch} steps per epoch, measured {trainer.global_step / epochs:.1f})"
+        )
+    if len(summary.get("sources") or {}) > 1:
+        per = {s.name: s.samples for s in plan.sources} if plan is not None else {}
+        lines.append(
+            "sources:       "
+            + ", ".join(
+                f"{name} {n} samples" + (f" ({n / per[name]:.2f} epochs)" if per.get(name) else "")
+                for name, n in summary["sources"].items()
+            )
         )
     lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     print("\n".join(lines))

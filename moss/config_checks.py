@@ -112,17 +112,28 @@ def _data_problems(cfg: DictConfig) -> list[str]:
     raw = _select(cfg, "raw") or {}
     if raw.get("train") or raw.get("val"):
         return _raw_problems(cfg)  # the shards are made from raw.* before training
-    if _is_missing(cfg, "data.train_shards"):
-        return ["data.train_shards is required; set data.train_shards='/path/to/shards/*.tar'"]
+    sources = _select(cfg, "data.sources")
+    if not sources and (_is_missing(cfg, "data.train_shards") or _select(cfg, "data.train_shards") is None):
+        return ["data.train_shards is required (or data.sources); set data.train_shards='/path/to/shards/*.tar'"]
     from moss.data.dataset import expand_shards
+    from moss.data.mixing import source_specs
 
+    plain = OmegaConf.to_container(cfg.data, resolve=True) if sources else {}
+    try:
+        specs = source_specs(plain.get("train_shards"), plain.get("sources"), plain.get("epochs")) if sources else []
+    except ConfigError as err:
+        return [str(err)]
+    splits = ["val"] if sources else ["train", "val"]
+    sets = {f"data.sources.{spec.name}.shards": spec.shards for spec in specs}
+    for split in splits:  # the built-in corpus is generated on first use: nothing to find yet
+        if synthetic_shards(cfg, split) is None:
+            sets[f"data.{split}_shards"] = _select(cfg, f"data.{split}_shards")
     problems = []
-    for split in ("train", "val"):
-        spec = _select(cfg, f"data.{split}_shards")
-        if spec is None or synthetic_shards(cfg, split) is not None:  # none, or the corpus generated on first use
+    for name, spec in sets.items():
+        if spec is None:
             continue
         try:
-            expand_shards(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, f"data.{split}_shards")
+            expand_shards(OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec, name)
         except FileNotFoundError as err:
             problems.append(str(err))
     return problems

@@ -75,6 +75,7 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
     build_tiny_tokenizer().save_pretrained(model)
     write_shards(generate_samples(96, seed=1), user / "shards", prefix="train", max_samples=8)
     write_shards(generate_samples(16, seed=2), user / "val", prefix="val", max_samples=8)
+    write_shards(generate_samples(96, seed=5), user / "general", prefix="general", max_samples=8)
     codec = user / "ckpt"
     codec.mkdir()
     config = XYTokenizerConfig.tiny()
@@ -115,6 +116,8 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
         "codec.checkpoint=xy_tokenizer.ckpt": f"codec.checkpoint={codec / 'xy_tokenizer.safetensors'}",
         "input=dialogues.jsonl": f"input={dialogues}",
         "/data/train.jsonl": str(raw),
+        "/data/voices": str(user / "shards"),
+        "/data/general": str(user / "general"),
         "/data/processed_data.pkl": str(legacy),
         "/data/shards": str(tmp_path / "data" / "shards"),  # what the pipelines write: the user's output folder
     }
@@ -183,6 +186,13 @@ def test_every_documented_command_runs_as_written(tmp_path):
     assert set(report["checkpoints"]) == {"base", "tuned"} and "cer" in report["comparison"]
     done = ok(next(c for c in commands if c.startswith("python evaluate.py")), "max_seconds=2", "progress=false")
     assert "wrote" in done.stdout and (work / "eval" / "eval_report.html").is_file(), done.stdout
+
+    # Weighted sources on the same recipe: planned by the target's epochs, each source reported.
+    mixed = next(c for c in commands if "data.sources=" in c)
+    done = ok(mixed, *CPU_INSTEAD, "name=lora-sources")
+    assert re.search(r"sources: +target \d+ samples \([\d.]+ epochs\), general \d+ samples", done.stdout), done.stdout
+    card = json.loads((work / "runs" / "lora-sources" / "data_card.json").read_text())
+    assert {"train/target", "train/general"} <= set(card["splits"])
 
     # Hyper-parameter sweep (2 jobs x 2 DDP ranks), shortened.
     sweep = next(c for c in commands if " -m " in c and c.startswith("python train.py"))

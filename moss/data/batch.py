@@ -27,6 +27,7 @@ class BatchStats:
         keys: the samples' keys.
         reader: which reader (rank x worker slot) made it; -1 for a placeholder.
         skipped: that reader's skip counts so far, by reason.
+        sources: samples per data source (`data.sources`; one source is named "train").
     """
 
     real_rows: int
@@ -35,6 +36,7 @@ class BatchStats:
     keys: tuple[str, ...] = ()
     reader: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)
+    sources: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

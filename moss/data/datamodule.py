@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moss.data.dataset import ShardStream, expand_shards, manifest_samples
-from moss.data.epochs import EpochPlan, plan_epochs
+from moss.data.epochs import EpochPlan, plan_source_epochs
 from moss.data.examples import ExampleBuilder
 from moss.data.loader import EvenBatches, StepLoader
+from moss.data.mixing import Source, source_specs
 from moss.data.synthetic import write_synthetic_corpus
 from moss.distributed import rank_and_world
 from moss.model.config import MossTTSDConfig
@@ -42,7 +43,7 @@ class MossDataModule(L.LightningDataModule):
     """Packed (or padded) micro-batches streamed from shard sets.
 
     Args:
-        train_shards: shard spec of the training set (directory, glob, brace list or URLs).
+        train_shards: shard spec of the training set (directory, glob, brace list or URLs); None with `sources`.
         val_shards: shard spec of the validation set, or None.
         packing: `{"budget": rows per pack, "window": samples per packing round, "min_fill": ...,
             "packs_per_batch": ...}`, or None for the original padded batches of `batch_size` samples.
@@ -62,6 +63,9 @@ class MossDataModule(L.LightningDataModule):
             there; a location the user set is read, never written.
         epochs: train for this many passes over the training set instead of `trainer.max_steps` (see
             `moss.data.epochs`: turned into steps from the manifests before training, by `epoch_plan`).
+        sources: weighted training sources mixed in one stream instead of `train_shards` (`moss.data.mixing`):
+            `{name: {"shards": spec, "weight": w, "epochs": e}}`; `epochs` per source is optional (see
+            `moss.data.epochs`), a source without it is replayed at its weight for as long as the run lasts.
         tokenizer: the checkpoint's tokenizer (runtime dependency).
         model_config: the model architecture (speech offset, channels, pad code).
     """
@@ -82,6 +86,7 @@ class MossDataModule(L.LightningDataModule):
         report_dir: str | None = None,
         synthetic: dict | None = None,
         epochs: float | None = None,
+        sources: dict | None = None,
         *,
         tokenizer,
         model_config: MossTTSDConfig,
@@ -90,6 +95,7 @@ class MossDataModule(L.LightningDataModule):
         if overlong not in ("skip", "truncate"):
             raise ValueError(f"data.overlong must be 'skip' or 'truncate', got {overlong!r}")
         self.train_shards, self.val_shards = train_shards, val_shards
+        self.source_specs = source_specs(train_shards, sources, epochs)
         if int(accumulate_grad_batches) < 1:
             raise ValueError(f"data.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.packing = dict(packing) if packing else None
@@ -103,7 +109,8 @@ class MossDataModule(L.LightningDataModule):
         self.report_dir, self.synthetic, self.epochs = report_dir, synthetic, epochs
         self.tokenizer, self.model_config = tokenizer, model_config
         self._train_steps: StepLoader | None = None
-        self.epoch_samples: int | None = None
+        self.epoch_samples: int | None = None  # samples per epoch (of the planned source with sources)
+        self.source_samples: dict[str, int] = {}  # usable samples per source, for data/epoch_<source>
         prompt = PromptBuilder(
             tokenizer,
             speech_offset=model_config.speech_offset,
@@ -134,28 +141,63 @@ class MossDataModule(L.LightningDataModule):
                 write_synthetic_corpus(root / split, samples, seed=seed, samples_per_shard=per_shard)
 
     def epoch_plan(self, world_size: int) -> EpochPlan | None:
-        """The optimiser steps `epochs` passes take (None without `epochs`); writes the built-in corpus first."""
-        if not self.epochs:
+        """The optimiser steps the planned epochs take (None without any); writes the built-in corpus first."""
+        if not any(spec.epochs for spec in self.source_specs):
             return None
         self.prepare_data()
-        urls = expand_shards(self.train_shards, "data.train_shards")
-        plan = plan_epochs(urls, self.epochs, self.builder, self.packing, self.batch_size, world_size, self.accumulate)
+        sources = list(zip(self._sources(), (spec.epochs for spec in self.source_specs), strict=True))
+        plan = plan_source_epochs(sources, self.builder, self.packing, self.batch_size, world_size, self.accumulate)
         self.epoch_samples = plan.samples  # the throughput callback logs data/epoch from it
+        self.source_samples = {source.name: source.samples for source in plan.sources}
         return plan
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_urls = expand_shards(self.train_shards, "data.train_shards")
+        self.train_sources = self._sources()
         self.val_urls = expand_shards(self.val_shards, "data.val_shards") if self.val_shards else []
+        for source in self.train_sources:
+            samples = manifest_samples(list(source.urls))
+            if samples and len(self.train_sources) > 1:
+                self.source_samples.setdefault(source.name, samples)
+            log.info(
+                "train%s: %d shards (%s samples by manifest%s)",
+                "" if len(self.train_sources) == 1 else f" source {source.name}",
+                len(source.urls),
+                samples,
+                "" if len(self.train_sources) == 1 else f", weight {source.weight:g}",
+            )
         log.info(
-            "train: %d shards (%s samples by manifest); val: %d shards; %s",
-            len(self.train_urls),
-            manifest_samples(self.train_urls),
+            "val: %d shards; %s",
             len(self.val_urls),
             f"packing into {self.packing['budget']} rows" if self.packing else f"padded batches of {self.batch_size}",
         )
 
-    def stream(self, urls: list[str], train: bool) -> ShardStream:
-        """The stream of micro-batches of a shard set (training: repeating and shuffled)."""
+    def _sources(self) -> list[Source]:
+        """The training sources with their shard specs expanded."""
+        return [
+            Source(
+                spec.name,
+                tuple(
+                    expand_shards(
+                        spec.shards, "data.train_shards" if spec.name == "train" else f"data.sources.{spec.name}.shards"
+                    )
+                ),
+                spec.weight,
+            )
+            for spec in self.source_specs
+        ]
+
+    def card_splits(self) -> dict[str, object]:
+        """The training shard specs by data card split: `train`, or `train/<source>` for each of `data.sources`."""
+        if len(self.source_specs) == 1:
+            return {"train": self.source_specs[0].shards}
+        return {f"train/{spec.name}": spec.shards for spec in self.source_specs}
+
+    @property
+    def train_urls(self) -> list[str]:
+        return [url for source in self.train_sources for url in source.urls]
+
+    def stream(self, urls: list[str] | list[Source], train: bool) -> ShardStream:
+        """The stream of micro-batches of a shard set or of mixed sources (training: repeating and shuffled)."""
         packer = {k: v for k, v in (self.packing or {}).items() if k != "packs_per_batch"} or None
         return ShardStream(
             urls,
@@ -172,7 +214,7 @@ class MossDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StepLoader:
         loader = StatefulDataLoader(
-            self.stream(self.train_urls, train=True),
+            self.stream(self.train_sources, train=True),
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,6 +1,7 @@
 """Streaming shard sets into micro-batches, with a resumable position.
 
-`ShardStream` is the one place where shards are split by rank and dataloader worker. Each reader walks its
+`ShardStream` is the one place where shards are split by rank and dataloader worker. A stream reads one shard
+set, or several weighted sources mixed (`moss.data.mixing`), each split alike. Each reader walks its
 shards in an order fixed by (seed, pass); training streams repeat with a new order every pass (step-based:
 no rank waits for another at an epoch end), validation streams make exactly one pass. Samples go through a
 shuffle buffer, become delayed examples, and leave as packed micro-batches (`BestFitPacker`) or padded
@@ -35,6 +36,7 @@ from moss.data import tar_reader
 from moss.data.batch import PackedBatch
 from moss.data.collate import PaddingCollator
 from moss.data.examples import ExampleBuilder
+from moss.data.mixing import Mixer, Source, source_counts
 from moss.data.packing import collate_packs
 from moss.data.schema import MANIFEST
 from moss.data.stages import Batcher, Examples, Liveness, PackStage, Restore, ShardReader, ShuffleBuffer, SkipLog
@@ -71,7 +73,7 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     return sorted(set(urls))
 
 
-def readers_problem(shards: int, ranks: int, workers: int) -> str | None:
+def readers_problem(shards: int, ranks: int, workers: int, name: str = "data.train_shards") -> str | None:
     """Why `shards` training shards cannot feed `ranks` x `workers` readers, else None.
 
     The rule of the shard split (`ShardReader`): every reader streams shards of its own, so a training set
@@ -82,7 +84,7 @@ def readers_problem(shards: int, ranks: int, workers: int) -> str | None:
     if shards >= ranks * workers:
         return None
     return (
-        f"data.train_shards has {shards} shards but {ranks} ranks x {workers} workers = {ranks * workers} readers "
+        f"{name} has {shards} shards but {ranks} ranks x {workers} workers = {ranks * workers} readers "
         f"need one each; lower data.num_workers or trainer.devices, or write the set in more shards (4x readers or "
         f"more keeps them evenly loaded)"
     )
@@ -189,7 +191,7 @@ class ShardStream(IterableDataset):
     """Micro-batches from a shard set, split by rank and worker, optionally shuffled and repeated.
 
     Args:
-        urls: shard URLs (see `expand_shards`).
+        urls: shard URLs (see `expand_shards`), or weighted `Source`s to mix (training).
         builder: turns a `ShardSample` into a delayed example.
         repeat: loop forever with a new shard order per pass (training); False = exactly one pass.
         shuffle: shuffle shard order per pass and samples within a buffer of `shuffle_buffer`.
@@ -203,7 +205,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[str] | list[Source],
         builder: ExampleBuilder,
         repeat: bool,
         shuffle: bool,
@@ -215,7 +217,10 @@ class ShardStream(IterableDataset):
         report_dir: str | None = None,
     ):
         super().__init__()
-        self.urls, self.builder = list(urls), builder
+        self.sources = [u if isinstance(u, Source) else None for u in urls]
+        if not self.sources or None in self.sources:
+            self.sources = [Source("train", tuple(urls))]
+        self.builder = builder
         self.repeat, self.shuffle, self.seed, self.shuffle_buffer = repeat, shuffle, seed, shuffle_buffer
         self.packer_args, self.packs_per_batch, self.batch_size = packer, packs_per_batch, batch_size
         self.report_dir = report_dir
@@ -246,6 +251,11 @@ class ShardStream(IterableDataset):
                 f"the saved stream state has no stages (keys {sorted(stages)}): it was written by a pre-release "
                 f"build; resume from a checkpoint of this version or start the run anew"
             )
+        if stages and "sources" not in stages["reader"]:
+            raise ValueError(
+                "the saved stream state reads one shard set without a source index (a build before data.sources): "
+                "resume from a checkpoint of this version, or start the run anew"
+            )
         self._restored = stages or None
         self.skipped = Counter(state.get("skipped", {}))
 
@@ -253,15 +263,21 @@ class ShardStream(IterableDataset):
         slot, slots = self._slot()
         _, world = rank_and_world()
         # A one-pass stream may leave readers idle; a training one may not (that reader would have no data).
-        if self.repeat and (problem := readers_problem(len(self.urls), world, slots // world)):
-            raise ConfigError(problem)
+        for source in self.sources:
+            name = "data.train_shards" if len(self.sources) == 1 else f"data.sources.{source.name}.shards"
+            if self.repeat and (problem := readers_problem(len(source.urls), world, slots // world, name)):
+                raise ConfigError(problem)
         report = self._report_path(slot)
         # Validation streams read the same samples at every validation: report them at the first one only.
         skips = SkipLog(self.skipped, report, quiet=bool(not self.repeat and report and os.path.exists(report)))
-        liveness = Liveness()
+        liveness = [Liveness() for _ in self.sources]
         examples = Examples(self.builder, skips, liveness)
+        readers = [
+            ShardReader(source.urls, slot, slots, self.shuffle, self.seed, self.repeat, skips, alive)
+            for source, alive in zip(self.sources, liveness, strict=True)
+        ]
         stages = {
-            "reader": ShardReader(self.urls, slot, slots, self.shuffle, self.seed, self.repeat, skips, liveness),
+            "reader": Mixer(readers, self.sources, seed=f"mix-{self.seed}-{slot}"),
             "buffer": ShuffleBuffer(self.shuffle_buffer, self.seed * 7919 + slot, enabled=self.shuffle),
             "packer": PackStage(**self.packer_args) if self.packer_args else None,
             "batcher": Batcher(self._group, self._collate, packed=bool(self.packer_args)),
@@ -318,8 +334,17 @@ class ShardStream(IterableDataset):
 
     def _collate(self, group: list) -> PackedBatch:
         if not self.packer_args:
-            return self.padder(group)
-        prompt = self.builder.prompt
-        return collate_packs(
-            group, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
-        )
+            batch = self.padder(group)
+        else:
+            prompt = self.builder.prompt
+            batch = collate_packs(
+                group, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
+            )
+        examples = [ex for unit in group for ex in (unit if self.packer_args else [unit])]
+        counts = source_counts((ex["loc"] for ex in examples), [s.name for s in self.sources])
+        return dataclasses.replace(batch, stats=dataclasses.replace(batch.stats, sources=counts))
+
+    @property
+    def urls(self) -> list[str]:
+        """Every shard the stream reads (all sources)."""
+        return [url for source in self.sources for url in source.urls]

@@ -22,25 +22,52 @@ from dataclasses import dataclass
 
 from moss.data.dataset import manifest_entries
 from moss.data.examples import ExampleBuilder
+from moss.data.mixing import Source
 from moss.data.schema import ShardSample
 from moss.data.stages import tar_samples
 from moss.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class SourcePlan:
+    """One training source in an epoch plan: its usable samples, its share of the draws and its epochs."""
+
+    name: str
+    samples: int  # usable samples per pass over the source
+    share: float  # its weight over the sum of the weights
+    planned: float | None  # epochs asked for (None: replayed at its share)
+    epochs: float  # epochs the planned run trains on it
+
+
+@dataclass(frozen=True)
 class EpochPlan:
-    """The training length that `epochs` passes over a shard set take (estimated)."""
+    """The training length that the planned epochs take (estimated).
+
+    With several sources the run is as long as the planned source that needs the most samples (the lead);
+    an "epoch" (validation, checkpoint, `data/epoch`) is one epoch of the lead.
+    """
 
     epochs: float
-    samples: int  # usable samples per epoch
+    samples: int  # samples drawn per epoch (one source: its usable samples)
     rows: int  # their estimated delayed rows
     micro_batches_per_epoch: float
     steps_per_epoch: int
     max_steps: int
+    sources: tuple[SourcePlan, ...] = ()
+    lead: str = "train"  # the planned source whose epochs count
 
     def describe(self) -> str:
+        if len(self.sources) > 1:
+            mix = ", ".join(
+                f"{s.name} {s.epochs:.2f} epochs of {s.samples} samples at {s.share:.0%}"
+                + ("" if s.planned else " (replayed)")
+                for s in self.sources
+            )
+            head = f"data.sources: {mix}; one epoch of {self.lead}: {self.samples} samples drawn"
+        else:
+            head = f"data.epochs={self.epochs:g}: {self.samples} samples"
         return (
-            f"data.epochs={self.epochs:g}: {self.samples} samples (~{self.rows} rows) per epoch -> "
+            f"{head} (~{self.rows} rows) per epoch -> "
             f"~{self.micro_batches_per_epoch:.1f} micro-batches -> {self.steps_per_epoch} optimiser steps per epoch, "
             f"trainer.max_steps={self.max_steps} (estimated from the manifests; data/epoch logs the epochs trained)"
         )
@@ -90,26 +117,68 @@ def plan_epochs(
     probe: int = 64,
 ) -> EpochPlan:
     """How many optimiser steps `epochs` passes over `urls` take (see the module docstring)."""
-    if epochs <= 0:
-        raise ConfigError(f"data.epochs must be positive, got {epochs}")
-    ratio = rows_per_frame(urls, builder, probe)
+    source = Source("train", tuple(urls))
+    return plan_source_epochs([(source, epochs)], builder, packing, batch_size, world_size, accumulate, probe)
+
+
+def plan_source_epochs(
+    sources: list[tuple[Source, float | None]],
+    builder: ExampleBuilder,
+    packing: dict | None,
+    batch_size: int,
+    world_size: int,
+    accumulate: int,
+    probe: int = 64,
+) -> EpochPlan:
+    """How many optimiser steps the planned epochs of weighted `sources` (source, epochs or None) take.
+
+    A source drawn with share `p` of the samples and `n` usable samples passes once every `n / p` draws; the run
+    lasts `max(epochs * n / p)` draws over the planned sources, and each draw costs the mean rows of a sample
+    weighted by the shares.
+    """
+    planned = [(source, epochs) for source, epochs in sources if epochs is not None]
+    if not planned:
+        raise ConfigError("no source has epochs to plan; set data.epochs (or data.sources.<name>.epochs)")
+    for source, epochs in planned:
+        if epochs <= 0:
+            raise ConfigError(f"data.epochs must be positive, got {epochs} (source {source.name})")
+    total_weight = sum(source.weight for source, _ in sources)
     limit = packing["budget"] if packing else builder.max_rows
-    estimated = [math.ceil(f * ratio) for f in sample_frames(urls)]
-    usable = [r for r in estimated if limit is None or r <= limit or builder.truncate]
-    if not usable:
-        raise ConfigError(f"data.epochs: every sample is estimated longer than the row limit ({limit})")
-    rows = sum(min(r, limit) if limit else r for r in usable)
+    counts = {}
+    for source, _ in sources:
+        ratio = rows_per_frame(list(source.urls), builder, probe)
+        estimated = [math.ceil(f * ratio) for f in sample_frames(list(source.urls))]
+        usable = [r for r in estimated if limit is None or r <= limit or builder.truncate]
+        if not usable:
+            raise ConfigError(
+                f"data.epochs: every sample of {source.name} is estimated longer than the row limit ({limit})"
+            )
+        counts[source.name] = (len(usable), sum(min(r, limit) if limit else r for r in usable))
+    share = {source.name: source.weight / total_weight for source, _ in sources}
+    lead, lead_epochs = max(planned, key=lambda p: p[1] * counts[p[0].name][0] / share[p[0].name])
+    n_lead = counts[lead.name][0]
+    draws = n_lead / share[lead.name]  # samples drawn per epoch of the lead (one source: n / 1.0)
+    # rows drawn per epoch: each source's rows per pass times the passes one epoch of the lead makes of it
+    rows = sum(counts[s.name][1] * (draws * share[s.name] / counts[s.name][0]) for s, _ in sources)
     if packing:
         per_batch = packing["budget"] * packing.get("min_fill", 1.0) * packing.get("packs_per_batch", 1)
         micro_batches = rows / per_batch
     else:
-        micro_batches = len(usable) / batch_size
+        micro_batches = draws / batch_size
     per_step = world_size * accumulate
+    plans = tuple(
+        SourcePlan(
+            s.name, counts[s.name][0], share[s.name], epochs, lead_epochs * draws * share[s.name] / counts[s.name][0]
+        )
+        for s, epochs in sources
+    )
     return EpochPlan(
-        epochs=epochs,
-        samples=len(usable),
-        rows=rows,
+        epochs=lead_epochs,
+        samples=round(draws),
+        rows=round(rows),
         micro_batches_per_epoch=micro_batches,
         steps_per_epoch=max(1, round(micro_batches / per_step)),
-        max_steps=max(1, math.ceil(epochs * micro_batches / per_step)),
+        max_steps=max(1, math.ceil(lead_epochs * micro_batches / per_step)),
+        sources=plans,
+        lead=lead.name,
     )

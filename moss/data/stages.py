@@ -1,12 +1,12 @@
 """The stages of a shard stream, each a small iterator transform that knows how to save and restore itself.
 
-    ShardReader -> ShuffleBuffer -> Examples -> PackStage (packed mode) -> Batcher
+    Mixer (ShardReader per source) -> ShuffleBuffer -> Examples -> PackStage (packed mode) -> Batcher
 
-Samples are identified by their location `(pass, shard position, index)` in one reader's shard order, so a
-stage's state is a few integers per sample it holds, never the sample: restoring re-reads those samples
-(`ShardReader.fetch`) and hands them back through a `Restore`. Stages are chained generators; when the last
-one yields a micro-batch, every stage upstream is paused right after handing its item on, so the states read
-at that moment describe exactly what the next micro-batch will be made of.
+Samples are identified by their location `(source, pass, shard position, index)` in one reader's shard order (the
+mixer, `moss.data.mixing`, puts the source in front), so a stage's state is a few integers per sample it holds,
+never the sample: restoring re-reads those samples (`Mixer.fetch`) and hands them back through a `Restore`. Stages
+are chained generators; when the last one yields a micro-batch, every stage upstream is paused right after handing
+its item on, so the states read at that moment describe exactly what the next micro-batch will be made of.
 
 Hand-written on purpose: WebDataset's shuffle and batching stages hold samples, not their locations, so they
 cannot be checkpointed mid-pass; the packer works on `[T, C]` grids no library packs.
@@ -28,7 +28,7 @@ from moss.data.schema import SampleError, ShardSample
 
 log = logging.getLogger(__name__)
 Location = tuple[int, int, int]  # (pass, position of the shard in the reader's order, sample index in it)
-Item = tuple[Location, ShardSample]
+Item = tuple[tuple[int, ...], ShardSample]  # a sample and its location in the stream (source first)
 IDLE_PASSES = 3  # whole passes in a row without one usable example end a training stream with an error
 
 
@@ -245,9 +245,12 @@ class ShuffleBuffer:
 
 
 class Examples:
-    """Samples -> delayed examples tagged with their location; a sample the builder refuses is skipped."""
+    """Samples -> delayed examples tagged with their location; a sample the builder refuses is skipped.
 
-    def __init__(self, builder: ExampleBuilder, skips: SkipLog, liveness: Liveness):
+    `liveness` has one entry per source (a location's first field), whose reader it tells what got through.
+    """
+
+    def __init__(self, builder: ExampleBuilder, skips: SkipLog, liveness: list[Liveness]):
         self.builder, self.skips, self.liveness = builder, skips, liveness
 
     def build(self, sample: ShardSample, loc: Location) -> dict:
@@ -255,16 +258,17 @@ class Examples:
 
     def __call__(self, items: Iterable[Item]) -> Iterator[dict]:
         for loc, sample in items:
-            self.liveness.attempted += 1
+            liveness = self.liveness[loc[0]]
+            liveness.attempted += 1
             try:
                 example = self.build(sample, loc)
             except OverLongSample as err:
-                self.skips("over-long sample", str(err), loc[0])
+                self.skips("over-long sample", str(err), loc[1])
                 continue
             except SampleError as err:
-                self.skips("bad sample", str(err), loc[0])
+                self.skips("bad sample", str(err), loc[1])
                 continue
-            self.liveness.built += 1
+            liveness.built += 1
             yield example
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 
 import lightning as L
 import torch
@@ -53,23 +54,35 @@ class FrameThroughput(L.Callback):
     * `perf/mfu`, `perf/mfu_foundry`, `perf/hfu` (when the device's peak is known or `peak_tflops` is given)
       and `perf/tflops_per_device` (ours);
     * `perf/peak_memory_gb`: peak allocated accelerator memory (peak RSS on CPU);
-    * `data/skipped_<reason>`: samples skipped so far by this rank's readers (see the skip report).
+    * `data/skipped_<reason>`: samples skipped so far by this rank's readers (see the skip report);
+    * `data/epoch` (a run planned in epochs) and, with `data.sources`, `data/samples_<source>` and
+      `data/epoch_<source>`: samples trained on so far (this rank's count x ranks), over the samples of an epoch.
 
-    Run totals are kept in `summary` for the end-of-run report.
+    Run totals are kept in `summary` for the end-of-run report; the sample counts are saved in checkpoints, so the
+    epochs logged go on from where a resumed run stopped.
     """
 
     def __init__(self, window: int = 10, peak_tflops: float | None = None):
         self.window, self.peak_override = window, peak_tflops
         self.summary: dict = {}
+        self._total_samples = 0
+        self._drawn: Counter = Counter()  # samples per data source, this rank
+
+    def state_dict(self) -> dict:
+        return {"samples": self._total_samples, "sources": dict(self._drawn)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._total_samples = int(state.get("samples", 0))
+        self._drawn = Counter(state.get("sources", {}))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = self._t0 = time.perf_counter()
         self._rows = self._computed = self._samples = self._batches = self._sq = 0
         self._total_rows = self._total_computed = self._total_flops = 0
         self._skipped: dict[int, dict] = {}
-        self._total_samples = 0
-        # Samples of one epoch, when the run was planned in epochs (`MossDataModule.epoch_plan`).
+        # Samples of one epoch, when the run was planned in epochs (`MossDataModule.epoch_plan`), and per source.
         self._epoch_samples = getattr(trainer.datamodule, "epoch_samples", None) if trainer.datamodule else None
+        self._source_samples = getattr(trainer.datamodule, "source_samples", None) or {}
         moss = unwrap(pl_module.model)
         self._flops = flop_model(moss)
         self._lora = any(not p.requires_grad for p in moss.decoder.layers.parameters())
@@ -93,6 +106,7 @@ class FrameThroughput(L.Callback):
             self._samples, self._batches = self._samples + stats.num_samples, self._batches + 1
             self._skipped[stats.reader] = stats.skipped
             self._total_samples += stats.num_samples
+            self._drawn.update(stats.sources)
         if (batch_idx + 1) % self.window:
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
@@ -106,6 +120,11 @@ class FrameThroughput(L.Callback):
         }
         if self._epoch_samples:
             metrics["data/epoch"] = self._total_samples * trainer.world_size / self._epoch_samples
+        if len(self._drawn) > 1:
+            for name, drawn in self._drawn.items():
+                metrics[f"data/samples_{name}"] = drawn * trainer.world_size
+                if self._source_samples.get(name):
+                    metrics[f"data/epoch_{name}"] = drawn * trainer.world_size / self._source_samples[name]
         for counts in self._skipped.values():
             for reason, n in counts.items():
                 key = "data/skipped_" + reason.replace(" ", "_").replace("-", "_")
@@ -148,4 +167,5 @@ class FrameThroughput(L.Callback):
             "mfu": (self._total_flops / max(wall, 1e-9) / 1e12 / self._peak) if self._peak else None,
             "skipped": {r: n for counts in self._skipped.values() for r, n in counts.items()},
             "samples": self._total_samples * trainer.world_size,  # trained on (this rank's count x ranks)
+            "sources": {name: n * trainer.world_size for name, n in self._drawn.items()},
         }

@@ -1,12 +1,12 @@
 """A data card per run: what the training and validation sets contain, written and printed before training.
 
-`runs/<name>/data_card.json` holds per split (and so per source) the totals from the manifests (shards, samples,
-hours: exact, whatever the size of the set) and, from up to `max_samples` samples read evenly across the shards,
-estimates: hours per speaker tag and turn lengths (a sample's duration shared among its turns by their text
-units), the speaking rate (text units per second: words, or characters of Chinese, Japanese and Korean), the share
-the training checks would leave out (over the row limit, malformed), and the overlap of validation with training
-(the same audio codes or the same normalised transcript). Warnings go to the log and the card: validation that
-overlaps training, a split that is mostly left out.
+`runs/<name>/data_card.json` holds per split (`train`, or `train/<source>` per source of `data.sources`; `val`) the
+totals from the manifests (shards, samples, hours: exact, whatever the size of the set) and, from up to
+`max_samples` samples read evenly across the shards, estimates: hours per speaker tag and turn lengths (a sample's
+duration shared among its turns by their text units), the speaking rate (text units per second: words, or
+characters of Chinese, Japanese and Korean), the share the training checks would leave out (over the row limit,
+malformed), and the overlap of validation with training (the same audio codes or the same normalised transcript).
+Warnings go to the log and the card: validation that overlaps training, a split that is mostly left out.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def data_card(splits: dict[str, object], builder: ExampleBuilder, max_samples: i
     for name, spec in splits.items():
         if not spec:
             continue
-        urls = expand_shards(spec, f"data.{name}_shards")
+        source = name.partition("/")[2]  # train/<source>: one of data.sources
+        urls = expand_shards(spec, f"data.sources.{source}.shards" if source else f"data.{name}_shards")
         summary, hashes[name] = _split_card(urls, builder, max_samples)
         card["splits"][name] = summary
         left = summary["read"]["left_out_share"]
@@ -49,8 +50,10 @@ def data_card(splits: dict[str, object], builder: ExampleBuilder, max_samples: i
                 f"{name}: {left:.0%} of the samples read would be left out ({dict(summary['read']['left_out'])}); "
                 f"see the row limit (data.packing.budget / data.max_rows) and data_report/"
             )
-    if "train" in hashes and "val" in hashes:
-        overlap = {kind: len(hashes["val"][kind] & hashes["train"][kind]) for kind in ("audio", "transcript")}
+    train = [h for name, h in hashes.items() if name == "train" or name.startswith("train/")]
+    if train and "val" in hashes:
+        seen = {kind: set().union(*(h[kind] for h in train)) for kind in ("audio", "transcript")}
+        overlap = {kind: len(hashes["val"][kind] & seen[kind]) for kind in ("audio", "transcript")}
         card["val_overlaps_train"] = overlap
         if any(overlap.values()):
             read = card["splits"]["val"]["read"]["samples"]

@@ -114,23 +114,31 @@ def synthetic_shards(cfg: DictConfig, split: str) -> int | None:
 
 
 def _fit_readers(cfg: DictConfig, fit_workers: bool) -> None:
-    """Apply the readers rule (`readers_problem`): refuse, or with `fit_workers` lower `data.num_workers` to fit."""
-    shards = synthetic_shards(cfg, "train")
-    shards = len(expand_shards(cfg.data.train_shards)) if shards is None else shards
+    """Apply the readers rule (`readers_problem`) to every training source.
+
+    Too few shards for the readers is refused, or with `fit_workers` `data.num_workers` is lowered to fit.
+    """
+    sources = cfg.data.get("sources")
+    if sources:
+        sets = {f"data.sources.{name}.shards": len(expand_shards(s.shards)) for name, s in sources.items()}
+    else:
+        shards = synthetic_shards(cfg, "train")
+        sets = {"data.train_shards": len(expand_shards(cfg.data.train_shards)) if shards is None else shards}
     ranks, workers = world_size(cfg), int(cfg.data.num_workers)
-    problem = readers_problem(shards, ranks, workers)
-    if problem is None:
+    problems = {name: problem for name, n in sets.items() if (problem := readers_problem(n, ranks, workers, name))}
+    if not problems:
         return
-    fitted = shards // ranks
+    fitted = min(sets.values()) // ranks
     if not fit_workers or fitted < 1:
-        raise ConfigError(problem)
-    log.warning("%d shards for %d ranks: data.num_workers %d -> %d", shards, ranks, workers, fitted)
+        raise ConfigError("\n".join(problems.values()))
+    log.warning("%d shards for %d ranks: data.num_workers %d -> %d", min(sets.values()), ranks, workers, fitted)
     cfg.data.num_workers = fitted
 
 
 def _epoch_plan(cfg: DictConfig) -> EpochPlan | None:
     """`data.epochs` in optimiser steps, estimated through the run's own example builder (tokenizer, layout)."""
-    if not cfg.data.get("epochs"):
+    sources = cfg.data.get("sources") or {}
+    if not cfg.data.get("epochs") and not any(s.get("epochs") for s in sources.values()):
         return None
     tokenizer = instantiate(cfg.tokenizer)
     model_config = instantiate(cfg.model.config)

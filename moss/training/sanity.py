@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def sanity_check(
-    train_shards,
+    train_shards: dict[str, object],
     builder_prompt: PromptBuilder,
     tokenizer,
     samples: int = 4,
@@ -46,10 +46,16 @@ def sanity_check(
     codec=None,
     device: str = "cpu",
 ) -> None:
-    """Raise ConfigError when the first `samples` training samples fail either check (module docstring)."""
+    """Raise ConfigError when the first `samples` training samples fail either check (module docstring).
+
+    `train_shards` maps the setting that names a training shard set to its spec (one per data source): the first
+    samples of each are checked.
+    """
     if samples <= 0:
         return
-    first = first_samples(expand_shards(train_shards, "data.train_shards"), samples)
+    first = [
+        sample for name, spec in train_shards.items() for sample in first_samples(expand_shards(spec, name), samples)
+    ]
     inference = PromptBuilder(
         tokenizer,
         speech_offset=builder_prompt.speech_offset,
@@ -148,7 +154,10 @@ def check_training_data(cfg, datamodule, tokenizer) -> None:
         device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         codec = load_codec(cfg.codec, device=device)
     sanity_check(
-        cfg.data.train_shards,
+        {
+            "data.train_shards" if spec.name == "train" else f"data.sources.{spec.name}.shards": spec.shards
+            for spec in datamodule.source_specs
+        },
         datamodule.builder.prompt,
         tokenizer,
         samples=int(settings.samples),

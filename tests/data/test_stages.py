@@ -30,7 +30,9 @@ def held_keys(stream, urls) -> list[str]:
     state = stream.state_dict()
     reader = ShardReader(urls, 0, 1, stream.shuffle, stream.seed, stream.repeat, skips=None, liveness=None)
     keys = {}
-    for epoch, pos, index in {tuple(loc) for name in ("buffer", "packer", "batcher") for loc in _locs(state, name)}:
+    held = {tuple(loc) for name in ("buffer", "packer", "batcher") for loc in _locs(state, name)}
+    for source, epoch, pos, index in held:
+        assert source == 0  # one shard set: one source
         for i, raw in enumerate(tar_samples(reader.shards(epoch)[pos])):
             if i == index:
                 keys[(epoch, pos, index)] = raw["__key__"]
@@ -56,7 +58,7 @@ def test_every_sample_read_is_either_emitted_or_held_in_a_stage(tiny_shards, bui
     emitted = []
     for batch in stream:
         emitted += list(batch.stats.keys)
-        reader = stream.state_dict()["reader"]
+        reader = stream.state_dict()["reader"]["readers"][0]
         if reader["epoch"] > 0:
             read = [k for keys in per_shard for k in keys]
         else:
@@ -89,6 +91,15 @@ def test_a_state_without_stages_is_refused_with_the_reason(tiny_shards, builder)
     flat = {"epoch": 0, "shard": 1, "index": 3, "rng": [], "buffer": [], "pending": [], "ages": [], "ready": []}
     with pytest.raises(ValueError, match="has no stages .* pre-release build"):
         stream.load_state_dict({**flat, "skipped": {}})
+
+
+def test_a_state_from_before_data_sources_is_refused_with_the_reason(tiny_shards, builder):
+    stream = make(expand_shards(str(tiny_shards)), builder, True)
+    next(iter(stream))
+    state = stream.state_dict()
+    state["reader"] = state["reader"]["readers"][0]  # the layout before data.sources
+    with pytest.raises(ValueError, match="without a source index .* start the run anew"):
+        stream.load_state_dict(state)
 
 
 def test_resuming_with_another_packing_setting_is_refused(tiny_shards, builder):
