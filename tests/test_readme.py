@@ -30,6 +30,7 @@ from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from tests.conftest import REPO
 from tests.data_pipelines.conftest import write_good_corpus
+from tests.data_pipelines.voices import voiced
 from tests.evaluation.conftest import build_tiny_speaker_model, build_tiny_whisper
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,11 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
     blobs = [pickle.dumps(r, protocol=4) for r in records]
     legacy.write_bytes(b"".join(blobs))
     np.save(user / "processed_data_metas.npy", np.array([[0, len(blobs[0])], [3, 3], [4, 4]]))
+    recordings = user / "recordings"  # untranscribed dialogue: two synthetic voices taking turns
+    recordings.mkdir()
+    a, b = voiced(3, 110, [(700, 80), (1220, 90)]), voiced(3, 220, [(300, 60), (2300, 100)], seed=1)
+    pause = np.zeros(8000, np.float32)
+    sf.write(recordings / "talk.wav", np.concatenate([a, pause, b, pause, a]), 16000)
     build_tiny_whisper(user / "whisper")  # the metric models of the evaluation commands
     build_tiny_speaker_model(user / "speaker")
     for n in (1, 2):
@@ -116,6 +122,8 @@ def stand_ins(tmp_path: Path) -> dict[str, str]:
         "codec.checkpoint=xy_tokenizer.ckpt": f"codec.checkpoint={codec / 'xy_tokenizer.safetensors'}",
         "input=dialogues.jsonl": f"input={dialogues}",
         "/data/train.jsonl": str(raw),
+        "/data/recordings": str(recordings),
+        "/data/transcribed": str(tmp_path / "data" / "transcribed"),
         "/data/voices": str(user / "shards"),
         "/data/general": str(user / "general"),
         "/data/processed_data.pkl": str(legacy),
@@ -217,6 +225,14 @@ def test_every_documented_command_runs_as_written(tmp_path):
     legacy = next(c for c in commands if c.startswith("python -m data_pipelines.import_legacy"))
     ok(legacy.replace("output_dir=/data/shards", "output_dir=/data/shards-legacy"))  # beside the other set
     ran[-1] = legacy
+
+    # Untranscribed recordings -> tagged records (tiny random models: their confidence floors off).
+    floors = ["windows.min_asr_confidence=0", "windows.min_diarisation_confidence=0", "windows.min_seconds=0.5"]
+    transcribe = next(c for c in commands if c.startswith("python -m data_pipelines.transcribe"))
+    done = ok(transcribe, "vad.threshold=0.1", "asr_language=en", "progress=false", *floors)
+    assert "transcribed 1 of 1 recordings" in done.stdout, done.stdout
+    written = tmp_path / "data" / "transcribed"
+    assert (written / "records.jsonl").read_text() or (written / "monologues.jsonl").read_text()
 
     # From raw JSONL + audio in one command: the demo corpus, then preprocessing + epochs + best export.
     ok(next(c for c in commands if c.startswith("python -m data_pipelines.demo_corpus")))

@@ -64,6 +64,43 @@ class Transcriber:
                 self.timestamps = False
         return [Transcript(o["text"].strip(), None) for o in self._run(clips)]
 
+    def confidences(self, waves: list[np.ndarray], sample_rate: int) -> list[float]:
+        """How sure the model is of what it hears in each clip (up to 30 s): the mean probability of its tokens.
+
+        Whisper: of the tokens it generates (greedy, its own decoding settings), batched; a CTC model: the mean
+        top probability of the frames it does not read as blank. 0.0 for a clip in which nothing is heard.
+        """
+        clips = [self._clip(w, sample_rate) for w in waves]
+        model, extractor = self.pipe.model, self.pipe.feature_extractor
+        out = []
+        with torch.inference_mode():
+            if model.config.model_type == "whisper":
+                for start in range(0, len(clips), self.batch_size):
+                    batch = extractor(
+                        clips[start : start + self.batch_size], sampling_rate=self.rate, return_tensors="pt"
+                    )
+                    features = batch.input_features.to(model.device, model.dtype)
+                    generated = model.generate(
+                        features, return_dict_in_generate=True, output_scores=True, **self.generate_kwargs
+                    )
+                    scores = model.compute_transition_scores(
+                        generated.sequences, generated.scores, normalize_logits=True
+                    )
+                    tokens = generated.sequences[:, -scores.shape[1] :]
+                    special = set(self.pipe.tokenizer.all_special_ids)
+                    for row, probs in zip(tokens.tolist(), scores.exp().float().cpu().numpy(), strict=True):
+                        kept = [p for t, p in zip(row, probs, strict=True) if t not in special]
+                        out.append(float(np.mean(kept)) if kept else 0.0)
+            else:
+                blank = model.config.pad_token_id
+                for clip in clips:
+                    inputs = extractor(clip, sampling_rate=self.rate, return_tensors="pt").to(model.device)
+                    probs = model(**inputs).logits[0].float().softmax(-1)
+                    top, ids = probs.max(-1)
+                    heard = top[ids != blank]
+                    out.append(float(heard.mean()) if len(heard) else 0.0)
+        return out
+
     def _clip(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         return resample(np.asarray(wave, np.float32), sample_rate, self.rate)
 

@@ -68,6 +68,37 @@ def test_whisper_takes_long_clips_alone_and_gives_word_times(tiny_whisper):
     assert all(w.start <= w.end for t in heard for w in t.words)
 
 
+def test_the_asr_confidence_is_the_mean_probability_of_the_tokens_it_heard(tiny_whisper, tiny_asr):
+    """Recomputed by hand: Whisper's greedy tokens scored by one teacher-forced forward; CTC's frames."""
+    import torch
+
+    waves = [np.random.default_rng(n).standard_normal(16000 * n).astype(np.float32) * 0.1 for n in (2, 3)]
+    asr = Transcriber(str(tiny_whisper), batch_size=2, language="en")
+    model, tokenizer = asr.pipe.model, asr.pipe.tokenizer
+    expected = []
+    for wave in waves:
+        features = asr.pipe.feature_extractor(wave, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            out = model.generate(features, return_dict_in_generate=True, output_scores=True, **asr.generate_kwargs)
+            sequence = out.sequences[0]
+            logits = model(features, decoder_input_ids=sequence[None, :-1]).logits[0].double()
+        prompt = len(sequence) - len(out.scores)
+        # the distribution greedy decoding chose from: Whisper's suppressed tokens can never be picked
+        logits[:, list(model.generation_config.suppress_tokens or [])] = -torch.inf
+        logits[prompt - 1, list(model.generation_config.begin_suppress_tokens or [])] = -torch.inf
+        probs = logits.softmax(-1).gather(-1, sequence[1:, None])[:, 0]
+        pairs = list(zip(sequence[1:].tolist(), probs.tolist(), strict=True))[prompt - 1 :]
+        kept = [p for t, p in pairs if t not in set(tokenizer.all_special_ids)]
+        expected.append(float(np.mean(kept)) if kept else 0.0)
+    np.testing.assert_allclose(asr.confidences(waves, 16000), expected, rtol=1e-3)
+    ctc = Transcriber(str(tiny_asr))
+    inputs = ctc.pipe.feature_extractor(waves[0], sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        probs = ctc.pipe.model(**inputs).logits[0].double().softmax(-1).numpy()
+    heard = probs.argmax(-1) != ctc.pipe.model.config.pad_token_id
+    assert ctc.confidences(waves[:1], 16000)[0] == pytest.approx(probs.max(-1)[heard].mean(), rel=1e-5)
+
+
 def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path, tiny_whisper, tiny_speaker_model):
     from evaluate import evaluate
 
