@@ -104,6 +104,11 @@ def _raw_problems(cfg: DictConfig) -> list[str]:
     problems = [p for p, f in zip(problems, listed, strict=True) if not Path(f).is_file()]
     if raw.get("val") and not raw.get("train"):
         problems.append("raw.val needs raw.train (the training JSONL) too")
+    if raw.get("train") and _select(cfg, "data.sources"):
+        problems.append(
+            "raw.train preprocesses one training set, data.sources mixes several: preprocess each source with "
+            "python -m data_pipelines.preprocess and name its folder in data.sources.<name>.shards"
+        )
     return problems + codec_problems(cfg.codec)
 
 

@@ -241,6 +241,10 @@ def test_the_config_check_names_a_source_that_matches_nothing_and_a_leftover_tra
         validate(compose_train(tmp_path, ["data.train_shards=null", sources]))
     with pytest.raises(ConfigError, match="set data.train_shards=null beside data.sources"):
         validate(compose_train(tmp_path, [sources]))
+    raw = tmp_path / "train.jsonl"
+    raw.write_text("")
+    with pytest.raises(ConfigError, match="raw.train preprocesses one training set, data.sources mixes several"):
+        validate(compose_train(tmp_path, ["data.train_shards=null", sources, f"raw.train=[{raw}]", "codec=tiny"]))
 
 
 @pytest.mark.slow
