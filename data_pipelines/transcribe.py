@@ -18,7 +18,8 @@ Output (`output_dir`):
 * `skipped.jsonl` (one line per dropped stretch or file: `input`, `stage`, `start`, `end`, `reason`) and `report.json`
   (hours in and out, records, reasons counted);
 * `audio/` (the windows), `parts/` (one result per recording: a rerun skips recordings already done, so an
-  interrupted run resumes and a finished one is not redone; the outputs are rebuilt from the parts in input order).
+  interrupted run resumes and a finished one is not redone, unless a model or setting changed; the outputs are
+  rebuilt from the parts in input order).
 
 Recordings go to `workers` processes (each loads the models once, on `devices` in turn); a worker that crashes or
 hangs on a recording costs that recording (reported, retried by the next run), not the run.
@@ -48,6 +49,7 @@ from data_pipelines.diarisation import DiarisationSettings, EmbeddingDiariser, S
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
 from moss.cli import check_override_keys, command, fail, require
+from moss.errors import ConfigError
 from moss.evaluation.turns import Word
 from moss.outputs import OutputFolder, atomic_write
 
@@ -68,9 +70,12 @@ def recordings(spec) -> list[Path]:
         elif path.suffix == ".jsonl" and path.is_file():
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
-                    entry = json.loads(line)
+                    try:
+                        entry = json.loads(line)
+                    except ValueError as err:
+                        raise ConfigError(f"input {path}:{n}: not JSON ({err})") from err
                     if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str):
-                        raise ValueError(f'{path}:{n}: expected {{"audio": "path"}}, got {line[:80]!r}')
+                        raise ConfigError(f'input {path}:{n}: expected {{"audio": "path"}}, got {line[:80]!r}')
                     audio = Path(entry["audio"])
                     found.append(audio if audio.is_absolute() else path.parent / audio)
         else:
@@ -230,15 +235,50 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
         fail("nothing to transcribe", [f"input={cfg.input} names no audio file ({', '.join(AUDIO_SUFFIXES)})"])
     for sub in ("audio", "parts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    todo = [p for p in paths if not (out / "parts" / f"{recording_id(p)}.json").is_file()]
+    settings = fingerprint(cfg)
+    todo = [p for p in paths if _done(out, p, settings) is None]
     log.info("%d recordings, %d already done, %d to transcribe", len(paths), len(paths) - len(todo), len(todo))
+    for path in todo:  # a part made with other settings: its windows' audio goes with it
+        _forget(out, path)
     for path, part in _results(cfg, todo, out, models):
-        name = out / "parts" / f"{recording_id(path)}.json"
         if any(s["reason"].startswith("failed:") for s in part["skipped"]):
             log.warning("%s: %s (retried by the next run)", path, part["skipped"][0]["reason"])
             continue
+        part["settings"] = settings
+        name = out / "parts" / f"{recording_id(path)}.json"
         atomic_write(name, lambda tmp, part=part: tmp.write_text(json.dumps(part, ensure_ascii=False)))
     return _finish(cfg, folder, paths, out)
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """What a recording's part depends on: the models and every setting of the steps (a change redoes the part)."""
+    keys = ("asr_model", "asr_language", "speaker_model", "vad", "diarisation", "windows", "loudness_lufs")
+    settings = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _done(out: Path, path: Path, settings: str) -> dict | None:
+    """The recording's part when it was made with `settings`, else None."""
+    name = out / "parts" / f"{recording_id(path)}.json"
+    try:
+        part = json.loads(name.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return part if isinstance(part, dict) and part.get("settings") == settings else None
+
+
+def _forget(out: Path, path: Path) -> None:
+    """Remove a recording's part and the window audio it lists (made with other settings, or half-written)."""
+    name = out / "parts" / f"{recording_id(path)}.json"
+    try:
+        part = json.loads(name.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        part = {}
+    for entry in [*part.get("records", []), *part.get("monologues", [])]:
+        (out / entry["file_path"]).unlink(missing_ok=True)
+    for stale in (out / "audio").glob(f"{recording_id(path)}-*.wav"):  # also a killed run's, not yet listed
+        stale.unlink()
+    name.unlink(missing_ok=True)
 
 
 def _results(cfg: DictConfig, todo: list[Path], out: Path, models):
@@ -281,11 +321,8 @@ def _devices(cfg: DictConfig) -> list[str]:
 
 def _finish(cfg: DictConfig, folder: OutputFolder, paths: list[Path], out: Path) -> dict:
     """The outputs rebuilt from every done recording's part, in input order."""
-    parts = []
-    for path in paths:
-        name = out / "parts" / f"{recording_id(path)}.json"
-        if name.is_file():
-            parts.append(json.loads(name.read_text(encoding="utf-8")))
+    settings = fingerprint(cfg)
+    parts = [part for path in paths if (part := _done(out, path, settings)) is not None]
     lines = {
         key: [json.dumps(r, ensure_ascii=False) for p in parts for r in p[key]]
         for key in ("records", "monologues", "skipped")

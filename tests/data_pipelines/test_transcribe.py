@@ -262,3 +262,27 @@ def test_the_transcription_benchmark_runs():
     result = run_benchmark("transcribe.py", "--recordings", "1", "--seconds", "8", "--workers", "2")
     assert set(result["hours_per_hour"]) >= {"vad (silero)", "asr (+confidence)", "whole command, 2 processes"}
     assert result["hours"] == pytest.approx(8 / 3600)
+
+
+def test_a_rerun_with_other_settings_redoes_every_recording_and_leaves_no_stale_audio(tmp_path, recordings):
+    models = StandIns()
+    transcribe(config(tmp_path), models=models)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in (out / "audio").iterdir())
+    assert len(before) == 4  # the interview's window and the monologue's three
+    transcribe(config(tmp_path, windows={"max_seconds": 7}), models=models)  # the interview is cut in two
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [(r["start"], r["end"]) for r in records] == [(0.0, 6.5), (7.0, 10.0)]
+    listed = {r["file_path"] for r in records} | {
+        json.loads(line)["file_path"] for line in (out / "monologues.jsonl").read_text().splitlines()
+    }
+    assert {f"audio/{p.name}" for p in (out / "audio").iterdir()} == listed  # the old window's file is gone
+
+
+def test_a_list_of_recordings_in_jsonl_names_its_bad_line(tmp_path, recordings):
+    listing = tmp_path / "list.jsonl"
+    listing.write_text(json.dumps({"audio": "recordings/interview.wav"}) + "\n" + json.dumps({"path": "x"}) + "\n")
+    with pytest.raises(Exception, match=r'list.jsonl:2: expected \{"audio": "path"\}'):
+        transcribe(config(tmp_path, input=str(listing)), models=StandIns())
+    listing.write_text(json.dumps({"audio": "recordings/interview.wav"}) + "\n")
+    assert transcribe(config(tmp_path, input=str(listing)), models=StandIns())["records"] == 1
