@@ -227,7 +227,7 @@ def test_every_documented_command_runs_as_written(tmp_path):
     ran[-1] = legacy
 
     # Untranscribed recordings -> tagged records (tiny random models: their confidence floors off).
-    floors = ["windows.min_asr_confidence=0", "windows.min_diarisation_confidence=0", "windows.min_seconds=0.5"]
+    floors = ["windows.min_asr_confidence=0", "windows.min_diarisation_confidence=0", "windows.min_seconds=0.1"]
     transcribe = next(c for c in commands if c.startswith("python -m data_pipelines.transcribe"))
     done = ok(transcribe, "vad.threshold=0.1", "asr_language=en", "progress=false", *floors)
     assert "transcribed 1 of 1 recordings" in done.stdout, done.stdout

@@ -208,7 +208,7 @@ def test_the_whole_path_with_silero_and_tiny_random_models(tmp_path):
     sf.write(folder / "talk.wav", np.concatenate([a, pause, b, pause, a]), RATE)
     settings = {"asr_model": str(tiny_whisper), "speaker_model": str(tiny_speaker_model), "asr_language": "en"}
     # A random ASR is unsure of everything: the confidence floors are off to see windows come out.
-    floors = {"min_asr_confidence": 0, "min_diarisation_confidence": 0, "min_seconds": 0.5}
+    floors = {"min_asr_confidence": 0, "min_diarisation_confidence": 0, "min_seconds": 0.1}
     cfg = config(tmp_path, **settings, vad=VadSettings(threshold=0.1).__dict__, windows=floors)
     report = transcribe(cfg)
     out = tmp_path / "out"
@@ -241,7 +241,7 @@ def test_two_worker_processes_write_what_one_process_writes(tmp_path):
         "speaker_model": str(build_tiny_speaker_model(tmp_path / "s")),
         "asr_language": "en",
         "vad": {"threshold": 0.1},
-        "windows": {"min_asr_confidence": 0, "min_diarisation_confidence": 0, "min_seconds": 0.5},
+        "windows": {"min_asr_confidence": 0, "min_diarisation_confidence": 0, "min_seconds": 0.1},
     }
     outputs = {}
     for workers in (0, 2):
