@@ -115,7 +115,9 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
     module = instantiate(cfg.model)
     # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
     datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
-    datamodule.epoch_samples = plan.epochs.samples if plan.epochs else None  # data/epoch is logged from it
+    if plan.epochs:  # data/epoch and data/epoch_<source> are logged from the plan's usable samples
+        datamodule.epoch_samples = plan.epochs.samples
+        datamodule.source_samples = {source.name: source.samples for source in plan.epochs.sources}
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     plugins = cluster_plugins(callbacks.get("preemption"))  # the callback, not Lightning, saves on SLURM's signal

@@ -173,18 +173,11 @@ class MossDataModule(L.LightningDataModule):
 
     def _sources(self) -> list[Source]:
         """The training sources with their shard specs expanded."""
-        return [
-            Source(
-                spec.name,
-                tuple(
-                    expand_shards(
-                        spec.shards, "data.train_shards" if spec.name == "train" else f"data.sources.{spec.name}.shards"
-                    )
-                ),
-                spec.weight,
-            )
-            for spec in self.source_specs
-        ]
+        sources = []
+        for spec in self.source_specs:
+            setting = "data.train_shards" if spec.name == "train" else f"data.sources.{spec.name}.shards"
+            sources.append(Source(spec.name, tuple(expand_shards(spec.shards, setting)), spec.weight))
+        return sources
 
     def card_splits(self) -> dict[str, object]:
         """The training shard specs by data card split: `train`, or `train/<source>` for each of `data.sources`."""
