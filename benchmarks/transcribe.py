@@ -4,7 +4,8 @@ Writes `--recordings` synthetic two-voice recordings of `--seconds` each (vowel-
 as speech at threshold 0.1; tests/data_pipelines/voices.py), then times, in this process: the VAD (Silero, the
 real model), the diarisation and the ASR of the recordings' speech, and the whole command with 1 and with
 `--workers` worker processes. Each is printed as hours of audio per hour of wall time (the real-time factor's
-inverse), then one line `RESULT {json}`.
+inverse). Then what the ASR confidence adds to the ASR's time, scoring the kept transcripts (now) against a
+second decoding (before), and one line `RESULT {json}`.
 
 Without `--asr-model`/`--speaker-model` the models are tiny random ones (transformers configs): their times say
 what the pipeline itself costs around the models, not what Whisper large-v3 or WavLM cost. Name real models
@@ -27,7 +28,7 @@ import soundfile as sf
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/transcribe.py` from anywhere
-from data_pipelines.transcribe import Models, transcribe, transcribe_regions  # noqa: E402
+from data_pipelines.transcribe import Models, asr_pieces, transcribe, transcribe_regions  # noqa: E402
 from moss.audio import SAMPLE_RATE  # noqa: E402
 from tests.data_pipelines.voices import voiced  # noqa: E402
 
@@ -44,6 +45,19 @@ def recording(seconds: float, seed: int) -> np.ndarray:
         parts += [voiced(length, f0, formants, seed=seed * 100 + turn), np.zeros(int(pause * SAMPLE_RATE), np.float32)]
         total, turn = total + length + pause, turn + 1
     return np.concatenate(parts)[: int(seconds * SAMPLE_RATE)]
+
+
+def second_decoding(asr, clips: list[np.ndarray]) -> None:
+    """What the ASR confidence cost before it scored the kept transcript: a second, greedy decoding with scores."""
+    import torch
+
+    model = asr.pipe.model
+    with torch.inference_mode():
+        for start in range(0, len(clips), asr.batch_size):
+            batch = asr.pipe.feature_extractor(clips[start : start + asr.batch_size], sampling_rate=asr.rate)
+            features = torch.as_tensor(np.asarray(batch.input_features)).to(model.device, model.dtype)
+            out = model.generate(features, return_dict_in_generate=True, output_scores=True, **asr.generate_kwargs)
+            model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
 
 
 def main() -> None:
@@ -86,6 +100,23 @@ def main() -> None:
         for wave, found in zip(waves, regions, strict=True):
             transcribe_regions(wave, found, models.asr)
         stages["asr (+confidence)"] = time.perf_counter() - start
+        pieces = [
+            [w[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in asr_pieces(found)]
+            for w, found in zip(waves, regions, strict=True)
+        ]
+        costs = {}
+        for name, run in (
+            ("asr alone", lambda clips: models.asr(clips, SAMPLE_RATE)),
+            ("asr + confidence", lambda clips: models.asr(clips, SAMPLE_RATE, confidence=True)),
+            (
+                "asr + second decoding",
+                lambda clips: (models.asr(clips, SAMPLE_RATE), second_decoding(models.asr, clips)),
+            ),
+        ):
+            start = time.perf_counter()
+            for clips in pieces:
+                run(clips)
+            costs[name] = time.perf_counter() - start
         for workers in (0, args.workers):
             out = folder / f"out{workers}"
             start = time.perf_counter()
@@ -103,7 +134,14 @@ def main() -> None:
         print(f"  {name:<28}{rate:>12,.0f} h of audio per hour")
     whole = [v for k, v in rates.items() if k.startswith("whole")]
     print(f"  {args.workers} workers vs 1: {whole[1] / whole[0]:.2f}x (the spawned workers' model loading included)")
-    print("RESULT " + json.dumps({"hours": hours, "hours_per_hour": rates, "speech_share": speech / hours}))
+    alone = costs["asr alone"]
+    overhead = {name: seconds / alone - 1 for name, seconds in costs.items() if name != "asr alone"}
+    print(
+        f"  ASR confidence: scoring the kept transcript adds {overhead['asr + confidence']:.0%} to the ASR's time; "
+        f"a second decoding (before) added {overhead['asr + second decoding']:.0%}"
+    )
+    result = {"hours": hours, "hours_per_hour": rates, "speech_share": speech / hours, "confidence_overhead": overhead}
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from moss.outputs import OutputFolder, atomic_write
 
 log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+METHOD = 2  # what a part's numbers mean; 2: the ASR confidence scores the transcript kept (parts of 1 are redone)
 ASR_PIECE_S = 28.0  # speech stretches are transcribed in pieces under Whisper's 30 s window
 PEAK = 10 ** (-1 / 20)  # -1 dBFS
 
@@ -142,23 +143,27 @@ def transcribe_recording(path: Path, models, cfg: DictConfig, out: Path) -> dict
     return _part(source, seconds, records, monologues, skipped)
 
 
-def transcribe_regions(wave: np.ndarray, regions, asr) -> list[Word]:
-    """Words of every speech stretch, timed in the recording, each with its stretch's ASR confidence."""
+def asr_pieces(regions) -> list[tuple[float, float]]:
+    """The speech stretches cut into pieces the ASR model takes whole (under Whisper's 30 s window)."""
     pieces = []
     for start, end in regions:
         while end - start > ASR_PIECE_S:
             pieces.append((start, start + ASR_PIECE_S))
             start += ASR_PIECE_S
         pieces.append((start, end))
+    return pieces
+
+
+def transcribe_regions(wave: np.ndarray, regions, asr) -> list[Word]:
+    """Words of every speech stretch, timed in the recording, each with its stretch's ASR confidence."""
+    pieces = asr_pieces(regions)
     clips = [wave[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] for a, b in pieces]
-    transcripts = asr(clips, SAMPLE_RATE)
-    confidences = asr.confidences(clips, SAMPLE_RATE)
     words = []
-    for (offset, end), transcript, confidence in zip(pieces, transcripts, confidences, strict=True):
+    for (offset, end), transcript in zip(pieces, asr(clips, SAMPLE_RATE, confidence=True), strict=True):
         for w in transcript.words or []:
             start = offset + max(w.start, 0.0)
             if w.text.strip() and start < end:  # a time past its stretch (a hallucinating model) is no time at all
-                words.append(Word(w.text, start, min(offset + max(w.end, w.start), end), confidence))
+                words.append(Word(w.text, start, min(offset + max(w.end, w.start), end), transcript.confidence))
     return words
 
 
@@ -254,6 +259,7 @@ def fingerprint(cfg: DictConfig) -> str:
     """What a recording's part depends on: the models and every setting of the steps (a change redoes the part)."""
     keys = ("asr_model", "asr_language", "speaker_model", "vad", "diarisation", "windows", "loudness_lufs")
     settings = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    settings["method"] = METHOD
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

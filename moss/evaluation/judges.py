@@ -8,7 +8,7 @@ and run batched. Neither is needed for training: they are named in `eval.asr_mod
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -22,10 +22,14 @@ WHISPER_WINDOW_S = 30  # Whisper's input window: longer clips are decoded in seq
 
 @dataclass(frozen=True)
 class Transcript:
-    """What the ASR model heard: the text, and its words with timestamps (None when the model gives none)."""
+    """What the ASR model heard: the text, its words with timestamps, how sure it is of them.
+
+    `words` is None when the model gives no timestamps; `confidence` None unless asked for (`confidence=True`).
+    """
 
     text: str
     words: list[Word] | None
+    confidence: float | None = None
 
 
 class Transcriber:
@@ -45,61 +49,90 @@ class Transcriber:
         self.name, self.batch_size = model, batch_size
         self.pipe = pipeline("automatic-speech-recognition", model=model, device=device, dtype=dtype)
         self.rate = self.pipe.feature_extractor.sampling_rate
-        whisper = self.pipe.model.config.model_type == "whisper"
-        self.generate_kwargs = {"language": language, "task": "transcribe"} if whisper and language else {}
+        self.whisper = self.pipe.model.config.model_type == "whisper"
+        self.generate_kwargs = {"language": language, "task": "transcribe"} if self.whisper and language else {}
         # Whisper transcribes long clips in its own sequential windows; a CTC model is read in 30 s chunks.
-        self.chunking = {} if whisper else {"chunk_length_s": 30}
+        self.chunking = {} if self.whisper else {"chunk_length_s": 30}
         self.timestamps = True
+        if self.whisper:  # for scoring transcripts: read before any decoding (Whisper's generate empties them)
+            config = self.pipe.model.generation_config
+            self.language_id = _language_id(config, language) if language else None
+            self.suppressed = set(config.suppress_tokens or [])
+            self.suppressed_at_start = set(config.begin_suppress_tokens or [])
 
-    def __call__(self, waves: list[np.ndarray], sample_rate: int) -> list[Transcript]:
-        """Transcripts of mono clips at `sample_rate`, in order."""
+    def __call__(self, waves: list[np.ndarray], sample_rate: int, confidence: bool = False) -> list[Transcript]:
+        """Transcripts of mono clips at `sample_rate`, in order; with `confidence`, how sure the model is of each.
+
+        The confidence is the mean probability of the transcript's tokens (see `_confidences`).
+        """
         if not waves:
             return []
         clips = [self._clip(w, sample_rate) for w in waves]
+        heard = None
         if self.timestamps:
             try:
-                return [self._transcript(o) for o in self._run(clips, return_timestamps="word")]
+                heard = [self._transcript(o) for o in self._run(clips, return_timestamps="word")]
             except (ValueError, KeyError) as err:  # e.g. a Whisper without alignment heads
                 log.warning("%s gives no word timestamps (%s); turns are cut in proportion to the text", self.name, err)
                 self.timestamps = False
-        return [Transcript(o["text"].strip(), None) for o in self._run(clips)]
+        if heard is None:
+            heard = [Transcript(o["text"].strip(), None) for o in self._run(clips)]
+        if not confidence:
+            return heard
+        scores = self._confidences(clips, heard)
+        return [replace(t, confidence=c) for t, c in zip(heard, scores, strict=True)]
 
-    def confidences(self, waves: list[np.ndarray], sample_rate: int) -> list[float]:
-        """How sure the model is of what it hears in each clip (up to 30 s): the mean probability of its tokens.
+    def _confidences(self, clips: list[np.ndarray], heard: list[Transcript]) -> list[float]:
+        """How sure the model is of what it heard in each clip: the mean probability of the transcript's tokens.
 
-        Whisper: of the tokens it generates (greedy, its own decoding settings), batched; a CTC model: the mean
-        top probability of the frames it does not read as blank. 0.0 for a clip in which nothing is heard.
+        Whisper: the transcript it kept, scored in one teacher-forced pass (no second decoding), with the
+        language given or the one it detects, over the distribution its decoding picks from (suppressed tokens
+        removed); clips up to its 30 s window. A CTC model: the mean top probability of the frames it does not
+        read as blank (its transcript is their argmax). 0.0 for a clip in which nothing is heard.
         """
-        clips = [self._clip(w, sample_rate) for w in waves]
         model, extractor = self.pipe.model, self.pipe.feature_extractor
         out = []
         with torch.inference_mode():
-            if model.config.model_type == "whisper":
-                for start in range(0, len(clips), self.batch_size):
-                    batch = extractor(
-                        clips[start : start + self.batch_size], sampling_rate=self.rate, return_tensors="pt"
-                    )
-                    features = batch.input_features.to(model.device, model.dtype)
-                    generated = model.generate(
-                        features, return_dict_in_generate=True, output_scores=True, **self.generate_kwargs
-                    )
-                    scores = model.compute_transition_scores(
-                        generated.sequences, generated.scores, normalize_logits=True
-                    )
-                    tokens = generated.sequences[:, -scores.shape[1] :]
-                    special = set(self.pipe.tokenizer.all_special_ids)
-                    for row, probs in zip(tokens.tolist(), scores.exp().float().cpu().numpy(), strict=True):
-                        kept = [p for t, p in zip(row, probs, strict=True) if t not in special]
-                        out.append(float(np.mean(kept)) if kept else 0.0)
+            if self.whisper:
+                for start in range(0, len(clips), size := self.batch_size):
+                    out += self._whisper_scores(clips[start : start + size], heard[start : start + size])
             else:
                 blank = model.config.pad_token_id
                 for clip in clips:
                     inputs = extractor(clip, sampling_rate=self.rate, return_tensors="pt").to(model.device)
                     probs = model(**inputs).logits[0].float().softmax(-1)
                     top, ids = probs.max(-1)
-                    heard = top[ids != blank]
-                    out.append(float(heard.mean()) if len(heard) else 0.0)
+                    seen = top[ids != blank]
+                    out.append(float(seen.mean()) if len(seen) else 0.0)
         return out
+
+    def _whisper_scores(self, clips: list[np.ndarray], heard: list[Transcript]) -> list[float]:
+        model, config = self.pipe.model, self.pipe.model.generation_config
+        if max(len(c) for c in clips) > WHISPER_WINDOW_S * self.rate:
+            raise ValueError(f"the ASR confidence is for clips up to Whisper's {WHISPER_WINDOW_S} s: cut longer ones")
+        features = self.pipe.feature_extractor(clips, sampling_rate=self.rate, return_tensors="pt").input_features
+        encoded = model.get_encoder()(features.to(model.device, model.dtype))
+        room = model.config.max_target_positions - 5  # the prompt's four tokens and the end token
+        tokenize = self.pipe.tokenizer
+        texts = [tokenize(" " + t.text, add_special_tokens=False).input_ids[:room] if t.text else [] for t in heard]
+        if not getattr(config, "lang_to_id", None):  # an English-only Whisper: no language or task tokens
+            prompts = [[config.decoder_start_token_id, config.no_timestamps_token_id]] * len(clips)
+        else:
+            languages = [self.language_id] * len(clips)
+            if self.language_id is None:
+                languages = model.detect_language(encoder_outputs=encoded, generation_config=config).tolist()
+            task = config.task_to_id["transcribe"]
+            prompts = [[config.decoder_start_token_id, lang, task, config.no_timestamps_token_id] for lang in languages]
+        end = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        rows = [p + t + [end] for p, t in zip(prompts, texts, strict=True)]
+        width = max(map(len, rows))
+        tokens = torch.tensor([r + [end] * (width - len(r)) for r in rows], device=model.device)
+        logits = model(encoder_outputs=encoded, decoder_input_ids=tokens[:, :-1]).logits.float()
+        logits[..., list(self.suppressed)] = -torch.inf  # the ids Whisper's decoding never picks
+        first = len(prompts[0]) - 1  # the position that predicts the first text token
+        logits[:, first, list(self.suppressed_at_start)] = -torch.inf
+        probs = logits.softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0].cpu().numpy()
+        return [float(np.mean(row[first : first + len(t)])) if t else 0.0 for row, t in zip(probs, texts, strict=True)]
 
     def _clip(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         return resample(np.asarray(wave, np.float32), sample_rate, self.rate)
@@ -125,6 +158,17 @@ class Transcriber:
             if c.get("timestamp") and c["timestamp"][0] is not None
         ]
         return Transcript(out["text"].strip(), words)
+
+
+def _language_id(config, language: str) -> int:
+    """Whisper's token id for a language given as a code (`en`), a name (`english`) or a token (`<|en|>`)."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower()).strip("<|>")
+    try:
+        return config.lang_to_id[f"<|{code}|>"]
+    except (KeyError, TypeError):
+        raise ValueError(f"Whisper does not know the language {language!r}") from None
 
 
 class VoiceEmbedder:

@@ -66,10 +66,12 @@ def band_embedding(clips, rate):
 class ScriptedAsr:
     """Stand-in ASR: a word per sounding 0.5 s block, `low` or `high` by its pitch; confidence 0.9."""
 
+    sureness = 0.9
+
     def __init__(self):
         self.clips = 0
 
-    def __call__(self, clips, rate):
+    def __call__(self, clips, rate, confidence=False):
         self.clips += len(clips)
         out = []
         for clip in clips:
@@ -79,11 +81,8 @@ class ScriptedAsr:
                 for i in range(0, len(clip) - block + 1, block)
                 if np.sqrt(np.mean(clip[i : i + block] ** 2)) > 0.01
             ]
-            out.append(Transcript(" ".join(w.text for w in words), words))
+            out.append(Transcript(" ".join(w.text for w in words), words, self.sureness if confidence else None))
         return out
-
-    def confidences(self, clips, rate):
-        return [0.9] * len(clips)
 
 
 class StandIns:
@@ -152,8 +151,7 @@ def test_a_rerun_resumes_where_the_last_one_stopped_and_writes_the_same_outputs(
 
 def test_short_and_unsure_stretches_are_reported_not_written(tmp_path, recordings):
     class Unsure(ScriptedAsr):
-        def confidences(self, clips, rate):
-            return [0.2] * len(clips)
+        sureness = 0.2
 
     models = StandIns()
     models.asr = Unsure()
@@ -262,6 +260,7 @@ def test_the_transcription_benchmark_runs():
     result = run_benchmark("transcribe.py", "--recordings", "1", "--seconds", "8", "--workers", "2")
     assert set(result["hours_per_hour"]) >= {"vad (silero)", "asr (+confidence)", "whole command, 2 processes"}
     assert result["hours"] == pytest.approx(8 / 3600)
+    assert set(result["confidence_overhead"]) == {"asr + confidence", "asr + second decoding"}
 
 
 def test_a_rerun_with_other_settings_redoes_every_recording_and_leaves_no_stale_audio(tmp_path, recordings):

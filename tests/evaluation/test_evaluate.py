@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from moss.evaluation.judges import Transcriber, VoiceEmbedder
+from moss.evaluation.judges import Transcriber, Transcript, VoiceEmbedder
 from tests.conftest import REPO, compose_config
 
 
@@ -68,35 +68,68 @@ def test_whisper_takes_long_clips_alone_and_gives_word_times(tiny_whisper):
     assert all(w.start <= w.end for t in heard for w in t.words)
 
 
-def test_the_asr_confidence_is_the_mean_probability_of_the_tokens_it_heard(tiny_whisper, tiny_asr):
-    """Recomputed by hand: Whisper's greedy tokens scored by one teacher-forced forward; CTC's frames."""
-    import torch
+def whisper_confidence_by_hand(asr, wave, text, language):
+    """The mean probability of `text`'s tokens, a token at a time in float64 (no batch, no padding, no cache)."""
+    import copy
 
+    model, config = copy.deepcopy(asr.pipe.model).double(), asr.pipe.model.generation_config
+    features = asr.pipe.feature_extractor(wave, sampling_rate=16000, return_tensors="pt").input_features.double()
+    prompt = [config.decoder_start_token_id, language, config.task_to_id["transcribe"], config.no_timestamps_token_id]
+    tokens = asr.pipe.tokenizer(" " + text, add_special_tokens=False).input_ids if text else []
+    probs = []
+    with torch.no_grad():
+        for n, token in enumerate(tokens):
+            logits = model(features, decoder_input_ids=torch.tensor([prompt + tokens[:n]])).logits[0, -1]
+            logits[list(config.suppress_tokens)] = -torch.inf  # the distribution Whisper's decoding picks from
+            if n == 0:
+                logits[list(config.begin_suppress_tokens)] = -torch.inf
+            probs.append(float(logits.softmax(-1)[token]))
+    return float(np.mean(probs)) if probs else 0.0
+
+
+def test_the_whisper_confidence_scores_the_transcript_it_kept(tiny_whisper, tmp_path):
+    """One teacher-forced pass over the transcripts the decoding kept, batched and padded, against a float64
+    recomputation a token at a time; the language given or detected; none unless asked; 30 s at most."""
+    import shutil
+
+    folder = shutil.copytree(tiny_whisper, tmp_path / "whisper")
+    settings = json.loads((folder / "generation_config.json").read_text())
+    settings.update(suppress_tokens=list(range(40, 60)), begin_suppress_tokens=[32, 101])
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    waves = [np.random.default_rng(n).standard_normal(16000 * n).astype(np.float32) * 0.1 for n in (2, 5, 3)]
+    asr = Transcriber(str(folder), batch_size=2, language="en")
+    heard = asr(waves, 16000, confidence=True)
+    english = asr.pipe.model.generation_config.lang_to_id["<|en|>"]
+    expected = [whisper_confidence_by_hand(asr, w, t.text, english) for w, t in zip(waves, heard, strict=True)]
+    np.testing.assert_allclose([t.confidence for t in heard], expected, rtol=1e-4)
+    assert all(t.confidence is None for t in asr(waves, 16000))  # not asked, not computed
+    # transcripts of different lengths share a padded batch; an empty one is nothing heard
+    made = [Transcript(text, None) for text in ("well then", "so what did you make of it, honestly?", "")]
+    expected = [whisper_confidence_by_hand(asr, w, t.text, english) for w, t in zip(waves, made, strict=True)]
+    assert expected[2] == 0.0 and expected[0] != expected[1]
+    np.testing.assert_allclose(asr._confidences(waves, made), expected, rtol=1e-4)
+
+    detecting = Transcriber(str(folder), batch_size=2)
+    features = asr.pipe.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+    detected = detecting.pipe.model.detect_language(features).tolist()
+    scores = detecting._confidences([detecting._clip(w, 16000) for w in waves], heard)
+    expected = [whisper_confidence_by_hand(asr, w, t.text, d) for w, t, d in zip(waves, heard, detected, strict=True)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="up to Whisper's 30 s"):
+        asr([np.zeros(16000 * 31, np.float32)], 16000, confidence=True)
+    with pytest.raises(ValueError, match="does not know the language 'klingon'"):
+        Transcriber(str(folder), language="klingon")
+
+
+def test_the_ctc_confidence_is_the_mean_probability_of_the_frames_it_read(tiny_asr):
     waves = [np.random.default_rng(n).standard_normal(16000 * n).astype(np.float32) * 0.1 for n in (2, 3)]
-    asr = Transcriber(str(tiny_whisper), batch_size=2, language="en")
-    model, tokenizer = asr.pipe.model, asr.pipe.tokenizer
-    expected = []
-    for wave in waves:
-        features = asr.pipe.feature_extractor(wave, sampling_rate=16000, return_tensors="pt").input_features
-        with torch.no_grad():
-            out = model.generate(features, return_dict_in_generate=True, output_scores=True, **asr.generate_kwargs)
-            sequence = out.sequences[0]
-            logits = model(features, decoder_input_ids=sequence[None, :-1]).logits[0].double()
-        prompt = len(sequence) - len(out.scores)
-        # the distribution greedy decoding chose from: Whisper's suppressed tokens can never be picked
-        logits[:, list(model.generation_config.suppress_tokens or [])] = -torch.inf
-        logits[prompt - 1, list(model.generation_config.begin_suppress_tokens or [])] = -torch.inf
-        probs = logits.softmax(-1).gather(-1, sequence[1:, None])[:, 0]
-        pairs = list(zip(sequence[1:].tolist(), probs.tolist(), strict=True))[prompt - 1 :]
-        kept = [p for t, p in pairs if t not in set(tokenizer.all_special_ids)]
-        expected.append(float(np.mean(kept)) if kept else 0.0)
-    np.testing.assert_allclose(asr.confidences(waves, 16000), expected, rtol=1e-3)
     ctc = Transcriber(str(tiny_asr))
     inputs = ctc.pipe.feature_extractor(waves[0], sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         probs = ctc.pipe.model(**inputs).logits[0].double().softmax(-1).numpy()
     heard = probs.argmax(-1) != ctc.pipe.model.config.pad_token_id
-    assert ctc.confidences(waves[:1], 16000)[0] == pytest.approx(probs.max(-1)[heard].mean(), rel=1e-5)
+    confidence = ctc(waves[:1], 16000, confidence=True)[0].confidence
+    assert confidence == pytest.approx(probs.max(-1)[heard].mean() if heard.any() else 0.0, rel=1e-5)
 
 
 def test_evaluate_scores_both_checkpoints_on_the_same_scripts(heldout, tmp_path, tiny_whisper, tiny_speaker_model):
