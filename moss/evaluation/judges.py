@@ -131,7 +131,9 @@ class Transcriber:
         logits[..., list(self.suppressed)] = -torch.inf  # the ids Whisper's decoding never picks
         first = len(prompts[0]) - 1  # the position that predicts the first text token
         logits[:, first, list(self.suppressed_at_start)] = -torch.inf
-        probs = logits.softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0].cpu().numpy()
+        # log p = logit - logsumexp: no second vocabulary-wide tensor beside the logits
+        picked = logits.gather(-1, tokens[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+        probs = picked.exp().cpu().numpy()
         return [float(np.mean(row[first : first + len(t)])) if t else 0.0 for row, t in zip(probs, texts, strict=True)]
 
     def _clip(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -164,11 +166,12 @@ def _language_id(config, language: str) -> int:
     """Whisper's token id for a language given as a code (`en`), a name (`english`) or a token (`<|en|>`)."""
     from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
+    if not getattr(config, "lang_to_id", None):
+        raise ValueError(f"this Whisper is English-only: leave the language unset (got {language!r})")
     code = TO_LANGUAGE_CODE.get(language.lower(), language.lower()).strip("<|>")
-    try:
-        return config.lang_to_id[f"<|{code}|>"]
-    except (KeyError, TypeError):
-        raise ValueError(f"Whisper does not know the language {language!r}") from None
+    if f"<|{code}|>" not in config.lang_to_id:
+        raise ValueError(f"Whisper does not know the language {language!r}")
+    return config.lang_to_id[f"<|{code}|>"]
 
 
 class VoiceEmbedder:

@@ -69,12 +69,18 @@ def test_whisper_takes_long_clips_alone_and_gives_word_times(tiny_whisper):
 
 
 def whisper_confidence_by_hand(asr, wave, text, language):
-    """The mean probability of `text`'s tokens, a token at a time in float64 (no batch, no padding, no cache)."""
+    """The mean probability of `text`'s tokens, a token at a time in float64 (no batch, no padding, no cache).
+
+    `language` None: an English-only Whisper, whose prompt has no language or task token."""
     import copy
 
     model, config = copy.deepcopy(asr.pipe.model).double(), asr.pipe.model.generation_config
     features = asr.pipe.feature_extractor(wave, sampling_rate=16000, return_tensors="pt").input_features.double()
-    prompt = [config.decoder_start_token_id, language, config.task_to_id["transcribe"], config.no_timestamps_token_id]
+    if language is None:
+        prompt = [config.decoder_start_token_id, config.no_timestamps_token_id]
+    else:
+        task = config.task_to_id["transcribe"]
+        prompt = [config.decoder_start_token_id, language, task, config.no_timestamps_token_id]
     tokens = asr.pipe.tokenizer(" " + text, add_special_tokens=False).input_ids if text else []
     probs = []
     with torch.no_grad():
@@ -119,6 +125,14 @@ def test_the_whisper_confidence_scores_the_transcript_it_kept(tiny_whisper, tmp_
         asr([np.zeros(16000 * 31, np.float32)], 16000, confidence=True)
     with pytest.raises(ValueError, match="does not know the language 'klingon'"):
         Transcriber(str(folder), language="klingon")
+
+    settings.update(lang_to_id=None, task_to_id=None, is_multilingual=False)  # an English-only Whisper
+    (folder / "generation_config.json").write_text(json.dumps(settings))
+    english_only = Transcriber(str(folder), batch_size=2)
+    expected = [whisper_confidence_by_hand(english_only, w, t.text, None) for w, t in zip(waves, made, strict=True)]
+    np.testing.assert_allclose(english_only._confidences(waves, made), expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="English-only: leave the language unset"):
+        Transcriber(str(folder), language="en")
 
 
 def test_the_ctc_confidence_is_the_mean_probability_of_the_frames_it_read(tiny_asr):
