@@ -3,10 +3,14 @@
 `multiprocessing.Pool` waits forever for the result of a worker that died, so one bad file could hang a
 preprocessing run for good. Here each worker is sent at most `PREFETCH` tasks ahead and works on the first;
 a manager thread watches the workers' pipes and process sentinels, gives a dead worker's current task (or
-one that ran past `timeout`) to a fresh worker once more, then reports it as a `WorkerFailure`; the tasks
-queued behind it go back to the queue without counting an attempt. Results arrive in completion order with their
-task index, while the caller is busy elsewhere (the encoder): at most `capacity` tasks are in flight or
-waiting to be collected, which bounds the memory of loaded audio.
+one that made no progress for `timeout` seconds) to a fresh worker once more, then reports it as a
+`WorkerFailure`; the tasks queued behind it go back to the queue without counting an attempt. Results arrive
+in completion order with their task index, while the caller is busy elsewhere (the encoder): at most
+`capacity` tasks are in flight or waiting to be collected, which bounds the memory of loaded audio.
+
+A hang is a stall, not a long task: a worker whose CPU time and bytes read and written (Linux's `/proc`) keep
+changing is working, however long its task takes on a loaded machine; one blocked for `timeout` seconds (a read
+that never returns, a lock, a sleep) is replaced. Where `/proc` is missing, `timeout` bounds each task's time.
 
 Why not pebble or loky: pebble's workers take tasks from one shared pipe under a process-shared lock, so a
 worker SIGKILLed while holding it (the OOM killer does not choose its moment) leaves every other worker waiting
@@ -55,6 +59,18 @@ def _serve(conn, fn: Callable, initializer: Callable | None, parent: int) -> Non
         conn.send(fn(task))
 
 
+def _progress(pid: int) -> tuple | None:
+    """What process `pid` has done so far: its CPU ticks and I/O counters (None where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        with open(f"/proc/{pid}/io", "rb") as f:
+            counters = f.read()
+    except (OSError, IndexError):
+        return None
+    return fields[11], fields[12], counters  # utime, stime (fields 14 and 15 of proc(5)), rchar, wchar, ...
+
+
 class _Worker:
     def __init__(self, ctx, fn, initializer):
         self.conn, child = ctx.Pipe()
@@ -62,7 +78,18 @@ class _Worker:
         self.process.start()
         child.close()
         self.tasks: deque[tuple[int, object]] = deque()  # sent, in order; the first is being worked on
-        self.started = 0.0  # when the first task began
+        self.moved, self.progress = 0.0, None  # when the current task last made progress, and what it had done
+
+    def begin(self) -> None:
+        """The first task of `tasks` starts now."""
+        self.moved, self.progress = time.monotonic(), _progress(self.process.pid)
+
+    def stalled_for(self) -> float:
+        """Seconds since the current task last made progress."""
+        now, progress = time.monotonic(), _progress(self.process.pid)
+        if progress is not None and progress != self.progress:
+            self.moved, self.progress = now, progress
+        return now - self.moved
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -86,7 +113,8 @@ class WorkerPool:
         fn: a module-level function (pickled by reference) that should not raise.
         workers: processes.
         ctx: a multiprocessing context (fork or spawn).
-        timeout: seconds one task may take before its worker is killed.
+        timeout: seconds a task may go without progress (no CPU time, no bytes read or written) before its
+            worker is killed.
         retries: further attempts after a worker died or hung on a task.
         capacity: tasks in flight plus results not yet collected.
     """
@@ -160,12 +188,11 @@ class WorkerPool:
                             pass  # died while sending: handled as a death below
                         else:
                             index, _ = worker.tasks.popleft()
-                            worker.started = time.monotonic()
+                            worker.begin()
                             out.put((index, result))
                             continue
                     died = worker.process.sentinel in ready or not worker.process.is_alive()
-                    late = time.monotonic() - worker.started > self.timeout
-                    if died or late:
+                    if died or worker.stalled_for() > self.timeout:
                         self._fail(position, died, todo, attempts, out, room)
         except BaseException as err:  # noqa: BLE001 - the consumer re-raises it instead of waiting forever
             out.put(err)
@@ -189,7 +216,7 @@ class WorkerPool:
                         self._replace(position)  # died while idle
                     break  # else the main loop sees the death and handles the tasks it holds
                 if not worker.tasks:
-                    worker.started = time.monotonic()
+                    worker.begin()
                 worker.tasks.append((index, task))
 
     def _fail(self, position: int, died: bool, todo: deque, attempts: dict, out, room) -> None:
@@ -205,7 +232,7 @@ class WorkerPool:
         reason = (
             f"loader process died (exit code {worker.process.exitcode})"
             if died
-            else f"loader process hung (no result after {self.timeout:g} s)"
+            else f"loader process hung (no progress for {self.timeout:g} s)"
         )
         if attempts[index] < self.retries:
             log.warning("task %d: %s; retrying", index, reason)

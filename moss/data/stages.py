@@ -142,7 +142,8 @@ class ShardReader:
         """(index, sample, or None when it is bad) for every sample of one shard from `start` on."""
 
         def unreadable(err: Exception) -> bool:
-            self.skips("unreadable shard", f"{url}: {err!r}", epoch)
+            stalled = isinstance(err, tar_reader.ShardStalled)
+            self.skips("stalled shard" if stalled else "unreadable shard", f"{url}: {err}", epoch)
             return True
 
         for index, raw in enumerate(tar_samples(url, unreadable)):

@@ -27,7 +27,7 @@ from moss.data.writer import write_shards
 from moss.text import PromptBuilder
 
 CASES = 160
-DEADLINE_S = 5.0  # per shard read in these tests; a hostile shard must end well within it
+DEADLINE_S = 5.0  # a hostile shard must end well within this
 MEMORY_CAP = 16 << 20  # bytes allocated while reading one hostile shard of a few kB
 
 
@@ -125,11 +125,7 @@ def test_a_hostile_shard_ends_quickly_in_bounded_memory_and_is_reported(tmp_path
     errors = []
     tracemalloc.start()
     started = time.monotonic()
-    samples = list(
-        tar_reader.samples(
-            str(path), handler=lambda e: errors.append(e) or True, max_member_bytes=100_000, deadline_s=DEADLINE_S
-        )
-    )
+    samples = list(tar_reader.samples(str(path), handler=lambda e: errors.append(e) or True, max_member_bytes=100_000))
     elapsed = time.monotonic() - started
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -160,22 +156,6 @@ def test_the_reader_groups_samples_as_webdataset_does(tmp_path, good_tar):
     # Only the fields asked for are read; the others are skipped unread.
     light = list(tar_reader.samples(str(path), fields=lambda ext: ext == "json"))
     assert [sorted(k for k in s if not k.startswith("__")) for s in light] == [["json"]] * len(ours)
-
-
-def test_a_slow_shard_is_given_up_at_its_deadline():
-    class Slow(io.RawIOBase):
-        def readable(self):
-            return True
-
-        def readinto(self, buffer):
-            time.sleep(0.05)
-            buffer[:1] = b"\0"
-            return 1
-
-    started = time.monotonic()
-    with pytest.raises(tar_reader.ShardError, match="took more than 0.3 s"):
-        list(tar_reader.members(Slow(), "slow.tar", deadline_s=0.3))
-    assert time.monotonic() - started < 3
 
 
 @pytest.fixture

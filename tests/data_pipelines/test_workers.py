@@ -15,6 +15,10 @@ def work(task):
         os._exit(9)
     if kind == "hang":
         time.sleep(3600)
+    if kind == "slow":  # works (CPU time), for `marker` seconds
+        end = time.monotonic() + float(marker)
+        while time.monotonic() < end:
+            sum(range(1000))
     return value * 2
 
 
@@ -51,6 +55,12 @@ def test_a_hung_worker_is_replaced(tmp_path):
     assert time.monotonic() - start < 30
     assert isinstance(results[0], WorkerFailure) and "hung" in results[0].reason
     assert [results[i] for i in range(1, 6)] == [2, 4, 6, 8, 10]
+
+
+def test_a_long_task_that_keeps_working_is_not_taken_for_a_hang():
+    """The limit measures a stall: a task busy for four times the limit (a loaded machine, a long file) finishes."""
+    results, replaced = run([("slow", 1, "2.0"), ("ok", 2, "")], timeout=0.5, retries=0)
+    assert results == {0: 2, 1: 4} and replaced == 0
 
 
 def test_a_worker_killed_while_idle_is_replaced(tmp_path):
