@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from infer import load_checkpoint
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command, fail, require, stop_signals_interrupt
+from moss.cli import command, fail, require, run, stop_signals_interrupt
 from moss.codec import codec_problems, load_codec
 from moss.evaluation import load_judges
 from moss.generation import generation_for
@@ -130,5 +129,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parent / "conf", "app", sys.argv)
-    main()
+    run(main, Path(__file__).parent / "conf", "app")

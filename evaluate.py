@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from infer import NO_AUDIO, check_arguments, infer, parse_items
 from moss.audio import FRAME_RATE, SAMPLE_RATE, read_audio
-from moss.cli import check_override_keys, command, fail, quote_values
+from moss.cli import command, fail, run
 from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, load_judges, score_dialogues
 from moss.evaluation.report_page import render_report
 from moss.evaluation.scoring import METRICS, comparison
@@ -160,6 +159,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_values(sys.argv, ("text", "system_prompt"))
-    sys.argv = check_override_keys(Path(__file__).parent / "conf", "evaluate", sys.argv)
-    main()
+    run(main, Path(__file__).parent / "conf", "evaluate", free_text=("text", "system_prompt"))

@@ -6,13 +6,12 @@ Usage: python export.py checkpoint=runs/<name>/checkpoints/last.ckpt output_dir=
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moss.cli import check_override_keys, command
+from moss.cli import command, run
 from moss.training.export import export_checkpoint
 
 
@@ -28,5 +27,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parent / "conf", "export", sys.argv)
-    main()
+    run(main, Path(__file__).parent / "conf", "export")

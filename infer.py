@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command, fail, quote_values, require, stop_signals_interrupt
+from moss.cli import command, fail, require, run, stop_signals_interrupt
 from moss.codec import codec_problems, load_codec
 from moss.generation import generation_for
 from moss.inference import DECODERS, Item, ItemError, Result, Synthesizer, parse_item, read_items
@@ -313,6 +312,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_values(sys.argv, ("text", "system_prompt"))  # text='[S1]...' works as the shell passes it
-    sys.argv = check_override_keys(Path(__file__).parent / "conf", "infer", sys.argv)
-    main()
+    run(main, Path(__file__).parent / "conf", "infer", free_text=("text", "system_prompt"))

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
-from moss.cli import check_override_keys, command
+from moss.cli import command, run
 from moss.config_checks import run_problems, validate
 from moss.errors import ConfigError
 from moss.outputs import FolderLock, OutputFolder
@@ -111,13 +111,9 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
     """The run itself, once its folder is this process's and its plan is final."""
     cfg = plan.cfg
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = instantiate(cfg.tokenizer)
-    module = instantiate(cfg.model)
-    # Runtime dependencies go in after composition (Hydra would turn a dataclass kwarg into a DictConfig).
-    datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=module.config)
-    if plan.epochs:  # data/epoch and data/epoch_<source> are logged from the plan's usable samples
-        datamodule.epoch_samples = plan.epochs.samples
-        datamodule.source_samples = {source.name: source.samples for source in plan.epochs.sources}
+    tokenizer, datamodule = plan.tokenizer, plan.datamodule  # built by the plan (data/epoch counts included)
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "config"}
+    module = instantiate(model, _partial_=True)(config=plan.model_config)  # the plan's config, not a second one
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     plugins = cluster_plugins(callbacks.get("preemption"))  # the callback, not Lightning, saves on SLURM's signal
@@ -276,5 +272,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parent / "conf", "train", sys.argv)
-    main()
+    run(main, Path(__file__).parent / "conf", "train")

@@ -16,7 +16,6 @@ pipeline, which is all it is for.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -25,7 +24,7 @@ import soundfile as sf
 from omegaconf import DictConfig
 
 from moss.audio import SAMPLE_RATE
-from moss.cli import check_override_keys, command, fail, require
+from moss.cli import command, fail, require, run
 from moss.outputs import OutputFolder
 from moss.text.tiny_tokenizer import TINY_WORDS
 
@@ -104,5 +103,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "demo_corpus", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "demo_corpus")

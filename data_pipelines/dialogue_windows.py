@@ -19,9 +19,13 @@ Every dropped stretch comes back as a `Dropped` (start, end, reason) for the ski
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from pydantic import Field
 
 from moss.evaluation.metrics import is_cjk
 from moss.evaluation.turns import Word
+from moss.settings import NonNegative, Probability, strict
 
 
 @dataclass(frozen=True)
@@ -71,16 +75,17 @@ class Dropped:
     reason: str
 
 
+@strict
 @dataclass(frozen=True)
 class WindowSettings:
     """The limits of the assembly (see the module docstring); `max_seconds` at most the model's limit."""
 
-    max_seconds: float = 120.0
-    min_seconds: float = 2.0
-    max_pause_s: float = 2.0
-    max_gap_s: float = 0.5
-    min_asr_confidence: float = 0.5
-    min_diarisation_confidence: float = 0.7
+    max_seconds: Annotated[float, Field(gt=0, le=960)] = 120.0  # v0.5's training limit
+    min_seconds: NonNegative = 2.0
+    max_pause_s: NonNegative = 2.0
+    max_gap_s: NonNegative = 0.5
+    min_asr_confidence: Probability = 0.5
+    min_diarisation_confidence: Probability = 0.7
 
 
 def assemble(

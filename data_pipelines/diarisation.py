@@ -17,21 +17,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from data_pipelines.dialogue_windows import Segment
+from moss.settings import Count, NonNegative, Probability, Seconds, strict
 
 Regions = list[tuple[float, float]]  # speech stretches, seconds
 
 
+@strict
 @dataclass(frozen=True)
 class VadSettings:
     """Silero VAD's thresholds: speech probability, shortest speech and shortest silence kept (seconds)."""
 
-    threshold: float = 0.5
-    min_speech_s: float = 0.25
-    min_silence_s: float = 0.3
+    threshold: Probability = 0.5
+    min_speech_s: NonNegative = 0.25
+    min_silence_s: NonNegative = 0.3
 
 
 class SileroVad:
@@ -57,14 +61,15 @@ class SileroVad:
         return [(s["start"] / sample_rate, s["end"] / sample_rate) for s in stamps]
 
 
+@strict
 @dataclass(frozen=True)
 class DiarisationSettings:
     """Window length and step (seconds); `num_speakers` when known, else clusters merge below `threshold`."""
 
-    window_s: float = 1.5
-    step_s: float = 0.75
-    threshold: float = 0.6  # cosine distance (average linkage) beyond which two clusters are two speakers
-    num_speakers: int | None = None
+    window_s: Seconds = 1.5
+    step_s: Seconds = 0.75
+    threshold: Annotated[float, Field(ge=0, le=2)] = 0.6  # cosine distance (average linkage) beyond which two
+    num_speakers: Count | None = None  # clusters are two speakers
 
 
 class EmbeddingDiariser:

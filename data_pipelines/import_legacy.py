@@ -18,14 +18,13 @@ import io
 import json
 import mmap
 import pickle
-import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from moss.cli import check_override_keys, command
+from moss.cli import command, run
 from moss.data.schema import CODEBOOKS, ShardSample
 from moss.data.writer import ShardSetWriter
 from moss.errors import ConfigError
@@ -160,5 +159,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "import_legacy", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "import_legacy")

@@ -6,7 +6,6 @@ python -m data_pipelines.inspect_shards dir=/data/shards
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command
+from moss.cli import command, run
 
 EDGES_SECONDS = (0, 5, 10, 30, 60, 120, 300, 600, 960, 1700, float("inf"))
 
@@ -74,5 +73,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "inspect_shards", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "inspect_shards")

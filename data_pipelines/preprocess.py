@@ -23,28 +23,31 @@ import logging
 import multiprocessing as mp
 import os
 import resource
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated, Literal
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 from tqdm import tqdm
 
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import FRAME_RATE
-from moss.cli import check_override_keys, command, fail, require, stop_signals_interrupt
+from moss.cli import command, fail, require, run, stop_signals_interrupt
 from moss.codec.checkpoint import codec_problems
+from moss.config_schema import check_mapping
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
 from moss.errors import ConfigError
 from moss.outputs import TEMPORARY, FolderLock, OutputFolder, atomic_write
+from moss.settings import Count, Seconds, Size, TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +128,7 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 def encoder_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The codec encoder's autocast dtype (`codec_dtype`); None for float32, the reference."""
-    name = str(cfg.get("codec_dtype") or "float32")
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"codec_dtype={name} is unknown; use float32 (the reference), bfloat16 or float16")
+    name = str(cfg.get("codec_dtype") or "float32")  # one of PreprocessSettings.codec_dtype, checked at start
     return None if name == "float32" else getattr(torch, name)
 
 
@@ -453,9 +454,29 @@ def _preprocess(cfg: DictConfig, rank: int, world: int, local_rank: int | None) 
     return summarize(output_dir, [s for _, slots in assignments for s in slots])
 
 
+class PreprocessSettings(TypedDict, total=False):
+    """conf/preprocess.yaml's settings with their limits (the codec's are checked by `codec_problems`)."""
+
+    inputs: str | list[str]
+    output_dir: str
+    overwrite: bool
+    base_path: str | None
+    devices: Literal["auto", "cpu"] | list[Size]
+    cpu_workers: Literal["auto"] | Count
+    records_per_shard: Annotated[int, Field(ge=1, le=1_000_000)]
+    batch_seconds: Seconds
+    max_batch: Count
+    codec_dtype: Literal["float32", "bfloat16", "float16"]
+    record_timeout: Seconds
+    limits: Limits
+    limit: Count | None
+    progress: bool
+
+
 def check_arguments(cfg: DictConfig) -> None:
     """Every problem of the command at once, each with its fix, before anything is written or loaded."""
     problems = require(cfg, {"inputs": "[/data/train.jsonl]", "output_dir": "/data/shards"})
+    problems += check_mapping(cfg, PreprocessSettings)
     if not problems:
         inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else list(cfg.inputs)
         problems += [
@@ -464,10 +485,6 @@ def check_arguments(cfg: DictConfig) -> None:
             if not Path(str(given)).is_file()
         ]
     problems += codec_problems(cfg.codec)
-    try:
-        encoder_dtype(cfg)
-    except ValueError as err:
-        problems.append(str(err))
     if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
         folder = OutputFolder(cfg.output_dir, "preprocess", cfg.get("overwrite", False), True, OWN_FILES)
         problems += folder.problems()
@@ -517,5 +534,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "preprocess", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "preprocess")

@@ -26,10 +26,13 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
+from moss.settings import Count, NonNegative, Positive, Seconds, strict
 
 SPEAKER_TAG = re.compile(r"\[S?[12]\]")
 OTHER_SPEAKER = re.compile(r"\[S(?![12]\])\d+\]")  # [S3], [S12]: speakers the model has no token pattern for
@@ -99,21 +102,22 @@ class Loaded:
         return len(self.audio) + (0 if self.ref_audio is None else len(self.ref_audio))
 
 
+@strict
 @dataclass
 class Limits:
     """What makes a record unusable: sizes checked before reading, then audio and transcript checks."""
 
-    min_seconds: float = 0.5
-    max_seconds: float = 960.0
-    min_chars_per_second: float = 0.1
-    max_chars_per_second: float = 30.0
-    silence_rms: float = 1e-4
-    max_amplitude: float = 16.0  # |sample| above this is not audio (integer formats decode to [-1, 1])
-    max_line_bytes: int = 1 << 20
-    max_bytes_per_second: float = 4.0e6  # file size / max_seconds: 96 kHz x 6 ch x float32 is 2.3 MB/s
-    min_sample_rate: int = 4000
-    max_sample_rate: int = 192000
-    max_channels: int = 32
+    min_seconds: NonNegative = 0.5
+    max_seconds: Seconds = 960.0
+    min_chars_per_second: NonNegative = 0.1
+    max_chars_per_second: Positive = 30.0
+    silence_rms: NonNegative = 1e-4
+    max_amplitude: Positive = 16.0  # |sample| above this is not audio (integer formats decode to [-1, 1])
+    max_line_bytes: Annotated[int, Field(ge=1, le=1 << 30)] = 1 << 20
+    max_bytes_per_second: Positive = 4.0e6  # file size / max_seconds: 96 kHz x 6 ch x float32 is 2.3 MB/s
+    min_sample_rate: Count = 4000
+    max_sample_rate: Count = 192000
+    max_channels: Count = 32
 
     @property
     def audio(self) -> AudioLimits:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ import soundfile as sf
 from omegaconf import DictConfig
 
 from moss.audio import SAMPLE_RATE, read_audio
-from moss.cli import check_override_keys, command, fail, require
+from moss.cli import command, fail, require, run
 from moss.outputs import OutputFolder, atomic_write
 
 TAGS = re.compile(r"\[S?\d+\]")
@@ -210,5 +209,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "single_speaker", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "single_speaker")

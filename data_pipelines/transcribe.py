@@ -34,24 +34,27 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated, Literal
 
 import hydra
 import numpy as np
 import soundfile as sf
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 
 from data_pipelines.dialogue_windows import Dropped, WindowSettings, assemble
 from data_pipelines.diarisation import DiarisationSettings, EmbeddingDiariser, SileroVad, VadSettings
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
-from moss.cli import check_override_keys, command, fail, require
+from moss.cli import command, fail, require, run
+from moss.config_schema import check_mapping
 from moss.errors import ConfigError
 from moss.evaluation.turns import Word
 from moss.outputs import OutputFolder, atomic_write
+from moss.settings import Count, Seconds, Size, TypedDict
 
 log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
@@ -374,16 +377,33 @@ def _single_speaker(cfg: DictConfig, out: Path) -> dict:
     return single_speaker(sub)
 
 
+class TranscribeSettings(TypedDict, total=False):
+    """conf/transcribe.yaml's settings with their limits."""
+
+    input: str | list[str]
+    output_dir: str
+    overwrite: bool
+    asr_model: str
+    asr_language: str | None
+    speaker_model: str
+    vad: VadSettings
+    diarisation: DiarisationSettings
+    windows: WindowSettings
+    loudness_lufs: Annotated[float, Field(ge=-70, le=0)]
+    single_speaker: Literal["pairs", "dialogues"] | None
+    max_recording_seconds: Seconds
+    workers: Size
+    devices: Literal["cpu", "auto"] | list[str]
+    batch_size: Count
+    recording_timeout: Seconds
+    progress: bool
+
+
 def check_arguments(cfg: DictConfig) -> None:
     """Every problem of the command at once, each with its fix, before a model is loaded."""
     problems = require(cfg, {"input": "/data/recordings", "output_dir": "/data/transcribed"})
     problems += require(cfg, {"asr_model": "openai/whisper-large-v3", "speaker_model": "microsoft/wavlm-base-plus-sv"})
-    if cfg.get("single_speaker") not in (None, "pairs", "dialogues"):
-        problems.append(f"single_speaker={cfg.single_speaker} is unknown; use pairs, dialogues or null")
-    if not 0 < float(cfg.windows.max_seconds) <= 960:
-        problems.append(f"windows.max_seconds={cfg.windows.max_seconds}: at most 960 (v0.5's training limit)")
-    if int(cfg.workers) < 0:
-        problems.append(f"workers={cfg.workers} must be 0 (in this process) or more")
+    problems += check_mapping(cfg, TranscribeSettings)
     fail("invalid transcription command", problems)
 
 
@@ -396,5 +416,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = check_override_keys(Path(__file__).parents[1] / "conf", "transcribe", sys.argv)
-    main()
+    run(main, Path(__file__).parents[1] / "conf", "transcribe")

@@ -30,7 +30,12 @@ def command(task: Callable) -> Callable:
     """Decorate a Hydra task function (below `@hydra.main`) so usage errors exit 2 with one message."""
 
     @functools.wraps(task)
-    def run(cfg):
+    def run_task(cfg):
+        global _task_started
+        if _user_full_error is not None:  # started by `run`, which set HYDRA_FULL_ERROR for Hydra alone
+            _task_started = True
+            if not _user_full_error:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
         try:
             return task(cfg)
         except Exception as err:
@@ -41,7 +46,7 @@ def command(task: Callable) -> Callable:
             print(f"error: {usage_message(usage)}", file=sys.stderr)
             sys.exit(USAGE_ERROR)
 
-    return run
+    return run_task
 
 
 def usage_error_behind(err: BaseException | None) -> Exception | None:
@@ -149,43 +154,76 @@ def _slots(config_dir: Path, config_name: str) -> set[str]:
     }
 
 
-def check_override_keys(config_dir: Path, config_name: str, argv: list[str]) -> list[str]:
-    """The command line for Hydra: `+slot=NAME` as `slot=NAME`, and unknown keys refused (exit 2).
+def run(main: Callable, config_dir: Path, config_name: str, free_text: tuple[str, ...] = ()) -> None:
+    """Start the `@hydra.main` function `main`: Hydra composes the config once, and its refusals are ours to word.
 
-    Refuses `key=value` overrides of keys the config does not have, naming the closest real key: Hydra refuses
-    them too, but suggests `+key=value`, which adds a setting nothing reads. Group choices (`model=tiny`,
-    `experiment=...`), additions (`+`, `++`), deletions and `hydra.*` are left to Hydra. An `output_dir` that is
-    a file is refused here, before Hydra tries to make its run folder there.
+    An override of a key the config lacks, a group option that does not exist, a syntax error or a folder Hydra
+    cannot make is one `error:` line and exit status 2, naming the closest key or option, instead of Hydra's
+    report and exit 1. `+slot=NAME` is taken as `slot=NAME`, and the values of free-text keys are quoted.
+    `HYDRA_FULL_ERROR=1` keeps Hydra's own report and every traceback.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    global _user_full_error
+    argv = slot_additions_as_choices(config_dir, config_name, quote_values(sys.argv, free_text))
+    sys.argv = argv
+    _user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them; `command` restores it
+    try:
+        main()
+    except Exception as err:
+        if _task_started or _user_full_error:
+            raise
+        problems = _composition_problems(err, config_dir, config_name, argv)
+        if problems is None:
+            raise
+        _usage_error(*problems)
 
-    argv = slot_additions_as_choices(config_dir, config_name, argv)
+
+_user_full_error: bool | None = None  # HYDRA_FULL_ERROR as the user set it (`run` sets it for Hydra)
+_task_started = False  # past Hydra's composition: errors from here on are the command's own
+
+
+def _composition_problems(err: Exception, config_dir: Path, config_name: str, argv: list[str]) -> list[str] | None:
+    """What Hydra refused before the command started, in lines for `error:`; None when it is not Hydra's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
     args = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
-    groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
-    try:
+    if isinstance(err, MissingConfigException) and err.options is not None:
+        import difflib
+
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        close = difflib.get_close_matches(option, err.options, n=1, cutoff=0.5)
+        hint = f"; did you mean {group}={close[0]}?" if close else ""
+        return [f"{group}={option} is not an option of conf/{group}/{hint} (the options: {', '.join(err.options)})"]
+    if isinstance(err, ConfigCompositionException):
         overrides = OverridesParser.create().parse_overrides(args)
-    except HydraException:
-        return argv  # a syntax error: Hydra's own message says where
-    folders = [
-        problem
-        for o in overrides
-        if o.key_or_group == "output_dir" and o.type.name == "CHANGE" and isinstance(o.value(), str)
-        if (problem := writable_folder_problem(Path(o.value()), "output_dir"))
-    ]
-    if folders:  # before Hydra, which would try to make its run (and log) folder there
-        _usage_error("invalid output folder:", folders)
-    choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name, overrides=choices)
-    except HydraException:
-        return argv
-    problems = _unknown_settings(cfg, overrides, groups)
-    if problems:
-        _usage_error("unknown settings:", problems)
-    return argv
+        groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
+        choices = [a for a, o in zip(args, overrides, strict=True) if o.key_or_group.split("/")[0] in groups]
+        try:
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+                cfg = compose(config_name, overrides=choices)
+        except HydraException:
+            cfg = None
+        unknown = _unknown_settings(cfg, overrides, groups) if cfg is not None else []
+        return ["unknown settings:", *unknown] if unknown else [_first_lines(err)]
+    if isinstance(err, HydraException):
+        override = getattr(err, "override", None)  # a syntax error: which override, then where in it
+        return [f"{override}: {_first_lines(err)}" if override else _first_lines(err)]
+    if isinstance(err, OSError):  # Hydra could not make the command's folder (hydra.run.dir): name the setting
+        failed = str(err.filename or "")
+        for arg in args:
+            key, _, value = arg.partition("=")
+            if value and (key == "output_dir" or failed.startswith(value.rstrip("/") + "/") or failed == value):
+                return [writable_folder_problem(Path(value), key) or f"{key}={value}: {err}"]
+        return [f"the command's folder cannot be made: {err}"]
+    return None
+
+
+def _first_lines(err: Exception) -> str:
+    """Hydra's message without its config search path."""
+    return str(err).split("\nConfig search path")[0].strip().replace("\n", " ")
 
 
 def _unknown_settings(cfg, overrides, groups: set[str]) -> list[str]:
@@ -212,7 +250,7 @@ def _unknown_settings(cfg, overrides, groups: set[str]) -> list[str]:
     return problems
 
 
-def _usage_error(title: str, problems: list[str]) -> None:
+def _usage_error(title: str, *problems: str) -> None:
     print("error: " + "\n  - ".join([title, *problems]), file=sys.stderr)
     sys.exit(USAGE_ERROR)
 

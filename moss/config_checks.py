@@ -2,33 +2,107 @@
 
 The one library module that knows the top-level layout of `conf/train.yaml`. It runs before anything is built
 or written: a run that would fail after minutes of model loading, or on a setting it silently ignores, fails
-here in a second with one message.
+here in a second with one message. Each setting's type and limits are declared beside the parameter that takes
+it and checked by `moss.config_schema`; train.yaml's own settings are declared here (`TrainSettings`). What is
+left below are the rules between settings and the world: files that must exist, a GPU that must be there, a
+monitor some callback must log.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Annotated, Literal
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 
-from moss.config_schema import schema_problems
+from moss.config_schema import check_mapping, schema_problems
 from moss.errors import ConfigError
-from moss.model.activation_checkpointing import checkpointing_policy
-from moss.model.attention import ATTN_IMPLEMENTATIONS
-from moss.model.loss import normalized_weights
 from moss.model.speedups import liger_problem
+from moss.settings import Count, NonNegative, Probability, Seed, Size, TypedDict, strict
 from moss.training.launch import relaunched_rank
 from moss.training.plan import synthetic_shards
-from moss.training.quality_gate import gate_metric
+from moss.training.quality_gate import GATE_METRICS, gate_metric
 
 # Folders of a run directory that only a run writes: their presence means the name is taken.
 RUN_OUTPUTS = ("checkpoints", "logs", "export", "adapter")
+# What the training step, validation and Lightning log, and so what best.ckpt and early stopping can watch.
+LOGGED = ("val/loss", "train/loss", "train/grad_norm", "train/lr", "step", "epoch")
+
+
+@strict
+class SanityCheck(TypedDict, total=False):
+    """`sanity_check`: the check of the first training samples before training (`moss.training.sanity`)."""
+
+    samples: Size
+    normalize: Literal["v0.5", "v0.7"] | None
+    asr_model: str | None
+    asr_language: str | None
+    max_cer: NonNegative
+
+
+@strict
+class DataCard(TypedDict, total=False):
+    """`data_card`: the estimates written to `<run>/data_card.json`."""
+
+    max_samples: Size
+
+
+@strict
+class Raw(TypedDict, total=False):
+    """`raw`: JSONL files preprocessed into the run's shards."""
+
+    train: list[str] | None
+    val: list[str] | None
+    settings: dict | None
+
+
+Export = strict(
+    TypedDict(
+        "Export",
+        {
+            "enabled": bool,
+            "from": Literal["best", "last"],
+            "layout": Literal["original", "moss_ttsd"],
+            "sampling": dict | list[dict] | None,
+        },
+        total=False,
+    )
+)
+
+
+class TrainerSettings(TypedDict, total=False):
+    """Limits of the `trainer.*` settings Lightning's Trainer takes without them (its own check runs too)."""
+
+    max_steps: Count  # the schedule is computed from it: the run has an end
+    devices: Count | list[Size] | Literal["auto"]
+    num_nodes: Count
+    log_every_n_steps: Count
+    val_check_interval: Count | Annotated[float, Field(gt=0, le=1)] | None
+    limit_val_batches: Size | Probability | None
+    limit_train_batches: Size | Probability | None
+
+
+class TrainSettings(TypedDict, total=False):
+    """The settings of conf/train.yaml that no `_target_` takes (the groups are checked by their targets)."""
+
+    name: str
+    seed: Seed
+    resume: str | None
+    float32_matmul_precision: Literal["highest", "high", "medium"]
+    export: Export
+    sanity_check: SanityCheck
+    data_card: DataCard | None
+    raw: Raw
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every problem found in `cfg` (nothing is changed or written)."""
     problems = [
         *schema_problems(cfg),
+        *check_mapping(cfg, TrainSettings),
+        *check_mapping(cfg, TrainerSettings, "trainer"),
         *_model_problems(cfg),
         *_data_problems(cfg),
         *_trainer_problems(cfg),
@@ -61,35 +135,13 @@ def _model_problems(cfg: DictConfig) -> list[str]:
     elif (path := _select(cfg, "model.path")) is not None and not (Path(str(path)) / "config.json").is_file():
         problems.append(f"model.path={path} has no config.json; point it at a MOSS-TTSD checkpoint folder")
 
-    try:
-        checkpointing_policy(_select(cfg, "model.gradient_checkpointing"))
-    except ValueError as err:
-        problems.append(f"{err}; use model.gradient_checkpointing=selective (or true, false)")
     attn = _select(cfg, "model.net.attn_implementation")
-    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
-        problems.append(f"model.net.attn_implementation={attn} is unknown; choose one of {list(ATTN_IMPLEMENTATIONS)}")
     if attn in ("varlen_sdpa", "flash_attention_2") and _select(cfg, "data.packing") is None:
         problems.append(
             f"model.net.attn_implementation={attn} needs packed batches; set data.packing (see conf/data/) "
             f"or use model.net.attn_implementation=sdpa with data.packing=null"
         )
-    weights, channels = _select(cfg, "model.channel_weights"), _channels(cfg)
-    if weights is not None and channels is not None:
-        try:
-            normalized_weights(list(weights), channels)
-        except ValueError as err:
-            problems.append(f"model.{err}")
     return problems
-
-
-def _channels(cfg: DictConfig) -> int | None:
-    """The model's channel count, from its config alone (a config.json, or a built-in architecture)."""
-    from hydra.utils import instantiate
-
-    try:
-        return int(instantiate(cfg.model.config).channels)
-    except Exception:  # noqa: BLE001 - an unreadable model config is reported by the path check
-        return None
 
 
 def _raw_problems(cfg: DictConfig) -> list[str]:
@@ -124,6 +176,9 @@ def _data_problems(cfg: DictConfig) -> list[str]:
     from moss.data.mixing import source_specs
 
     plain = OmegaConf.to_container(cfg.data, resolve=True) if sources else {}
+    shaped = isinstance(plain.get("sources"), dict) and all(isinstance(s, dict) for s in plain["sources"].values())
+    if sources and not shaped:
+        return []  # the schema check names what is wrong with data.sources itself
     try:
         specs = source_specs(plain.get("train_shards"), plain.get("sources"), plain.get("epochs")) if sources else []
     except ConfigError as err:
@@ -148,13 +203,16 @@ def _trainer_problems(cfg: DictConfig) -> list[str]:
     import torch
 
     problems = []
-    max_steps = _select(cfg, "trainer.max_steps")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        problems.append(f"trainer.max_steps must be a positive number of optimiser steps, got {max_steps}")
-
     accelerator = str(_select(cfg, "trainer.accelerator"))
     precision = str(_select(cfg, "trainer.precision"))
     devices = _select(cfg, "trainer.devices")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and isinstance(devices, int) and devices > cores:
+        problems.append(
+            f"trainer.devices={devices} would start {devices} training processes on the CPU, and this machine has "
+            f"{cores} cores; set trainer.devices={cores} or fewer (or train on GPUs: trainer=gpu)"
+        )
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append(
             f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (torch {torch.__version__}); "
@@ -199,8 +257,19 @@ def _monitor_problems(cfg: DictConfig) -> list[str]:
             "callbacks.quality_gate runs at each validation, and this run has no validation data; set "
             "data.val_shards (or raw.val), or drop the gate with ~callbacks.quality_gate"
         )
-    for name in ("best_checkpoint", "early_stopping"):
+    for name in ("best_checkpoint", "early_stopping", "model_checkpoint"):
         monitor = (callbacks.get(name) or {}).get("monitor")
+        if monitor is not None and not gate_metric(monitor) and monitor not in LOGGED:
+            import difflib
+
+            known = [*LOGGED, *(f"val/{m}" for m in GATE_METRICS)]
+            close = difflib.get_close_matches(str(monitor), known, n=1, cutoff=0.6)
+            problems.append(
+                f"callbacks.{name}.monitor={monitor} is logged by nothing"
+                + (f"; did you mean callbacks.{name}.monitor={close[0]}?" if close else "")
+                + f" (logged: {', '.join(LOGGED)}; with callbacks=quality_gate also val/{', val/'.join(GATE_METRICS)})"
+            )
+            continue
         if not gate_metric(monitor):
             continue
         if gate is None:
@@ -218,9 +287,6 @@ def _monitor_problems(cfg: DictConfig) -> list[str]:
 
 def run_problems(cfg: DictConfig) -> list[str]:
     """A resume target that does not exist, or a run directory that already holds another run."""
-    source = _select(cfg, "export.from")
-    if source not in (None, "best", "last"):
-        return [f"export.from={source} is unknown; use export.from=best (best.ckpt's monitor) or export.from=last"]
     resume = _select(cfg, "resume")
     if resume not in (None, "auto") and not Path(str(resume)).is_file():
         return [f"resume={resume} is not a checkpoint file; use resume=auto or a path to a .ckpt"]

@@ -1,15 +1,16 @@
-"""Structured schemas for every `_target_` of a config, generated from the targets' signatures (hydra-zen).
+"""One check of every setting against the annotation of the parameter that takes it (pydantic).
 
-`hydra_zen.builds(target, populate_full_signature=True)` turns a callable's signature into a structured config:
-one typed field per parameter. Merging a composed node into it is OmegaConf's own structured-config check: a
-setting the target does not take (`+trainer.max_step=5`, which Hydra suggests for a typo and which would die
-inside instantiation or be ignored) and a value of the wrong type (`data.num_workers=two`) are refused before
-anything is built. Each refusal here names the key and its fix.
+Each `_target_` node of a config is checked against its target's signature: a key the target does not take is
+named with the closest one it does, and each value is validated by pydantic against the parameter's annotation,
+with the limits declared there (`moss.settings`: positive counts, finite rates, probabilities, bounded sizes,
+mappings that refuse unknown keys). Settings that are not arguments of a target (`seed`, `export.*` of
+train.yaml) are checked the same way against a `TypedDict` of the command (`check_mapping`). Every problem is
+reported at once, one line each, naming the key, the value and (in pydantic's words) what is allowed.
 
-The schemas are made when a config is checked, from whatever `_target_` the composition ended with, rather
-than registered with Hydra's ConfigStore per group: our groups swap targets (`model.net` is `from_config` in one
-option and `from_pretrained` in another, `strategy` is a string or one of three classes), and a user's own
-target in `conf/local/` gets the same check with nothing to register.
+A user's own target in `conf/local/` gets the same check with nothing to register: its annotations are its
+schema. What pydantic cannot judge from a config is left to the target: a parameter typed with a class whose
+instances are built elsewhere (a tokenizer, a `torch.dtype` given by name), or a node with a `_target_` of its
+own (checked against its own signature).
 """
 
 from __future__ import annotations
@@ -18,20 +19,58 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import re
 import types
-from typing import Any, Union, get_args, get_origin
+from collections.abc import Sequence
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from hydra_zen import BuildsFn
-from hydra_zen.errors import HydraZenUnsupportedPrimitiveError
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, Required, get_type_hints, is_typeddict
+
+_CONFIG = ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False)
+_UNJUDGED = {"is_instance_of", "is_subclass_of", "callable_type"}  # a class's instance, built from the config
+_MISSING = object()
 
 
 def schema_problems(cfg: DictConfig | dict) -> list[str]:
-    """One message per setting of a `_target_` node that its target's schema refuses (unknown key, wrong type)."""
-    container = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
-    return [problem for prefix, node in _target_nodes(container) for problem in _node_problems(prefix, node)]
+    """One line per setting of a `_target_` node that its target refuses (unknown key, wrong type, out of range)."""
+    cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    problems = [*_resolution_problems(cfg)]
+    for prefix, node in _target_nodes(OmegaConf.to_container(cfg, resolve=False)):
+        problems += _node_problems(cfg, prefix, node)
+    return problems
+
+
+def check_mapping(cfg: DictConfig, schema: type, node: str = "") -> list[str]:
+    """Problems of the settings at `node` of `cfg` (the top level: "") against those the `TypedDict` declares."""
+    prefix = f"{node}." if node else ""
+    values = {key: v for key in get_type_hints(schema) if (v := _value(cfg, f"{prefix}{key}")) is not _MISSING}
+    problems = _validate(_adapter(schema), values, "", schema.__name__, schema)
+    return [f"{prefix}{problem}" for problem in problems]
+
+
+def _resolution_problems(cfg: DictConfig) -> list[str]:
+    """Interpolations that loop or name what does not exist (an unset environment variable, a missing key)."""
+    reasons: dict[str, str] = {}  # one line per cause: the first key it breaks (the others depend on it)
+    for key in _leaf_keys(OmegaConf.to_container(cfg, resolve=False)):
+        try:
+            OmegaConf.select(cfg, key, throw_on_missing=False, throw_on_resolution_failure=True)
+        except OmegaConfBaseException as err:
+            reason = str(err).splitlines()[0]
+            if isinstance(err.__cause__, MissingMandatoryValue) or reason.startswith("MissingMandatoryValue"):
+                continue  # an unset `???` it points to: named by the check of required settings
+            if "HydraConfig was not set" not in reason:  # ${hydra:...} outside a Hydra run (a test composing)
+                reasons.setdefault(reason, key)
+    return [f"{key} cannot be resolved: {reason}; fix or override {key}" for reason, key in reasons.items()]
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _leaf_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for index, value in enumerate(node) for k in _leaf_keys(value, f"{prefix}{index}.")]
+    return [prefix[:-1]] if prefix else []
 
 
 def _target_nodes(node, prefix: str = ""):
@@ -46,74 +85,186 @@ def _target_nodes(node, prefix: str = ""):
             yield from _target_nodes(value, f"{prefix}{index}.")
 
 
-def _node_problems(prefix: str, node: dict) -> list[str]:
+def _has_target(value) -> bool:
+    if isinstance(value, dict):
+        return "_target_" in value or any(_has_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_target(v) for v in value)
+    return False
+
+
+def _value(cfg: DictConfig, key: str):
+    """The resolved plain value at `key`; _MISSING when unset (`???`) or unresolvable (reported elsewhere)."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+    except (MissingMandatoryValue, OmegaConfBaseException):
+        return _MISSING
+    return value
+
+
+def _node_problems(cfg: DictConfig, prefix: str, node: dict) -> list[str]:
     target = node["_target_"]
     try:
-        schema, names, open_ended = _schema(target)
+        parameters, open_ended = _parameters(target)
     except Exception as err:  # noqa: BLE001 - an import or lookup failure is the user's to see
         return [f"{prefix}_target_={target} cannot be loaded ({type(err).__name__}: {err})"]
-    settings = {k: v for k, v in node.items() if not k.startswith("_")}  # _target_, _partial_, _recursive_...
     problems = []
-    for key in [k for k in settings if k not in names]:
-        del settings[key]
-        if not open_ended:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"it takes {', '.join(names)}"
-            problems.append(f"{prefix}{key} is not a setting of {target}; {hint} (drop the {prefix}{key} override)")
-    while settings:  # OmegaConf stops at the first refused value: drop it and check the rest
-        try:
-            OmegaConf.merge(schema, settings)
-            break
-        except (ConfigKeyError, ValidationError) as err:
-            key = re.split(r"[.\[]", str(err.full_key or err.key or ""))[0]
-            if key not in settings:
-                problems.append(f"{prefix.rstrip('.')}: {str(err.msg).splitlines()[0]}")
-                break
-            kind = _type_name(next(f.type for f in dataclasses.fields(schema) if f.name == key))
-            reason = str(err.msg).splitlines()[0]
-            value = settings.pop(key)
-            problems.append(f"{prefix}{key}={value!r} is refused: {target} takes {kind} for {key} ({reason})")
+    for key, raw in node.items():
+        if key.startswith("_"):  # _target_, _partial_, _recursive_, _convert_, _args_
+            continue
+        if key not in parameters:
+            if not open_ended:
+                problems.append(_unknown(prefix, key, list(parameters), target))
+            continue
+        adapter, annotation = parameters[key]
+        if adapter is None or _has_target(raw):
+            continue
+        value = _value(cfg, f"{prefix}{key}")
+        if value is not _MISSING:
+            problems += _validate(adapter, value, f"{prefix}{key}", target, annotation)
     return problems
 
 
+def _unknown(prefix: str, key: str, names: list[str], owner: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"it takes {', '.join(names)}"
+    return f"{prefix}{key} is not a setting of {owner}; {hint} (drop the {prefix}{key} override)"
+
+
+def _validate(adapter: TypeAdapter, value, key: str, owner: str, annotation) -> list[str]:
+    """One line per key below `key` whose value the annotation refuses; every error, none stops the others."""
+    try:
+        adapter.validate_python(value)
+        return []
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+    if any(e["type"] in _UNJUDGED for e in errors):
+        return []  # one branch wants an instance built from this value: the target judges it
+    by_key: dict[str, list[str]] = {}
+    for error in errors:
+        path = _path(value, error["loc"])
+        where = ".".join([key, *map(str, path)]) if key else ".".join(map(str, path))
+        if error["type"] == "missing":
+            name = ".".join([where, str(error["loc"][-1])]) if where else str(error["loc"][-1])
+            by_key.setdefault(name, []).append(
+                f"\0{name} is required ({owner} takes no {where or 'settings'} without it)"
+            )
+            continue
+        if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            known = _mapping_keys(annotation, path[:-1])
+            by_key.setdefault(where, []).append(_unknown_key(where, known, owner))
+            continue
+        message = error["msg"][0].lower() + error["msg"][1:]
+        if error["loc"][-1:] == ("[key]",):  # a mapping's key: a source's name
+            by_key.setdefault(where, []).append(f"\0{where} is refused as a name: {message}")
+            continue
+        if message not in by_key.setdefault(where, []):
+            by_key[where].append(message)
+    problems = []
+    for where, messages in by_key.items():
+        if messages[0].startswith("\0"):
+            problems.append(messages[0][1:])
+            continue
+        shown = _dig(value, where[len(key) + 1 :] if key else where)
+        problems.append(f"{where}={shown!r} is refused: {' or '.join(messages)} ({owner})")
+    return problems
+
+
+def _unknown_key(where: str, known: list[str], owner: str) -> str:
+    prefix, _, key = where.rpartition(".")
+    return "\0" + _unknown(f"{prefix}." if prefix else "", key, known, owner)
+
+
+def _path(value, loc: tuple) -> list:
+    """The keys and indices of `loc` that are in `value` (pydantic adds the union branches' names between)."""
+    path, here = [], value
+    for part in loc:
+        if isinstance(here, dict) and part in here:
+            path.append(part)
+            here = here[part]
+        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            path.append(part)
+            here = here[part]
+    return path
+
+
+def _dig(value, dotted: str):
+    for part in [p for p in dotted.split(".") if p]:
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+    return value
+
+
+def _branches(annotation) -> list:
+    """The types an annotation allows, Annotated and unions unwrapped."""
+    if get_origin(annotation) in (Annotated, Required, NotRequired):
+        return _branches(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [b for arg in get_args(annotation) for b in _branches(arg)]
+    return [annotation]
+
+
+def _annotation_at(annotation, dotted: str):
+    """The annotation of the setting `dotted` inside a mapping setting typed by `annotation`."""
+    for part in [p for p in dotted.split(".") if p]:
+        inner = None
+        for branch in _branches(annotation):
+            if is_typeddict(branch) or dataclasses.is_dataclass(branch):
+                inner = get_type_hints(branch, include_extras=True).get(part)
+            elif get_origin(branch) is dict and len(get_args(branch)) == 2:
+                inner = get_args(branch)[1]
+            elif get_origin(branch) in (list, tuple, Sequence) and get_args(branch) and part.isdigit():
+                inner = get_args(branch)[0]
+            if inner is not None:
+                break
+        if inner is None:
+            return Any
+        annotation = inner
+    return annotation
+
+
+def _mapping_keys(annotation, path: list) -> list[str]:
+    """The keys of the `TypedDict` at `path` inside `annotation` (for 'did you mean')."""
+    inner = _annotation_at(annotation, ".".join(map(str, path)))
+    for branch in _branches(inner):
+        if is_typeddict(branch) or dataclasses.is_dataclass(branch):
+            return list(get_type_hints(branch))
+    return []
+
+
 @functools.cache
-def _schema(target: str) -> tuple[type, list[str], bool]:
-    """The target's schema, its parameter names, and whether it takes any keyword (`**kwargs`)."""
+def _parameters(target: str) -> tuple[dict[str, tuple[TypeAdapter | None, Any]], bool]:
+    """The target's parameters with a validator each (None: not checkable here), and whether it takes **kwargs."""
     from hydra.utils import get_object
 
     obj = get_object(target)
-    params = inspect.signature(obj).parameters.values()
-    names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
-    return _SignatureSchemas.builds(obj, populate_full_signature=True), names, open_ended
+    try:
+        signature = inspect.signature(obj, eval_str=True)
+    except (NameError, TypeError, AttributeError):  # annotations naming what only type checkers import
+        signature = inspect.signature(obj)
+    parameters = {}
+    for p in signature.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "self":
+            continue
+        annotation = p.annotation if p.annotation is not p.empty and not isinstance(p.annotation, str) else Any
+        parameters[p.name] = (_adapter(annotation), annotation)
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    return parameters, open_ended
 
 
-def _type_name(annotation) -> str:
-    if get_origin(annotation) is Union:
-        return " or ".join(_type_name(a) for a in get_args(annotation))
-    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
-
-
-class _SignatureSchemas(BuildsFn):
-    """hydra-zen's `builds`, fitted to checking configs that are never instantiated through their schema.
-
-    - `int | None` (PEP 604) is typed like `Optional[int]` (hydra-zen keeps only `typing.Union`'s types).
-    - A dataclass-typed parameter (transformers' `PretrainedConfig` is one) takes a `_target_` node here, so
-      it is `Any`: that node is checked against its own target's schema.
-    - A default Hydra cannot hold (`dtype=torch.float32`) is left out: only keys and types are checked.
-    """
-
-    @classmethod
-    def _sanitized_type(cls, type_: Any, **kwargs) -> Any:
-        if isinstance(type_, types.UnionType):
-            type_ = Union[get_args(type_)]  # noqa: UP007 - the typing form is the one hydra-zen reads
-        if dataclasses.is_dataclass(type_):
-            return Any
-        return super()._sanitized_type(type_, **kwargs)
-
-    @classmethod
-    def _make_hydra_compatible(cls, value, **kwargs):
+def _adapter(annotation) -> TypeAdapter | None:
+    if annotation is Any:
+        return None
+    try:
+        return TypeAdapter(annotation, config=_CONFIG)
+    except PydanticUserError:  # a TypedDict or dataclass brings its own config
         try:
-            return super()._make_hydra_compatible(value, **kwargs)
-        except HydraZenUnsupportedPrimitiveError:
+            return TypeAdapter(annotation)
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check is left to its target
             return None
+    except Exception:  # noqa: BLE001
+        return None

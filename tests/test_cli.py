@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 
-from moss.cli import check_override_keys, quote_values
+from moss.cli import command, quote_values, slot_additions_as_choices
 from moss.config_checks import validate
 from moss.errors import ConfigError
 from tests.conftest import REPO, compose_train
@@ -179,23 +180,82 @@ def test_validation_with_more_ranks_than_validation_shards_is_the_single_process
     assert result["val/loss"] == pytest.approx(logged, rel=1e-5)
 
 
-def test_overrides_of_keys_that_do_not_exist_name_the_closest_real_key(capsys):
-    valid = ["train.py", "experiment=tiny_lora", "debug=fast_dev_run", "model.optimizer.lr=1e-3,3e-3", "model.path=x"]
-    check_override_keys(REPO / "conf", "train", [*valid, "hydra.run.dir=x", "~callbacks.progress"])  # no exit
-    with pytest.raises(SystemExit) as stop:
-        check_override_keys(REPO / "conf", "train", [*valid, "trainer.max_step=5", "data.num_worker=1"])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "trainer.max_step is not a setting of this command; did you mean trainer.max_steps=...?" in err
-    assert "did you mean data.num_workers=...?" in err
-    check_override_keys(REPO / "conf", "infer", ["infer.py", "checkpoint=x", "codec=tiny", "text='[S1]a'"])
+@hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="train")
+@command
+def train_composed(cfg) -> None:
+    """train.py's entry point up to its task: Hydra composes conf/train.yaml, the task only says it started."""
+    print("composed")
+
+
+def command_line(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """A train.py command line through `cli.run` in this process: exit status, stdout, stderr."""
+    import moss.cli
+
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.setattr(moss.cli, "_task_started", False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        moss.cli.run(train_composed, REPO / "conf", "train")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_hydra_composes_once_and_its_refusals_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """No pre-composition: Hydra's own refusals (unknown key, unknown option, syntax) are worded by `cli.run`."""
+    root = [f"paths.root={tmp_path / 'runs'}"]
+    (tmp_path / "a-file").write_text("x")  # a folder setting that names a file: Hydra cannot make the run folder
+    cases = [
+        (
+            ["trainer.max_step=5", "data.num_worker=1"],
+            [
+                "error: unknown settings:",
+                "  - trainer.max_step is not a setting of this command; did you mean trainer.max_steps=...?",
+                "  - data.num_worker is not a setting of this command; did you mean data.num_workers=...?",
+            ],
+        ),
+        (
+            ["experiment=lora_v5"],
+            [
+                "error: experiment=lora_v5 is not an option of conf/experiment/; did you mean experiment=lora_v05? "
+                "(the options: full_v05, lora_v05, lora_v07, tiny_lora)"
+            ],
+        ),
+        (["trainer.max_steps=["], None),
+    ]
+    for args, lines in cases:
+        code, _, err = command_line([*args, *root], monkeypatch, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        if lines is None:
+            assert err.startswith("error: trainer.max_steps=[: ") and err.count("\n") == 1
+        else:
+            assert err.splitlines() == lines
+    assert not (tmp_path / "runs").exists()
+    code, _, err = command_line([f"paths.root={tmp_path / 'a-file'}"], monkeypatch, capsys)
+    assert code == 2 and err.splitlines() == [
+        f"error: paths.root={tmp_path / 'a-file'} is a file, not a folder; give a folder path "
+        "(it is created if missing)"
+    ], err
+    # valid overrides, `+experiment=` (lightning-hydra-template's spelling) and deletions compose as Hydra composes
+    ok = ["+experiment=tiny_lora", "debug=fast_dev_run", "model.optimizer.lr=3e-3", "~callbacks.progress", "++seed=3"]
+    code, out, err = command_line([*ok, *root, "--cfg", "job"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "lr: 0.003" in out and "seed: 3" in out and "progress:" not in out
+    code, out, err = command_line([*ok, *root], monkeypatch, capsys)  # and the task runs, with Hydra's own env
+    assert code == 0 and out.strip().endswith("composed") and os.environ.get("HYDRA_FULL_ERROR") is None, err
 
 
 def test_a_plus_on_a_group_with_a_slot_is_the_same_choice():
     # lightning-hydra-template's `+experiment=x` is taken as `experiment=x` by every command (Hydra refuses it).
-    argv = check_override_keys(REPO / "conf", "train", ["train.py", "+experiment=tiny_lora", "++seed=3"])
+    argv = slot_additions_as_choices(REPO / "conf", "train", ["train.py", "+experiment=tiny_lora", "++seed=3"])
     assert argv == ["train.py", "experiment=tiny_lora", "++seed=3"]
-    argv = check_override_keys(REPO / "conf", "infer", ["infer.py", "+release=v07", "+codec=tiny", "checkpoint=x"])
+    argv = slot_additions_as_choices(
+        REPO / "conf", "infer", ["infer.py", "+release=v07", "+codec=tiny", "checkpoint=x"]
+    )
     assert argv == ["infer.py", "release=v07", "codec=tiny", "checkpoint=x"]
 
 

@@ -157,17 +157,18 @@ def test_validate_reports_every_problem_with_its_fix(tmp_path):
     for fix in (
         "set model.path=",
         "set data.train_shards=",
-        "trainer.max_steps must be",
-        "attn_implementation=flash3 is unknown",
+        "trainer.max_steps=0 is refused: input should be greater than or equal to 1",
+        "model.net.attn_implementation='flash3' is refused: input should be 'sdpa', 'eager',",
         "resume=/nope.ckpt is not a checkpoint",
     ):
         assert fix in message
 
 
 def test_channel_weights_must_match_the_model(tmp_path):
+    """Checked by the plan against the model config it builds (once), before anything trains."""
     with pytest.raises(ConfigError, match=r"model.channel_weights has 3 values, the model 8 channels.*\[8.0, 2.0"):
-        validate(compose_train(tmp_path, ["model.channel_weights=[1,2,3]"]))
-    validate(compose_train(tmp_path, ["model.channel_weights=[1,1,1,1,1,1,1,1]", "model.ce_chunk_rows=256"]))
+        plan_run(compose_train(tmp_path, ["model.channel_weights=[1,2,3]"]))
+    plan_run(compose_train(tmp_path, ["model.channel_weights=[1,1,1,1,1,1,1,1]", "model.ce_chunk_rows=256"]))
 
 
 def test_the_step_settings_lightning_would_own_are_refused_with_their_new_home(tmp_path):
@@ -286,7 +287,7 @@ def test_early_stopping_ends_the_run_and_it_still_exports(tmp_path, capsys):
     )
     assert (result["output_dir"] / "export" / "model.safetensors").is_file()
     assert result["exported"]["weights"].startswith("best.ckpt")
-    with pytest.raises(ConfigError, match="export.from=newest is unknown"):
+    with pytest.raises(ConfigError, match="export.from='newest' is refused: input should be 'best' or 'last'"):
         validate(compose_train(tmp_path / "b", ["export.from=newest"]))
 
 
@@ -305,3 +306,44 @@ def test_compiled_layers_train_to_the_same_losses(tmp_path):
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4)
     np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-4)
     assert len(runs[True][0]) == 12 and len(runs[True][1]) == 2
+
+
+def test_one_planned_config_is_checked_recorded_and_run_and_each_object_is_built_once(tmp_path, monkeypatch):
+    """The plan derives, builds and checks; `.hydra/config.yaml` records that object and the run uses it."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    import moss.training.plan as plan_module
+    from moss.data.datamodule import MossDataModule
+    from moss.model import MossTTSDConfig
+    from moss.text import tiny_tokenizer
+
+    built, checked = Counter(), []
+    tiny, build_tokenizer, init = MossTTSDConfig.tiny, tiny_tokenizer.build_tiny_tokenizer, MossDataModule.__init__
+    monkeypatch.setattr(
+        MossTTSDConfig, "tiny", classmethod(lambda cls, *a, **k: built.update(["config"]) or tiny(*a, **k))
+    )
+    monkeypatch.setattr(
+        tiny_tokenizer, "build_tiny_tokenizer", lambda *a, **k: built.update(["tok"]) or build_tokenizer(*a, **k)
+    )
+    monkeypatch.setattr(MossDataModule, "__init__", lambda self, *a, **k: built.update(["data"]) or init(self, *a, **k))
+    schema = plan_module.schema_problems
+    monkeypatch.setattr(plan_module, "schema_problems", lambda cfg: checked.append(cfg) or schema(cfg))
+
+    overrides = [
+        "data.epochs=1",
+        "data.num_workers=0",
+        "export.enabled=false",
+        "data_card=null",
+        "sanity_check.samples=0",
+    ]
+    result = train(compose_train(tmp_path, overrides))
+
+    assert built == {"config": 1, "tok": 1, "data": 1}, built
+    assert len(checked) == 1 and checked[0] is result["cfg"] and OmegaConf.is_readonly(result["cfg"])
+    recorded = OmegaConf.load(result["output_dir"] / ".hydra" / "config.yaml")
+    assert OmegaConf.to_container(recorded) == OmegaConf.to_container(result["cfg"])
+    assert (
+        recorded.trainer.max_steps == result["trainer"].max_steps == result["plan"].max_steps
+    )  # derived, recorded, run

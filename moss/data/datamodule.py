@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -20,10 +21,12 @@ from moss.data.dataset import ShardStream, expand_shards, manifest_samples
 from moss.data.epochs import EpochPlan, plan_source_epochs
 from moss.data.examples import ExampleBuilder
 from moss.data.loader import EvenBatches, StepLoader
-from moss.data.mixing import Source, source_specs
+from moss.data.mixing import Source, Sources, source_specs
+from moss.data.packing import Packing
 from moss.data.synthetic import write_synthetic_corpus
 from moss.distributed import rank_and_world
 from moss.model.config import MossTTSDConfig
+from moss.settings import Buffer, Count, Positive, Required, Rows, Seed, Size, TypedDict, Workers, strict
 from moss.text.prompt import PromptBuilder
 from moss.worker_signals import deaf_to_group_stops
 
@@ -37,6 +40,16 @@ def outlive_group_stops(worker_id: int) -> None:
     trainer handles them: training/preemption.py); they still end with their loader, or with the trainer.
     """
     deaf_to_group_stops()
+
+
+@strict
+class SyntheticCorpus(TypedDict, total=False):
+    """`data.synthetic`: the built-in corpus, generated on first use."""
+
+    dir: Required[str]
+    train_samples: Required[Count]
+    val_samples: Size
+    samples_per_shard: Count
 
 
 class MossDataModule(L.LightningDataModule):
@@ -72,32 +85,28 @@ class MossDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_shards: str | list[str],
+        train_shards: str | list[str] | None,
         val_shards: str | list[str] | None = None,
-        packing: dict | None = None,
-        batch_size: int = 1,
-        accumulate_grad_batches: int = 1,
-        num_workers: int = 2,
-        max_rows: int = 16000,
-        overlong: str = "skip",
-        shuffle_buffer: int = 256,
-        seed: int = 1234,
+        packing: Packing | None = None,
+        batch_size: Count = 1,
+        accumulate_grad_batches: Count = 1,
+        num_workers: Workers = 2,
+        max_rows: Rows = 16000,
+        overlong: Literal["skip", "truncate"] = "skip",
+        shuffle_buffer: Buffer = 256,
+        seed: Seed = 1234,
         normalize: Callable[[str], str] | None = None,
         report_dir: str | None = None,
-        synthetic: dict | None = None,
-        epochs: float | None = None,
-        sources: dict | None = None,
+        synthetic: SyntheticCorpus | None = None,
+        epochs: Positive | None = None,
+        sources: Sources | None = None,
         *,
         tokenizer,
         model_config: MossTTSDConfig,
     ):
         super().__init__()
-        if overlong not in ("skip", "truncate"):
-            raise ValueError(f"data.overlong must be 'skip' or 'truncate', got {overlong!r}")
         self.train_shards, self.val_shards = train_shards, val_shards
         self.source_specs = source_specs(train_shards, sources, epochs)
-        if int(accumulate_grad_batches) < 1:
-            raise ValueError(f"data.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.packing = dict(packing) if packing else None
         self.accumulate = int(accumulate_grad_batches)
         self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = (

@@ -16,13 +16,16 @@ from __future__ import annotations
 import bisect
 import logging
 import random
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field
 
 from moss.data.schema import ShardSample
 from moss.data.stages import Location, Restore, ShardReader, _as_rng_state
 from moss.errors import ConfigError
+from moss.settings import Positive, Required, TypedDict, strict
 
 log = logging.getLogger(__name__)
 MixedLocation = tuple[int, int, int, int]  # (source index, pass, shard position, sample index)
@@ -53,14 +56,27 @@ class SourceSpec:
     epochs: float | None = None
 
 
-SOURCE_KEYS = ("shards", "weight", "epochs")
+@strict
+class SourceSettings(TypedDict, total=False):
+    """One entry of `data.sources`: its shards, its share of the mix, and its planned passes (None: replayed)."""
+
+    shards: Required[str | list[str]]
+    weight: Positive
+    epochs: Positive | None
+
+
+# A source's name names its logged metrics (data/samples_<name>): letters, digits, '_' and '-'.
+Sources = dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], SourceSettings]
 
 
 def source_specs(train_shards, sources, epochs) -> list[SourceSpec]:
     """The training sources of a data config: `data.sources`, or `data.train_shards` as the one source "train".
 
+    Each source's own settings are checked where `data.sources` is declared (`Sources`, by the config check);
+    this refuses the combinations.
+
     Raises:
-        ConfigError: both or neither given, a global `data.epochs` beside `data.sources`, or a malformed source.
+        ConfigError: both or neither given, or a global `data.epochs` beside `data.sources`.
     """
     if not sources:
         if train_shards is None:
@@ -73,22 +89,10 @@ def source_specs(train_shards, sources, epochs) -> list[SourceSpec]:
             "data.epochs counts passes over one shard set; with data.sources give each source its own "
             "(data.sources.<name>.epochs) and leave out the sources that are replayed"
         )
-    specs = []
-    for name, source in dict(sources).items():
-        where = f"data.sources.{name}"
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
-            raise ConfigError(f"{where}: a source name is letters, digits, '_' and '-' (it names logged metrics)")
-        if not hasattr(source, "keys") or "shards" not in source:
-            raise ConfigError(f"{where} must be a mapping with shards (and weight, epochs), got {source!r}")
-        if unknown := sorted(set(source.keys()) - set(SOURCE_KEYS)):
-            raise ConfigError(f"{where}: unknown keys {unknown}; a source takes {list(SOURCE_KEYS)}")
-        weight, planned = source.get("weight", 1.0), source.get("epochs")
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or not weight > 0:
-            raise ConfigError(f"{where}.weight must be a positive number, got {weight!r}")
-        if planned is not None and (not isinstance(planned, int | float) or not planned > 0):
-            raise ConfigError(f"{where}.epochs must be a positive number or null, got {planned!r}")
-        specs.append(SourceSpec(str(name), source["shards"], float(weight), planned))
-    return specs
+    return [
+        SourceSpec(str(name), source["shards"], float(source.get("weight", 1.0)), source.get("epochs"))
+        for name, source in dict(sources).items()
+    ]
 
 
 class Mixer:

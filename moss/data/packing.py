@@ -26,6 +26,18 @@ import torch
 
 from moss.data.batch import BatchStats, PackedBatch
 from moss.model.loss import IGNORE_INDEX
+from moss.settings import Count, Probability, Required, Rows, TypedDict, strict
+
+
+@strict
+class Packing(TypedDict, total=False):
+    """`data.packing`: the `BestFitPacker`'s settings, and the packs per micro-batch."""
+
+    budget: Required[Rows]
+    window: Count
+    min_fill: Probability
+    max_rounds: Count
+    packs_per_batch: Count
 
 
 @dataclass

@@ -7,10 +7,13 @@ transformers' own (`sdpa`, `eager`, `flex_attention`, `flash_attention_2`) and t
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal, get_args
 
 from moss.model import varlen
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", varlen.NAME)
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "varlen_sdpa"]
+ATTN_IMPLEMENTATIONS = get_args(AttnImplementation)
+assert varlen.NAME in ATTN_IMPLEMENTATIONS
 
 
 def check_attn_implementation(name: str) -> str:

@@ -21,7 +21,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss.model import varlen
 from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
-from moss.model.attention import check_attn_implementation
+from moss.model.attention import AttnImplementation, check_attn_implementation
 from moss.model.backbone import MossTTSDBackbone, MossTTSDOutput
 from moss.model.config import MossTTSDConfig
 from moss.model.loss import (
@@ -285,7 +285,7 @@ class MossTTSD(PreTrainedModel):
         config: MossTTSDConfig | dict | None = None,
         *,
         dtype: torch.dtype | str = torch.float32,
-        attn_implementation: str = "sdpa",
+        attn_implementation: AttnImplementation = "sdpa",
         seed: int | None = None,
         **kwargs,
     ) -> MossTTSD:
@@ -305,7 +305,7 @@ class MossTTSD(PreTrainedModel):
         path: str | Path,
         *args,
         dtype: torch.dtype | str = torch.float32,
-        attn_implementation: str = "sdpa",
+        attn_implementation: AttnImplementation = "sdpa",
         device: str | torch.device = "cpu",
         config: MossTTSDConfig | None = None,
         **kwargs,

@@ -26,6 +26,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
 from moss.model.lora import unwrap
+from moss.settings import Count, TypedDict, strict
 
 
 class LigerRMSNorm(Qwen3RMSNorm):
@@ -106,6 +107,16 @@ def compile_layers(model: nn.Module, **options) -> int:
     return len(layers)
 
 
+@strict
+class Speedups(TypedDict, total=False):
+    """`model.speedups`: the arguments of `apply_speedups` after the model and device."""
+
+    liger: bool
+    compile: bool
+    static_varlen: bool
+    varlen_bucket: Count
+
+
 def apply_speedups(
     model: nn.Module,
     device_type: str,
@@ -119,15 +130,13 @@ def apply_speedups(
     Call it before LoRA is applied or after: the switches keep every child module and parameter name.
 
     Raises:
-        ValueError: Liger off CUDA or not installed; a bucket below 1.
+        ValueError: Liger off CUDA or not installed.
     """
     if liger:
         if problem := liger_problem(device_type):
             raise ValueError(f"{problem}; set model.speedups.liger=false here")
         use_liger(model)
     if static_varlen or compile:
-        if varlen_bucket < 1:
-            raise ValueError(f"model.speedups.varlen_bucket={varlen_bucket} must be a positive number of segments")
         model.varlen_bucket = int(varlen_bucket)
     if compile:
         compile_layers(model)

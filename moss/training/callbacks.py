@@ -15,11 +15,13 @@ from __future__ import annotations
 import resource
 import time
 from collections import Counter
+from typing import Literal
 
 import lightning as L
 import torch
 
 from moss.model.lora import unwrap
+from moss.settings import Count, NonNegative, Positive, Size
 from moss.training.flops import flop_model, peak_tflops, step_flops
 
 
@@ -32,7 +34,10 @@ def build_callbacks(group) -> dict[str, L.Callback]:
 
 
 def early_stopping(
-    patience: int | None = None, min_delta: float = 0.0, monitor: str = "val/loss", mode: str = "min"
+    patience: Size | None = None,
+    min_delta: NonNegative = 0.0,
+    monitor: str = "val/loss",
+    mode: Literal["min", "max"] = "min",
 ) -> L.Callback | None:
     """Stop when `monitor` has not improved by `min_delta` for `patience` validations; None: never stop early.
 
@@ -62,7 +67,7 @@ class FrameThroughput(L.Callback):
     epochs logged go on from where a resumed run stopped.
     """
 
-    def __init__(self, window: int = 10, peak_tflops: float | None = None):
+    def __init__(self, window: Count = 10, peak_tflops: Positive | None = None):
         self.window, self.peak_override = window, peak_tflops
         self.summary: dict = {}
         self._total_samples = 0

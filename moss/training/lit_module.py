@@ -7,6 +7,7 @@ the right device; the loss lives in `moss.model.loss`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -16,6 +17,8 @@ from moss.data.batch import PackedBatch, StepBatch
 from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.loss import finetune_channel_weights, normalized_weights
+from moss.model.speedups import Speedups
+from moss.settings import Count, NonNegative, Positive
 from moss.training import run_checkpoint as ckpt
 from moss.training.model_setup import training_model
 from moss.training.objective import SetLoss, StepLoss, host_metrics, is_log_step
@@ -47,12 +50,12 @@ class MossTTSDLitModule(L.LightningModule):
         net: Callable[..., MossTTSD],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
-        gradient_clip_val: float | None = None,
+        gradient_clip_val: Positive | None = None,
         peft: dict | None = None,
-        channel_weights: Sequence[float] | None = None,
-        gradient_checkpointing: bool | str = False,
-        speedups: dict | None = None,
-        ce_chunk_rows: int | None = None,
+        channel_weights: Sequence[NonNegative] | None = None,
+        gradient_checkpointing: bool | Literal["full", "selective"] = False,
+        speedups: Speedups | None = None,
+        ce_chunk_rows: Count | None = None,
         path: str | None = None,
         adapter_only_checkpoints: bool = True,
     ):

@@ -10,17 +10,32 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from moss.settings import NonNegative, Positive, Probability, Size
+
+
+def adamw(
+    params,
+    lr: Positive = 1e-3,
+    betas: tuple[Probability, Probability] = (0.9, 0.999),
+    eps: Positive = 1e-8,
+    weight_decay: NonNegative = 0.0,
+    **options,
+) -> torch.optim.AdamW:
+    """Torch's AdamW, with the limits of its settings declared for the config check (`optim.optimizer.*`)."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **options)
 
 
 def warmup_cosine(
     optimizer: Optimizer,
     total_steps: int,
-    warmup_ratio: float = 0.1,
-    warmup_steps: int | None = None,
-    min_lr_ratio: float = 0.0,
+    warmup_ratio: Probability = 0.1,
+    warmup_steps: Size | None = None,
+    min_lr_ratio: Probability = 0.0,
 ) -> LambdaLR:
     """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `total_steps`.
 

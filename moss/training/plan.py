@@ -18,10 +18,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from moss.config_schema import schema_problems
 from moss.data.dataset import expand_shards, readers_problem
 from moss.data.epochs import EpochPlan
 from moss.errors import ConfigError
 from moss.model.checkpoint import resolve_model_path
+from moss.model.loss import normalized_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,16 @@ class RawStage:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run does: its final, read-only config and the epoch plan behind its length (if any)."""
+    """What a run does: its final, read-only config and the epoch plan behind its length (if any).
+
+    With them, the objects built from the config on the way, which the run uses as they are (each built once).
+    """
 
     cfg: DictConfig
     epochs: EpochPlan | None
+    tokenizer: object
+    model_config: object
+    datamodule: object
 
 
 def plan_sources(cfg: DictConfig) -> tuple[DictConfig, list[RawStage]]:
@@ -76,7 +84,10 @@ def plan_run(cfg: DictConfig, fit_workers: bool = False) -> RunPlan:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         _fit_readers(cfg, fit_workers)
-        epochs = _epoch_plan(cfg)
+        tokenizer, model_config = instantiate(cfg.tokenizer), instantiate(cfg.model.config)
+        _check_channel_weights(cfg, model_config.channels)
+        datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=model_config)
+        epochs = datamodule.epoch_plan(world_size(cfg))  # `data.epochs` in optimiser steps (None without)
         if epochs is not None:
             cfg.trainer.max_steps = epochs.max_steps
             cfg.trainer.val_check_interval = epochs.steps_per_epoch
@@ -84,7 +95,18 @@ def plan_run(cfg: DictConfig, fit_workers: bool = False) -> RunPlan:
                 cfg.callbacks.model_checkpoint.every_n_train_steps = epochs.steps_per_epoch
             log.info(epochs.describe())
     OmegaConf.set_readonly(cfg, True)
-    return RunPlan(cfg, epochs)
+    if problems := schema_problems(cfg):  # what the plan derived is checked like what the user set
+        raise ConfigError("the planned config is invalid:\n  - " + "\n  - ".join(problems))
+    return RunPlan(cfg, epochs, tokenizer, model_config, datamodule)
+
+
+def _check_channel_weights(cfg: DictConfig, channels: int) -> None:
+    weights = cfg.model.get("channel_weights")
+    if weights is not None:
+        try:
+            normalized_weights(list(weights), channels)
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from None
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -133,14 +155,3 @@ def _fit_readers(cfg: DictConfig, fit_workers: bool) -> None:
         raise ConfigError("\n".join(problems.values()))
     log.warning("%d shards for %d ranks: data.num_workers %d -> %d", min(sets.values()), ranks, workers, fitted)
     cfg.data.num_workers = fitted
-
-
-def _epoch_plan(cfg: DictConfig) -> EpochPlan | None:
-    """`data.epochs` in optimiser steps, estimated through the run's own example builder (tokenizer, layout)."""
-    sources = cfg.data.get("sources") or {}
-    if not cfg.data.get("epochs") and not any(s.get("epochs") for s in sources.values()):
-        return None
-    tokenizer = instantiate(cfg.tokenizer)
-    model_config = instantiate(cfg.model.config)
-    datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=tokenizer, model_config=model_config)
-    return datamodule.epoch_plan(world_size(cfg))

@@ -23,10 +23,13 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from moss.settings import Count
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,16 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(
         self,
         dirpath: str,
-        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT"),
+        signals: tuple[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"], ...] = (
+            "SIGTERM",
+            "SIGUSR1",
+            "SIGINT",
+        ),
         requeue: bool = True,
-        check_every_n_steps: int = 5,
+        check_every_n_steps: Count = 5,
     ):
         self.dirpath, self.signals, self.requeue = Path(dirpath), tuple(signals), requeue
-        self.check_every_n_steps = max(1, int(check_every_n_steps))
+        self.check_every_n_steps = int(check_every_n_steps)
         self.received: str | None = None
         self._interrupts = 0
         self._previous: dict = {}

@@ -12,9 +12,12 @@ import logging
 import sys
 import time
 from datetime import timedelta
+from typing import Literal
 
 import lightning as L
 from tqdm import tqdm
+
+from moss.settings import NonNegative
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,11 @@ class StepProgress(L.Callback):
     """Optimiser steps done / `max_steps`, loss, real frames/s and ETA, on rank 0.
 
     Args:
-        interval_s: seconds between log lines when the output is not a terminal.
+        interval_s: seconds between log lines when the output is not a terminal (0: every step).
         bar: "auto" (a bar on a terminal, log lines otherwise), "bar" or "log".
     """
 
-    def __init__(self, interval_s: float = 30.0, bar: str = "auto"):
-        if bar not in ("auto", "bar", "log"):
-            raise ValueError(f"callbacks.progress.bar must be auto, bar or log, got {bar!r}")
+    def __init__(self, interval_s: NonNegative = 30.0, bar: Literal["auto", "bar", "log"] = "auto"):
         self.interval_s, self.mode = float(interval_s), bar
         self._bar: tqdm | None = None
         self._step = self._logged = -1

@@ -3,11 +3,13 @@
 import csv
 import dataclasses
 import json
+import re
 from collections import Counter
 
 import pytest
 from omegaconf import OmegaConf
 
+from moss.config_schema import schema_problems
 from moss.data.dataset import ShardStream, expand_shards
 from moss.data.epochs import plan_source_epochs
 from moss.data.examples import ExampleBuilder
@@ -120,16 +122,32 @@ def test_every_source_needs_a_shard_per_reader(two_sources, builder, monkeypatch
         (None, None, None, "data.train_shards or data.sources is required"),
         ("/a", {"x": {"shards": "/b"}}, None, "set data.train_shards=null beside data.sources"),
         (None, {"x": {"shards": "/b"}}, 2, r"data.sources.<name>.epochs"),
-        (None, {"x": {"shards": "/b", "weight": 0}}, None, "data.sources.x.weight must be a positive number"),
-        (None, {"x": {"shards": "/b", "wieght": 1}}, None, r"unknown keys \['wieght'\]"),
-        (None, {"x": "/b"}, None, "data.sources.x must be a mapping with shards"),
-        (None, {"a b": {"shards": "/b"}}, None, "a source name is letters"),
-        (None, {"x": {"shards": "/b", "epochs": -1}}, None, "data.sources.x.epochs must be a positive number"),
     ],
 )
-def test_malformed_sources_are_refused_with_the_setting_named(shards, sources, epochs, message):
+def test_conflicting_sources_are_refused_with_the_setting_named(shards, sources, epochs, message):
     with pytest.raises(ConfigError, match=message):
         source_specs(shards, sources, epochs)
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ({"x": {"shards": "/b", "weight": 0}}, "data.sources.x.weight=0 is refused: input should be greater than 0"),
+        (
+            {"x": {"shards": "/b", "wieght": 1}},
+            "data.sources.x.wieght is not a setting of .*did you mean data.sources.x.weight",
+        ),
+        ({"x": "/b"}, "data.sources.x='/b' is refused: input should be a valid dictionary"),
+        ({"x": {"weight": 1}}, "data.sources.x.shards is required"),
+        ({"a b": {"shards": "/b"}}, "data.sources.a b is refused as a name: string should match pattern"),
+        ({"x": {"shards": "/b", "epochs": -1}}, "data.sources.x.epochs=-1 is refused: input should be greater than 0"),
+        ({"x": {"shards": "/b", "weight": float("inf")}}, "data.sources.x.weight=inf is refused: .*finite number"),
+    ],
+)
+def test_malformed_sources_are_refused_by_the_config_check_with_the_setting_named(sources, message):
+    node = {"_target_": "moss.data.datamodule.MossDataModule", "train_shards": None, "sources": sources}
+    problems = schema_problems({"data": node})
+    assert len(problems) == 1 and re.search(message, problems[0]), problems
 
 
 def test_one_shard_set_is_the_source_named_train():

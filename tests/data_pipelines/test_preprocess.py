@@ -348,5 +348,7 @@ def test_the_encoder_dtype_is_part_of_the_shard_set(tmp_path, codec_files):
     bf16 = pipeline_cfg(codec_files, [jsonl], tmp_path / "bf16", codec_dtype="bfloat16")
     assert preprocess(bf16)["samples"] == 3  # encoded under bfloat16 autocast
     cfg.codec_dtype = "int8"
-    with pytest.raises(ConfigError, match="codec_dtype=int8 is unknown"):
+    with pytest.raises(
+        ConfigError, match="codec_dtype='int8' is refused: input should be 'float32', 'bfloat16' or 'float16'"
+    ):
         check_arguments(cfg)

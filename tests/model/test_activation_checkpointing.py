@@ -48,5 +48,7 @@ def test_selective_and_full_checkpointing_give_the_gradients_of_none(lora):
 def test_settings_are_checked_before_the_run(tmp_path):
     assert checkpointing_policy(False) is None and checkpointing_policy(True) == "full"
     assert checkpointing_policy("selective") == "selective"
-    with pytest.raises(ConfigError, match="model.gradient_checkpointing=some is not one of"):
+    with pytest.raises(
+        ConfigError, match="model.gradient_checkpointing='some' is refused: input should be a valid boolean"
+    ):
         validate(compose_train(tmp_path, ["model.gradient_checkpointing=some"]))

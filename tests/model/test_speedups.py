@@ -133,8 +133,8 @@ def test_liger_is_refused_off_cuda_before_and_at_the_run(tmp_path):
         speedups.apply_speedups(tiny(), "cpu", liger=True)
     with pytest.raises(ConfigError, match="model.speedups.liger=true needs a CUDA device"):
         validate(compose_train(tmp_path, ["model.speedups.liger=true", "trainer.accelerator=cpu"]))
-    with pytest.raises(ValueError, match="varlen_bucket=0 must be a positive"):
-        speedups.apply_speedups(tiny(), "cpu", static_varlen=True, varlen_bucket=0)
+    with pytest.raises(ConfigError, match="model.speedups.varlen_bucket=0 is refused"):  # declared on `Speedups`
+        validate(compose_train(tmp_path, ["model.speedups.static_varlen=true", "model.speedups.varlen_bucket=0"]))
 
 
 def test_compile_implies_static_varlen():
