@@ -47,7 +47,7 @@ from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
 from moss.errors import ConfigError
 from moss.outputs import TEMPORARY, FolderLock, OutputFolder, atomic_write
-from moss.settings import Count, Seconds, Size, TypedDict
+from moss.settings import Count, Seconds, Size, TypedDict, Workers
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class PreprocessSettings(TypedDict, total=False):
     overwrite: bool
     base_path: str | None
     devices: Literal["auto", "cpu"] | list[Size]
-    cpu_workers: Literal["auto"] | Count
+    cpu_workers: Literal["auto"] | Workers  # 0: audio is loaded in the encoder process
     records_per_shard: Annotated[int, Field(ge=1, le=1_000_000)]
     batch_seconds: Seconds
     max_batch: Count

@@ -52,6 +52,7 @@ from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
 from moss.cli import command, fail, require, run
 from moss.config_schema import check_mapping
 from moss.errors import ConfigError
+from moss.evaluation.judges import Language
 from moss.evaluation.turns import Word
 from moss.outputs import OutputFolder, atomic_write
 from moss.settings import Count, Seconds, Size, TypedDict
@@ -384,7 +385,7 @@ class TranscribeSettings(TypedDict, total=False):
     output_dir: str
     overwrite: bool
     asr_model: str
-    asr_language: str | None
+    asr_language: Language | None
     speaker_model: str
     vad: VadSettings
     diarisation: DiarisationSettings

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from moss.config_schema import check_mapping, schema_problems
 from moss.errors import ConfigError
+from moss.evaluation.judges import Language
 from moss.model.speedups import liger_problem
 from moss.settings import Count, NonNegative, Probability, Seed, Size, TypedDict, strict
 from moss.training.launch import relaunched_rank
@@ -38,7 +39,7 @@ class SanityCheck(TypedDict, total=False):
     samples: Size
     normalize: Literal["v0.5", "v0.7"] | None
     asr_model: str | None
-    asr_language: str | None
+    asr_language: Language | None
     max_cer: NonNegative
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import AfterValidator
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from moss.audio import resample
 from moss.evaluation.turns import Word
@@ -43,7 +46,9 @@ class Transcriber:
         dtype: the model's dtype (float16/bfloat16 halve its memory on a GPU).
     """
 
-    def __init__(self, model: str, device: str = "cpu", batch_size: int = 8, language: str | None = None, dtype=None):
+    def __init__(
+        self, model: str, device: str = "cpu", batch_size: int = 8, language: Language | None = None, dtype=None
+    ):
         from transformers import pipeline
 
         self.name, self.batch_size = model, batch_size
@@ -162,10 +167,19 @@ class Transcriber:
         return Transcript(out["text"].strip(), words)
 
 
+def _language_code(language: str) -> str:
+    """The code of a Whisper language given as a code (`en`), a name (`english`) or a token (`<|en|>`)."""
+    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower()).strip("<|>")
+    if code not in LANGUAGES:
+        raise ValueError(f"{language!r} is not a language Whisper knows; e.g. en, zh, english, chinese")
+    return language
+
+
+Language = Annotated[str, AfterValidator(_language_code)]  # a setting naming a Whisper language
+
+
 def _language_id(config, language: str) -> int:
     """Whisper's token id for a language given as a code (`en`), a name (`english`) or a token (`<|en|>`)."""
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
-
     if not getattr(config, "lang_to_id", None):
         raise ValueError(f"this Whisper is English-only: leave the language unset (got {language!r})")
     code = TO_LANGUAGE_CODE.get(language.lower(), language.lower()).strip("<|>")
