@@ -179,7 +179,7 @@ def test_the_training_check_refuses_a_wrong_type_before_anything_is_built(tmp_pa
         ("callbacks.best_checkpoint.monitor=val/los", "did you mean callbacks.best_checkpoint.monitor=val/loss?"),
         ("trainer.max_steps=0", "trainer.max_steps=0 is refused"),
         ("trainer.val_check_interval=-1", "trainer.val_check_interval=-1 is refused"),
-        ("trainer.devices=64", "trainer.devices=64 would start 64 training processes on the CPU"),
+        ("trainer.devices=100000", "trainer.devices=100000 would start 100000 training processes on the CPU"),
         ("seed=-1", "seed=-1 is refused"),
         ("sanity_check.samples=-3", "sanity_check.samples=-3 is refused"),
         ("sanity_check.asr_language=klingon", "'klingon' is not a language Whisper knows; e.g. en, zh, english"),
@@ -223,3 +223,13 @@ def test_the_data_commands_declare_their_settings_too(tmp_path, command, overrid
     with pytest.raises(ConfigError) as refused:
         import_module(f"data_pipelines.{command}").check_arguments(cfg)
     assert any(expected in line for line in str(refused.value).splitlines()), str(refused.value)
+
+
+def test_a_few_more_cpu_ranks_than_cores_is_a_warning_and_many_more_are_refused(tmp_path, caplog, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    validate(compose_train(tmp_path, ["trainer.devices=3"]))  # 3 ranks on 2 cores: slow, and tests do it
+    assert "trainer.devices=3 would start 3 training processes on the CPU, and this machine has 2 cores" in caplog.text
+    with pytest.raises(ConfigError, match="trainer.devices=9 would start 9 training processes"):
+        validate(compose_train(tmp_path, ["trainer.devices=9"]))
