@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
 
+from moss.config_schema import setting_keys
 from moss.errors import ConfigError
 from moss.outputs import writable_folder_problem
 
@@ -232,7 +233,7 @@ def _unknown_settings(cfg, overrides, groups: set[str]) -> list[str]:
 
     from omegaconf import OmegaConf
 
-    known = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+    known = setting_keys(OmegaConf.to_container(cfg, resolve=False))
     problems = []
     for override in overrides:
         key = override.key_or_group
@@ -260,12 +261,6 @@ def _defaults(config_dir: Path, config_name: str) -> list:
 
     entries = OmegaConf.to_container(OmegaConf.load(config_dir / f"{config_name}.yaml")).get("defaults") or []
     return [entry for entry in entries if isinstance(entry, dict)]
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix[:-1]]
-    return [key for k, v in node.items() for key in _leaf_keys(v, f"{prefix}{k}.")] + ([prefix[:-1]] if prefix else [])
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ def check_mapping(cfg: DictConfig, schema: type, node: str = "") -> list[str]:
 def _resolution_problems(cfg: DictConfig) -> list[str]:
     """Interpolations that loop or name what does not exist (an unset environment variable, a missing key)."""
     reasons: dict[str, str] = {}  # one line per cause: the first key it breaks (the others depend on it)
-    for key in _leaf_keys(OmegaConf.to_container(cfg, resolve=False)):
+    for key in setting_keys(OmegaConf.to_container(cfg, resolve=False)):
         try:
             OmegaConf.select(cfg, key, throw_on_missing=False, throw_on_resolution_failure=True)
         except OmegaConfBaseException as err:
@@ -65,12 +65,11 @@ def _resolution_problems(cfg: DictConfig) -> list[str]:
     return [f"{key} cannot be resolved: {reason}; fix or override {key}" for reason, key in reasons.items()]
 
 
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [k for key, value in node.items() for k in _leaf_keys(value, f"{prefix}{key}.")]
-    if isinstance(node, list):
-        return [k for index, value in enumerate(node) for k in _leaf_keys(value, f"{prefix}{index}.")]
-    return [prefix[:-1]] if prefix else []
+def setting_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain config container: its mappings, list items and values, outermost first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    own = [prefix[:-1]] if prefix else []
+    return own + [k for key, value in items for k in setting_keys(value, f"{prefix}{key}.")]
 
 
 def _target_nodes(node, prefix: str = ""):
@@ -99,7 +98,7 @@ def _value(cfg: DictConfig, key: str):
         value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
-    except (MissingMandatoryValue, OmegaConfBaseException):
+    except OmegaConfBaseException:  # `???`, or an interpolation `_resolution_problems` names
         return _MISSING
     return value
 
@@ -142,61 +141,40 @@ def _validate(adapter: TypeAdapter, value, key: str, owner: str, annotation) -> 
         errors = err.errors(include_url=False)
     if any(e["type"] in _UNJUDGED for e in errors):
         return []  # one branch wants an instance built from this value: the target judges it
-    by_key: dict[str, list[str]] = {}
+    lines: dict[str, str] = {}  # a whole line per key: a missing, unknown or badly named key
+    refused: dict[str, tuple[object, list[str]]] = {}  # a value per key, with every reason (one per union branch)
     for error in errors:
-        path = _path(value, error["loc"])
-        where = ".".join([key, *map(str, path)]) if key else ".".join(map(str, path))
-        if error["type"] == "missing":
-            name = ".".join([where, str(error["loc"][-1])]) if where else str(error["loc"][-1])
-            by_key.setdefault(name, []).append(
-                f"\0{name} is required ({owner} takes no {where or 'settings'} without it)"
-            )
-            continue
-        if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            known = _mapping_keys(annotation, path[:-1])
-            by_key.setdefault(where, []).append(_unknown_key(where, known, owner))
-            continue
+        path, here = _path(value, error["loc"])
+        where = ".".join(map(str, [key, *path] if key else path))
         message = error["msg"][0].lower() + error["msg"][1:]
-        if error["loc"][-1:] == ("[key]",):  # a mapping's key: a source's name
-            by_key.setdefault(where, []).append(f"\0{where} is refused as a name: {message}")
-            continue
-        if message not in by_key.setdefault(where, []):
-            by_key[where].append(message)
-    problems = []
-    for where, messages in by_key.items():
-        if messages[0].startswith("\0"):
-            problems.append(messages[0][1:])
-            continue
-        shown = _dig(value, where[len(key) + 1 :] if key else where)
-        problems.append(f"{where}={shown!r} is refused: {' or '.join(messages)} ({owner})")
-    return problems
+        if error["type"] == "missing":
+            name = f"{where}.{error['loc'][-1]}" if where else str(error["loc"][-1])
+            lines[name] = f"{name} is required ({owner} takes no {where or 'settings'} without it)"
+        elif error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            parent, _, unknown = where.rpartition(".")
+            known = _mapping_keys(annotation, path[:-1])
+            lines[where] = _unknown(f"{parent}." if parent else "", unknown, known, owner)
+        elif error["loc"][-1:] == ("[key]",):  # a mapping's key: a source's name
+            lines[where] = f"{where} is refused as a name: {message}"
+        elif message not in refused.setdefault(where, (here, []))[1]:
+            refused[where][1].append(message)
+    bad_values = [
+        f"{k}={v!r} is refused: {' or '.join(m)} ({owner})" for k, (v, m) in refused.items() if k not in lines
+    ]
+    return [*lines.values(), *bad_values]
 
 
-def _unknown_key(where: str, known: list[str], owner: str) -> str:
-    prefix, _, key = where.rpartition(".")
-    return "\0" + _unknown(f"{prefix}." if prefix else "", key, known, owner)
+def _path(value, loc: tuple) -> tuple[list, object]:
+    """The keys and indices of `loc` found in `value`, and the value they lead to.
 
-
-def _path(value, loc: tuple) -> list:
-    """The keys and indices of `loc` that are in `value` (pydantic adds the union branches' names between)."""
+    pydantic puts the names of union branches between them (`loc` of `str | list[str]` given 5: `("str",)`).
+    """
     path, here = [], value
     for part in loc:
-        if isinstance(here, dict) and part in here:
+        if (isinstance(here, dict) and part in here) or (isinstance(here, list) and isinstance(part, int)):
             path.append(part)
             here = here[part]
-        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
-            path.append(part)
-            here = here[part]
-    return path
-
-
-def _dig(value, dotted: str):
-    for part in [p for p in dotted.split(".") if p]:
-        if isinstance(value, dict):
-            value = value.get(part)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-    return value
+    return path, here
 
 
 def _branches(annotation) -> list:

@@ -339,9 +339,6 @@ class _Command:
     def fileno(self) -> int:
         return self.stream.fileno()
 
-    def read(self, size: int = -1) -> bytes:
-        return self.stream.read(size)
-
     def kill(self) -> None:
         self.killed = True
         try:
