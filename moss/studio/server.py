@@ -174,12 +174,100 @@ class Studio:
         return (self.folder / name).read_bytes()
 
 
+MAX_JSON_DEPTH = 16  # the request is an object holding a list of two speaker objects: 3 levels
+MAX_NUMBER_CHARS = 32  # digits of one JSON number (Python would build a million-digit int if asked)
+STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+class RequestError(ValueError):
+    """A request refused before it reaches the studio: (HTTP status, message)."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_json(body: bytes) -> object:
+    """The request body as JSON, bounded: nesting, number sizes, no NaN/Infinity (`RequestError` 400 otherwise)."""
+    depth = most = 0
+    for bracket in re.findall(rb"[\[\]{}]", STRINGS.sub(b'""', body)):  # brackets outside strings
+        depth += 1 if bracket in b"[{" else -1
+        most = max(most, depth)
+    if most > MAX_JSON_DEPTH:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the request nests {most} levels deep; at most {MAX_JSON_DEPTH}")
+
+    def number(kind):
+        def parse(text: str):
+            if len(text) > MAX_NUMBER_CHARS:
+                raise ValueError(f"a number of {len(text)} characters")
+            return kind(text)
+
+        return parse
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(body, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the request is not JSON this page sends ({err})") from None
+
+
+def local_host(host: str, bound: str) -> bool:
+    """Whether a request's `Host` names this machine as the user reached it.
+
+    The bound address, localhost, or an IP address; a DNS name pointing here is how another web site reaches a
+    local server (DNS rebinding).
+    """
+    import ipaddress
+
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name in ("localhost", bound.lower()):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class StudioServer(ThreadingHTTPServer):
+    """Python's threaded HTTP server with a backlog for a page's parallel requests and a fast stop.
+
+    Handler threads are daemons and are not waited for at close (a browser's idle connection, or a synthesis
+    in progress, held SIGTERM up for minutes); a client that leaves early is logged, not a traceback.
+    """
+
+    request_queue_size = 128
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError | TimeoutError):
+            log.info("%s left before the answer (%s)", client_address[0], type(err).__name__)
+        else:
+            log.exception("request from %s failed", client_address[0])
+
+
 def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, max_request_bytes: int = 80 << 20):
-    """An HTTP server for `studio` (not started: call `serve_forever`, or run it in a thread)."""
+    """An HTTP server for `studio` (not started: call `serve_forever`, or run it in a thread).
+
+    Only the page itself may use it: a request whose `Host` is not this machine's (DNS rebinding), or that
+    another web site sent (`Origin`, `Sec-Fetch-Site`), is refused with 403; a generation request must be
+    `application/json`, which a foreign page cannot send without a CORS preflight this server never grants.
+    """
     page = render_page(studio.labels).encode()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # seconds an idle or trickling connection may hold a thread
+
         def do_GET(self):  # noqa: N802 - http.server's name
+            if refused := self._foreign(navigation=self.path in ("/", "/index.html")):
+                return self._json(HTTPStatus.FORBIDDEN, {"error": refused})
             if self.path in ("/", "/index.html"):
                 return self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
             if self.path.startswith("/audio/") and (data := studio.audio(self.path[len("/audio/") :])) is not None:
@@ -187,8 +275,13 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, max_request
             return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
 
         def do_POST(self):  # noqa: N802
+            if refused := self._foreign(navigation=False):
+                return self._json(HTTPStatus.FORBIDDEN, {"error": refused})
             if self.path != "/api/generate":
                 return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send the request as application/json"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
             except ValueError:
@@ -199,15 +292,30 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, max_request
                     {"error": f"a request must carry 1 byte to {max_request_bytes >> 20} MB, got {length}"},
                 )
             try:
-                request = json.loads(self.rfile.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": f"the request is not JSON ({err})"})
+                request = parse_json(self.rfile.read(length))
+            except RequestError as err:
+                return self._json(err.status, {"error": str(err)})
             try:
                 answer = studio.generate(request)
             except Exception as err:  # noqa: BLE001 - the page shows it; the server keeps serving
                 log.exception("generation failed")
                 answer = {"error": f"generation failed: {type(err).__name__}: {err}"}
             self._json(HTTPStatus.BAD_REQUEST if "error" in answer else HTTPStatus.OK, answer)
+
+        def _foreign(self, navigation: bool) -> str | None:
+            """Why the request did not come from this page (None: it did). A top-level visit may come from a link."""
+            given = self.headers.get("Host") or ""
+            if not local_host(given, host):
+                return f"Host {given!r} is not this machine's address; open the page as http://{host}:{port or 'PORT'}/"
+            site = (self.headers.get("Sec-Fetch-Site") or "same-origin").lower()
+            if site not in ("same-origin", "none") and not (
+                navigation and self.headers.get("Sec-Fetch-Mode") == "navigate"
+            ):
+                return "requests from other web sites are refused"
+            origin = self.headers.get("Origin")
+            if origin is not None and not navigation and origin.lower() != f"http://{given.lower()}":
+                return f"requests from {origin} are refused"
+            return None
 
         def _json(self, status, body: dict):
             self._send(status, json.dumps(body).encode(), "application/json")
@@ -217,10 +325,15 @@ def serve(studio: Studio, host: str = "127.0.0.1", port: int = 7860, max_request
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")  # no other site may frame the page to click it
             self.end_headers()
             self.wfile.write(body)
+
+        def log_request(self, code="-", size="-"):
+            log.info('%s "%s %s" %s', self.address_string(), self.command, self.path[:200], int(code))
 
         def log_message(self, format, *args):  # noqa: A002 - http.server's signature
             log.debug("%s %s", self.address_string(), format % args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return StudioServer((host, port), Handler)

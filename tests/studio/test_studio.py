@@ -116,6 +116,7 @@ def test_the_server_routes_bound_requests_and_never_serve_other_files(studio_mod
         assert post(b"{not json")[0] == 400
         connection = http.client.HTTPConnection("127.0.0.1", server.server_port)
         connection.putrequest("POST", "/api/generate")
+        connection.putheader("Content-Type", "application/json")
         connection.putheader("Content-Length", str(2 << 20))  # refused on its header, before any body is read
         connection.endheaders()
         assert connection.getresponse().status == 413
@@ -127,3 +128,66 @@ def test_the_server_routes_bound_requests_and_never_serve_other_files(studio_mod
         server.shutdown()
         server.server_close()
         studio.close()
+
+
+def test_only_the_page_itself_may_use_the_server(studio_models, caplog, capfd):
+    """Another web site (cross-site requests, DNS rebinding) is refused; so are bodies that are not bounded JSON."""
+    import logging
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    studio = studio_for(studio_models)
+    calls = []
+    real_generate = studio.generate
+    studio.generate = lambda request: calls.append(request) or real_generate(request)
+    server = serve(studio, "127.0.0.1", 0, max_request_bytes=1 << 20)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_port
+
+    def ask(method, path, body=None, **headers):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    good = json.dumps({"text": SCRIPT}).encode()
+    try:
+        with caplog.at_level(logging.INFO, logger="moss.studio.server"):
+            rebinding = {"Host": f"attacker.example:{port}"}
+            assert ask("POST", "/api/generate", good, **rebinding)[0] == 403
+            assert ask("GET", "/", **rebinding)[0] == 403
+            assert ask("GET", "/audio/0123456789abcdef_x.wav", **rebinding)[0] == 403
+            foreign = {"Origin": "http://attacker.example", "Sec-Fetch-Site": "cross-site"}
+            assert ask("POST", "/api/generate", good, **foreign)[0] == 403
+            assert ask("POST", "/api/generate", good, Origin="http://attacker.example")[0] == 403
+            assert ask("POST", "/api/generate", good, **{"Sec-Fetch-Site": "same-site"})[0] == 403
+            assert ask("POST", "/api/generate", good, **{"Content-Type": "text/plain"})[0] == 415
+            assert ask("POST", "/api/generate", good, **{"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+            assert ask("POST", "/api/generate", b"[" * 100_000 + b"]" * 100_000)[0] == 400
+            assert ask("POST", "/api/generate", b'{"text": ' + b"9" * 100_000 + b"}")[0] == 400
+            assert ask("POST", "/api/generate", b'{"text": NaN}')[0] == 400
+            assert calls == []
+            # a link from elsewhere may open the page; the page's own requests are served
+            assert ask("GET", "/", **{"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})[0] == 200
+            status, body = ask("POST", "/api/generate", good, Origin=f"http://127.0.0.1:{port}")
+            assert status == 200 and json.loads(body)["results"]
+            assert ask("POST", "/api/generate", good, Host=f"localhost:{port}")[0] == 200
+
+            # many connections at once are all answered
+            with ThreadPoolExecutor(64) as pool:
+                assert set(pool.map(lambda _: ask("GET", "/")[0], range(200))) == {200}
+            # a client that leaves before the answer is a log line, not a traceback
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(
+                        b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    )
+                    sock.sendall(f"Content-Length: {len(good)}\r\n\r\n".encode() + good)
+            assert ask("GET", "/")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        studio.close()
+    assert "Traceback" not in caplog.text + capfd.readouterr().err
+    assert '"GET / HTTP' not in caplog.text  # one line per request: client, method, path, status
+    assert '"POST /api/generate" 403' in caplog.text and '"GET /" 200' in caplog.text
