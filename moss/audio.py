@@ -9,7 +9,9 @@ kernel grows with `16000 * rate / gcd(16000, rate)^2`, so 44,101 Hz would need g
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,10 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, limits: AudioLi
         AudioError: a header outside `limits` (rate, channels, duration), a file cut short, or no samples.
     """
     limits = limits or AudioLimits()
+    kind = os.stat(path).st_mode
+    if not stat.S_ISREG(kind):  # opening a FIFO waits for a writer forever; a device reads forever
+        what = "a folder" if stat.S_ISDIR(kind) else "a pipe" if stat.S_ISFIFO(kind) else "a device or socket"
+        raise AudioError(f"not a regular file ({what}); name audio files only")
     with sf.SoundFile(str(path)) as f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         if not limits.min_sample_rate <= rate <= limits.max_sample_rate:

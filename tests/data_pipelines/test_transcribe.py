@@ -285,3 +285,28 @@ def test_a_list_of_recordings_in_jsonl_names_its_bad_line(tmp_path, recordings):
         transcribe(config(tmp_path, input=str(listing)), models=StandIns())
     listing.write_text(json.dumps({"audio": "recordings/interview.wav"}) + "\n")
     assert transcribe(config(tmp_path, input=str(listing)), models=StandIns())["records"] == 1
+
+
+def test_special_files_in_a_list_are_refused_without_being_opened(tmp_path, recordings):
+    """A FIFO (or device) named in a list blocked the run forever: opening one waits for a writer."""
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "pipe.wav")
+    listing = tmp_path / "list.jsonl"
+    entries = ["recordings/interview.wav", "pipe.wav", "/dev/zero"]
+    listing.write_text("".join(json.dumps({"audio": a}) + "\n" for a in entries))
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(transcribe(config(tmp_path, input=str(listing)), models=StandIns())), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # release the blocked open, so the test ends
+        with open(tmp_path / "pipe.wav", "wb"):
+            pass
+        pytest.fail("transcription opened the FIFO and waited for a writer")
+    assert result["records"] == 1 and result["skipped"] == {"unreadable": 2}
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert any("not a regular file (a pipe)" in r for r in reasons)
+    assert any("not a regular file (a device or socket)" in r for r in reasons)
