@@ -361,14 +361,11 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
         try:
             for slot, index, chunk in todo:
                 name, skips = shard_name(slot, index), []
+                (output_dir / f"{name}.tar").unlink(missing_ok=True)  # a killed run's shard, never marked done
                 journal = EncodeJournal(output_dir / f"{name}.encoding")
-                entry = write_shard(output_dir / name, encoder.shard(records.take(chunk), bar, skips, journal))
+                samples = encoder.shard(records.take(chunk), bar, skips, journal)
+                entry = write_shard(output_dir / name, _unchanged(samples, records, name, output_dir))
                 entry["skipped"] = [s.to_json() for s in skips]
-                if changed := records.changed():  # its lines were indexed at the start: they no longer match
-                    raise ConfigError(
-                        f"{changed} changed while it was being preprocessed; shard {name} was not finished. Let it "
-                        f"settle, then run again into a new output_dir (or delete {output_dir})"
-                    )
                 meta = output_dir / f"{name}.json"
                 atomic_write(meta, lambda tmp, e=entry: tmp.write_text(json.dumps(e) + "\n"))  # the shard is done
                 journal.close()
@@ -379,6 +376,20 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
             encoder.close()
     for slot in slots:
         write_slot_manifest(output_dir, slot, len(range(slot, count, plan["num_slots"])), per)
+
+
+def _unchanged(samples: Iterator[ShardSample], records: RecordIndex, name: str, output_dir: Path):
+    """`samples`, then a check that no input changed while they were made, before the shard takes its name.
+
+    The check fails inside the shard's atomic write, so the shard of a changed input never appears as a `.tar`
+    (a reader would take it for a finished shard with text from the new file beside shards from the old one).
+    """
+    yield from samples
+    if changed := records.changed():  # its lines were indexed at the start: they no longer match
+        raise ConfigError(
+            f"{changed} changed while it was being preprocessed; shard {name} was not written. Let it settle, then "
+            f"run again into a new output_dir (or delete {output_dir})"
+        )
 
 
 def write_slot_manifest(output_dir: Path, slot: int, records: int, per: int) -> None:

@@ -123,16 +123,21 @@ def test_an_input_that_changes_mid_run_stops_it_before_a_shard_is_done(tmp_path,
     real = module.write_shard
 
     def edits_the_input(path, samples):
-        entry = real(path, samples)
-        with open(jsonl, "a") as f:
-            f.write(json.dumps({"file_path": "audio/d0.wav", "full_transcript": "[S1]added"}) + "\n")
-        return entry
+        def edited():
+            for n, sample in enumerate(samples):
+                if n == 1:  # while the shard is being written
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps({"file_path": "audio/d0.wav", "full_transcript": "[S1]added"}) + "\n")
+                yield sample
+
+        return real(path, edited())
 
     monkeypatch.setattr(module, "write_shard", edits_the_input)
     cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out", cpu_workers=1, records_per_shard=2)
     with pytest.raises(ConfigError, match="changed while it was being preprocessed"):
         preprocess(cfg)
     assert not list((tmp_path / "out").glob("*-*.json")), "no shard was marked done"
+    assert not list((tmp_path / "out").glob("*.tar")), "no readable shard of the changed input was left"
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="other sources"):  # the rerun does not mix old and new lines
         preprocess(cfg)
