@@ -24,31 +24,46 @@ from moss.outputs import FolderLock, OutputFolder
 from moss.training.callbacks import build_callbacks
 from moss.training.data_card import data_card, write_data_card
 from moss.training.export import export_hf, save_adapter, unsharded
-from moss.training.launch import quiet_known_warnings, relaunch_as_job, relaunched_rank, restored_environment
+from moss.training.launch import (
+    quiet_known_warnings,
+    relaunch_as_job,
+    relaunched_rank,
+    restored_environment,
+    restored_signals,
+)
 from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_size
 from moss.training.preemption import cluster_plugins
 from moss.training.quality_gate import GATE_METRICS
-from moss.training.run_checkpoint import checkpoint_problem, load_best
+from moss.training.run_checkpoint import AtomicCheckpointIO, load_best, read_position
 from moss.training.sanity import check_training_data
 
 log = logging.getLogger("train")
 
 
 def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume`: null -> fresh run; auto -> this run's newest checkpoint if any; a path is used as given.
+    """`resume`: null -> fresh run; auto -> this run's furthest checkpoint if any; a path is used as given.
 
-    Checkpoints are written atomically, but a file can still be cut short (a full disk, a copy, a hand-made
-    file): `auto` takes the newest checkpoint that loads, and says which it passed over and why.
+    `auto` takes the checkpoint at the highest training step, never the newest file: `best.ckpt` is written
+    whenever validation improves, and may be newer than a later `last.ckpt` (at one step, `last.ckpt`, then a
+    `step_*` file, then `best.ckpt`). Checkpoints are written atomically, but a file can still be cut short (a
+    copy, a hand-made file): those are passed over, each with its reason.
     """
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        found = sorted((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-        for path in reversed(found):
-            if (problem := checkpoint_problem(path)) is None:
-                log.info("resume=auto: continuing from %s", path)
-                return str(path)
-            log.warning("resume=auto: passing over %s (%s)", path, problem)
+        found = list((output_dir / "checkpoints").glob("*.ckpt"))
+        rank = {"last.ckpt": 2, "best.ckpt": 0}
+        usable = []
+        for path in found:
+            step, problem = read_position(path)
+            if problem is None:
+                usable.append((step, rank.get(path.name, 1), path.stat().st_mtime_ns, path))
+            else:
+                log.warning("resume=auto: passing over %s (%s)", path, problem)
+        if usable:
+            step, *_, path = max(usable)
+            log.info("resume=auto: continuing from %s (step %d)", path, step)
+            return str(path)
         if found:
             raise ConfigError(
                 f"resume=auto: none of the {len(found)} checkpoints in {output_dir / 'checkpoints'} loads (see the "
@@ -84,6 +99,7 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
     with contextlib.ExitStack() as held:
+        held.enter_context(restored_signals())
         if not relaunched_rank():
             held.enter_context(own_run_folder(cfg, output_dir))
             for stage in stages:
@@ -117,11 +133,16 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     plugins = cluster_plugins(callbacks.get("preemption"))  # the callback, not Lightning, saves on SLURM's signal
+    plugins.append(AtomicCheckpointIO())  # checkpoints written beside their final name (moss.outputs.atomic_write)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, plugins=plugins or None
+        cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, plugins=plugins
     )
 
     resume = resolve_resume(cfg, output_dir)
+    start = read_position(resume)[0] if resume else 0  # -1: unreadable, and fit says so; the history stays
+    for logger in loggers:  # the rows of the steps before the resumed one are the run's history: kept
+        if hasattr(logger, "keep_until") and start >= 0 and not relaunched_rank():
+            logger.keep_until(start)
     if resume is None and not relaunched_rank():  # a fresh run: its data is checked once, before anything trains
         check_training_data(cfg, datamodule, tokenizer)
     if not relaunched_rank() and cfg.get("data_card") is not None:
@@ -161,8 +182,8 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
 def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Trainer) -> dict:
     """The run's model as an HF folder (+ adapter): the best or the last weights (`export.from`)."""
     output_dir, exported = Path(cfg.paths.output_dir), {}
-    if cfg.export["from"] == "best" and trainer.is_global_zero:
-        exported["weights"] = load_best(module, callbacks.get("best_checkpoint"))
+    if cfg.export["from"] == "best":
+        exported["weights"] = load_best(trainer, module, callbacks.get("best_checkpoint"))
     model = unsharded(module.model, module.hparams.peft, trainer.is_global_zero)  # collective under FSDP
     if model is None:
         return exported

@@ -22,7 +22,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from moss.config_schema import setting_keys
 from moss.errors import ConfigError
-from moss.outputs import writable_folder_problem
+from moss.outputs import refused_write, writable_folder_problem
 
 USAGE_ERROR = 2  # the conventional exit status of a command-line mistake (argparse uses it too)
 
@@ -40,6 +40,9 @@ def command(task: Callable) -> Callable:
         try:
             return task(cfg)
         except Exception as err:
+            if (refused := refused_write(err)) and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                print(f"error: {refused}", file=sys.stderr)
+                sys.exit(1)
             usage = usage_error_behind(err)
             if usage is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

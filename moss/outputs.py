@@ -18,6 +18,7 @@ leaves a file of its own that a rerun would take for the user's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import json
@@ -40,17 +41,56 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
     The one tmp-then-rename of the project. The temporary name is fixed per path (`.<stem>.moss-tmp<suffix>`: hidden,
     so shard globs and listings pass it over; the suffix kept, as writers infer formats from it), so a write
-    killed half-way leaves at most one, which the next write of that path replaces. Each path has one writer at
-    a time: tools lock their folders, and ranks write disjoint names.
+    killed half-way leaves at most one, which the next write of that path replaces. The file is on disk (fsync)
+    before it takes the name, so a crash or a full disk leaves the old file whole, never a cut one. Each path has
+    one writer at a time: tools lock their folders, and ranks write disjoint names.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.moss-tmp{path.suffix}")
     try:
         write(tmp)
+        with open(tmp, "rb") as done:
+            os.fsync(done.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in REFUSED_WRITES:
+            err.filename = str(path)  # the file the user knows, not its temporary name
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# What the disk answered when it refused a write, in words (an OSError's errno).
+REFUSED_WRITES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def refused_write(err: BaseException | None) -> str | None:
+    """One line for a write the disk refused (full, read-only, not ours) behind `err`, else None.
+
+    The line names the file, the space left in its folder and, where the writer knew it, the space it needed.
+    """
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in REFUSED_WRITES and (err.filename or err.errno == errno.ENOSPC):
+            where = Path(str(err.filename)) if err.filename else None
+            folder = where.parent if where is not None and not where.is_dir() else where
+            writing = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+            line = f"{'cannot write ' if writing else ''}{where or 'an output'}: {REFUSED_WRITES[err.errno]}"
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and folder is not None:
+                with contextlib.suppress(OSError):
+                    line += f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder})"
+            needed = getattr(err, "needed_bytes", None)
+            if needed:
+                line += f"; it needs {needed / 2**20:.1f} MiB"
+            return line + "; free space or choose another folder, then rerun (finished work is kept)"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def writable_folder_problem(path: Path, setting: str) -> str | None:

@@ -160,3 +160,61 @@ def tiny_inference(tmp_path, tiny_tokenizer):
     cfg.output_dir, cfg.progress, cfg.max_seconds, cfg.batch_size = str(tmp_path / "out"), False, 0.8, 8
     cfg.sampling = {"do_sample": False}
     return cfg
+
+
+class SignalAtStep(__import__("lightning").Callback):
+    """Test helper: sends this process `signal` after `step` optimiser steps, as a scheduler's preemption would."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM"):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(mib)`: a folder on a tmpfs of that size, to fill up (mounting needs root; skipped without)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(mib: int, read_only: bool = False) -> Path:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        options = f"size={mib}m" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+class FailAtStep(__import__("lightning").Callback):
+    """Test helper: raises after `step` optimiser steps, as a bug or a lost device would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"failed at step {trainer.global_step}")
+
+
+class InterruptAtStep(__import__("lightning").Callback):
+    """Test helper: a second Ctrl-C at `step` (the KeyboardInterrupt the preemption handler raises for it)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt

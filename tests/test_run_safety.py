@@ -1,7 +1,6 @@
 """A run's work is never lost: group stop signals, broken checkpoints, a full disk, two runs of one name, and
 mistakes that are one message."""
 
-import errno
 import os
 import signal
 import subprocess
@@ -41,26 +40,57 @@ def test_resume_auto_passes_over_checkpoints_that_do_not_load(tmp_path, caplog):
         resolve_resume(cfg, tmp_path)
 
 
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
+def test_resume_auto_takes_the_furthest_step_not_the_newest_file(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name, step in [("step_0000004.ckpt", 4), ("last.ckpt", 6), ("step_0000006.ckpt", 6), ("best.ckpt", 6)]:
+        torch.save({"state_dict": {}, "global_step": step}, folder / name)
+        time.sleep(0.01)
+    cfg = OmegaConf.create({"resume": "auto"})
+    assert resolve_resume(cfg, tmp_path) == str(folder / "last.ckpt")  # best.ckpt is newer, at the same step
+    torch.save({"state_dict": {}, "global_step": 2}, folder / "best.ckpt")  # validation wrote it last
+    (folder / "last.ckpt").unlink()
+    assert resolve_resume(cfg, tmp_path) == str(folder / "step_0000006.ckpt")
 
-    io = TorchCheckpointIO()
-    path = tmp_path / "last.ckpt"
+
+def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_whole(small_disk):
+    """Lightning wrote checkpoints to the system temp folder and copied them over the old file: on a full disk the
+    copy cut the old `last.ckpt` short. Now the old file stays whole and the failure is one line with the sizes."""
+    from moss.outputs import refused_write
+    from moss.training.run_checkpoint import AtomicCheckpointIO
+
+    disk = small_disk(3)
+    io, path = AtomicCheckpointIO(), disk / "checkpoints" / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 2}, path)
-    real_write = LocalFileOpener.write
-
-    def disk_full(self, data):
-        real_write(self, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(LocalFileOpener, "write", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(30000)}, "global_step": 4}, path)
-    monkeypatch.undo()
+    with pytest.raises(OSError) as failed:
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1 << 20)}, "global_step": 4}, path)  # 4 MiB
     assert checkpoint_problem(path) is None
     assert torch.load(path, weights_only=True)["global_step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+    line = refused_write(failed.value)
+    assert f"cannot write {path}: no space left on the device" in line and "it needs 4.0 MiB" in line
+    assert "MiB free in" in line
+
+
+def test_a_training_run_on_a_full_disk_stops_with_one_line_and_resumes(tmp_path, small_disk):
+    disk = small_disk(30)  # room for three checkpoints of the tiny model (7.5 MiB each) and the logs
+    overrides = [
+        *FAST,
+        "trainer.max_steps=8",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        f"paths.root={disk}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "export.enabled=false",
+    ]
+    proc = run([str(REPO / "train.py"), *overrides], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: cannot write ") and "no space left on the device" in error, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    checkpoints = sorted((disk / "tiny" / "checkpoints").glob("*.ckpt"))
+    assert checkpoints and all(checkpoint_problem(p) is None for p in checkpoints), checkpoints
+    assert not list((disk / "tiny" / "checkpoints").glob(".*moss-tmp*"))
 
 
 def test_two_runs_of_one_name_never_share_the_folder(tmp_path):
@@ -191,3 +221,15 @@ def test_a_group_sigterm_saves_and_resume_auto_continues_exactly(tmp_path, ranks
         for s, record in after.items():
             assert record["keys"] == reference[s]["keys"]
             assert record["loss"] == pytest.approx(reference[s]["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path):
+    """Lightning ignores SIGINT once a KeyboardInterrupt stops a run and never undoes it: a test suite that ran
+    training in process could no longer be stopped with Ctrl-C."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    cfg = compose_train(tmp_path, [*FAST, "+callbacks.ctrl_c={_target_: tests.conftest.InterruptAtStep, step: 2}"])
+    with pytest.raises(SystemExit):
+        train(cfg)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)

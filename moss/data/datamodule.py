@@ -25,6 +25,7 @@ from moss.data.mixing import Source, Sources, source_specs
 from moss.data.packing import Packing
 from moss.data.synthetic import write_synthetic_corpus
 from moss.distributed import rank_and_world
+from moss.errors import ConfigError
 from moss.model.config import MossTTSDConfig
 from moss.settings import Buffer, Count, Positive, Required, Rows, Seed, Size, TypedDict, Workers, strict
 from moss.text.prompt import PromptBuilder
@@ -188,6 +189,38 @@ class MossDataModule(L.LightningDataModule):
             sources.append(Source(spec.name, tuple(expand_shards(spec.shards, setting)), spec.weight))
         return sources
 
+    def state_dict(self) -> dict:
+        """The training shards by source, by name (a moved run folder still matches), kept in every checkpoint."""
+        return {"shards": {source.name: [shard_name(url) for url in source.urls] for source in self.train_sources}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuse to resume when the checkpoint's shards or sources are gone, or others came.
+
+        Positions in the saved stream count shards, and would point at other data; one message names them and
+        the way out.
+        """
+        saved = state.get("shards")
+        if not isinstance(saved, dict):
+            return  # a checkpoint from before the record
+        now = {source.name: [shard_name(url) for url in source.urls] for source in self.train_sources}
+        problems = [f"data source {name!r} is gone" for name in saved if name not in now]
+        problems += [f"data source {name!r} is new" for name in now if name not in saved]
+        for name in saved.keys() & now.keys():
+            gone = [s for s in saved[name] if s not in set(now[name])]
+            new = [s for s in now[name] if s not in set(saved[name])]
+            where = "" if name == "train" else f" of source {name!r}"
+            if gone:
+                problems.append(f"{len(gone)} shard(s){where} vanished: {_listing(gone)}")
+            if new:
+                problems.append(f"{len(new)} shard(s){where} are new: {_listing(new)}")
+            if not gone and not new and list(saved[name]) != now[name]:
+                problems.append(f"the shards{where} are listed in another order")
+        if problems:
+            raise ConfigError(
+                "the training data changed since the checkpoint: " + "; ".join(problems) + ". Restore the data to "
+                "continue the run exactly, or start a new run (name=...) on the data as it is now"
+            )
+
     def card_splits(self) -> dict[str, object]:
         """The training shard specs by data card split: `train`, or `train/<source>` for each of `data.sources`."""
         if len(self.source_specs) == 1:
@@ -252,3 +285,12 @@ class MossDataModule(L.LightningDataModule):
     @property
     def _pin_memory(self) -> bool:
         return bool(self.trainer and isinstance(self.trainer.accelerator, CUDAAccelerator))
+
+
+def shard_name(url: str) -> str:
+    """A local shard by its file name (its folder may move with the run); a URL or `pipe:` command as it is."""
+    return url if url.startswith("pipe:") or "://" in url else Path(url).name
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -65,6 +67,24 @@ def restored_environment() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def restored_signals() -> Iterator[None]:
+    """Put back every stop signal's handler afterwards, however the run ended.
+
+    A run installs handlers (preemption, Lightning's own), and Lightning sets Ctrl-C to be ignored when a
+    second Ctrl-C interrupts it, never undoing that: the caller (a test suite, a notebook, the next job of a
+    multirun) could no longer be stopped with Ctrl-C.
+    """
+    stops = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP]
+    saved = {sig: signal.getsignal(sig) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(sig, handler)
 
 
 def relaunched_rank() -> bool:

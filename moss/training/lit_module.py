@@ -95,6 +95,12 @@ class MossTTSDLitModule(L.LightningModule):
                 f"run; use bf16-mixed (A100/H100 and newer) or 32-true"
             )
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The x-axis of every logger is a counter Lightning saves before it counts the step being saved, and on
+        # resume it corrects that by one or not depending on where the save happened: resumed runs logged their
+        # steps one off. Each training batch here is one optimiser step, so the counter is the global step.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     def training_step(self, step: StepBatch, batch_idx: int) -> None:
         """One optimiser step: a backward per micro-batch, clipping, the update, the schedule, the metrics.
 
@@ -134,6 +140,7 @@ class MossTTSDLitModule(L.LightningModule):
             ckpt.keep_only_trainable(checkpoint, ckpt.trainable_keys(self.model))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        ckpt.follow_moved_run(checkpoint, self.trainer.callbacks)  # before the callbacks read their state
         if checkpoint.get(ckpt.ADAPTER_ONLY):
             ckpt.check_trainable(checkpoint, ckpt.trainable_keys(self.model))
             self.strict_loading = False  # the frozen base comes from `net`, not from the checkpoint

@@ -92,6 +92,10 @@ class PreemptionCheckpoint(L.Callback):
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # everything a resume needs (optimiser, loops, data)
         trainer.should_stop = True
+        if not _validation_due(trainer):
+            # Lightning validates when a run is told to stop: off the schedule, inside the scheduler's grace
+            # period, and writing a best.ckpt an uninterrupted run never had. A validation due at this step runs.
+            trainer.limit_val_batches = 0
         if trainer.is_global_zero:
             log.warning(
                 "preempted (%s): saved %s at step %d; rerun with resume=auto",
@@ -107,6 +111,14 @@ class PreemptionCheckpoint(L.Callback):
         for name, previous in self._previous.items():
             signal.signal(getattr(signal, name), previous)
         self._previous = {}
+
+
+def _validation_due(trainer) -> bool:
+    """Whether the schedule (`val_check_interval` in steps) validates at the end of the current step."""
+    every = trainer.val_check_batch
+    if trainer.check_val_every_n_epoch is not None or not isinstance(every, int) or every <= 0:
+        return False
+    return (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
 
 
 def cluster_plugins(preemption: PreemptionCheckpoint | None) -> list:

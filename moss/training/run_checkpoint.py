@@ -9,21 +9,82 @@ folder's YAML is instantiated (it could name any callable).
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moss.errors import ConfigError, first_line
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, merged, unwrap
+from moss.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
 # The key of a Lightning checkpoint that records the run's base model (written by the LitModule, read below).
 BASE_KEY = "moss_base"
 ADAPTER_ONLY = "adapter_only"  # set in a LoRA run's checkpoints that hold the trainable weights only
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with the project's one rule for files (`moss.outputs.atomic_write`).
+
+    Lightning writes a local checkpoint to a temporary file in the system's temp folder and then copies it over
+    the old one: across file systems that copy truncates the old checkpoint first, so a full disk left a cut
+    `best.ckpt` that `resume=auto` could not read. Here the temporary file is beside the checkpoint and on disk
+    before it takes the name; a failed save leaves the old checkpoint whole and says how much space it needed.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+        except OSError as err:
+            err.needed_bytes = buffer.getbuffer().nbytes
+            raise
+
+
+def follow_moved_run(checkpoint: dict, callbacks) -> None:
+    """Point the saved state of the run's `ModelCheckpoint`s at their folder now, when the run folder moved.
+
+    The state holds absolute paths. Resumed from a moved or copied run folder, Lightning kept only the old
+    `best_model_path` and dropped the best score: the next validation became "best" whatever its score, and
+    `export.from=best` read a file in the old place. Paths under the old folder whose file is in the new one are
+    moved with it; anything else is left as saved.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in callbacks:
+        state = (
+            (checkpoint.get("callbacks") or {}).get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint)
+            else None
+        )
+        if not isinstance(state, dict) or callback.dirpath is None or not state.get("dirpath"):
+            continue
+        old, new = Path(state["dirpath"]), Path(callback.dirpath)
+        if old == new or not new.is_dir():
+            continue
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = _moved(state.get(key), old, new)
+        state["best_k_models"] = {_moved(k, old, new): v for k, v in (state.get("best_k_models") or {}).items()}
+        state["dirpath"] = str(new)
+
+
+def _moved(path: str | None, old: Path, new: Path) -> str | None:
+    """`path` under `new` instead of `old`, when it was under `old` and its file is there now."""
+    if not path or not Path(path).is_relative_to(old) or not (new / Path(path).relative_to(old)).exists():
+        return path
+    return str(new / Path(path).relative_to(old))
 
 
 def trainable_keys(model: torch.nn.Module) -> set[str]:
@@ -129,19 +190,32 @@ def model_from_checkpoint(
     return model, AutoTokenizer.from_pretrained(tok_path)
 
 
-def load_best(module, best_checkpoint) -> str:
-    """Put the weights of the run's best checkpoint (lowest `val/loss`) into `module`, for export; what it holds now.
+def load_best(trainer, module, best_checkpoint) -> str:
+    """Put the weights of the run's best checkpoint into `module`, for export; what it holds now, in words.
 
-    `best_checkpoint` is the run's `ModelCheckpoint(monitor="val/loss")`. Without one, before the first
-    validation, or under FSDP (the best checkpoint is a distributed folder there), the last weights stay.
+    `best_checkpoint` is the run's best-score `ModelCheckpoint`. Without one, or before the first validation,
+    the last weights stay (said in a warning and in the result). Every rank calls this: under FSDP the best
+    checkpoint is a distributed folder that all ranks read their shards of; otherwise rank 0 reads the file.
     """
     from moss.training.sharding import is_sharded
 
-    path = Path(getattr(best_checkpoint, "best_model_path", "") or "")
-    if not path.is_file() or is_sharded(module.model):
-        why = "no validation has run" if not str(path) or str(path) == "." else f"{path} is not a single file"
+    best = str(getattr(best_checkpoint, "best_model_path", "") or "")
+    if not best:
+        why = "no best checkpoint callback" if best_checkpoint is None else "no validation has run"
         log.warning("export.from=best: %s; exporting the last weights", why)
         return f"last weights ({why})"
+    path, monitor, value = Path(best), best_checkpoint.monitor, best_checkpoint.best_model_score
+    if not path.exists():
+        raise ConfigError(
+            f"export.from=best: the best checkpoint {path} is gone; put it back, or export the last weights with "
+            f"export.from=last (or python export.py checkpoint={path.parent / 'last.ckpt'} output_dir=...)"
+        )
+    score = f"{monitor} {float(value):.4f}" if value is not None else f"best {monitor}"
+    if is_sharded(module.model):
+        step = trainer.strategy.load_checkpoint(path, weights_only=True).get("global_step")
+        return f"{path.name}: {score} at step {step}"
+    if not trainer.is_global_zero:
+        return ""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get(ADAPTER_ONLY):
         check_trainable(state, trainable_keys(module.model))
@@ -150,8 +224,7 @@ def load_best(module, best_checkpoint) -> str:
         raise ValueError(
             f"{path}: weights do not fit this run's model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    score = float(best_checkpoint.best_model_score)
-    return f"{path.name}: val/loss {score:.4f} at step {state.get('global_step')}"
+    return f"{path.name}: {score} at step {state.get('global_step')}"
 
 
 def read_run_checkpoint(path: str | Path) -> dict:
@@ -178,20 +251,33 @@ def read_run_checkpoint(path: str | Path) -> dict:
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why the checkpoint at `path` cannot be resumed from (None: it loads).
+    """Why the checkpoint at `path` cannot be resumed from (None: it loads)."""
+    return read_position(path)[1]
+
+
+def read_position(path: str | Path) -> tuple[int, str | None]:
+    """The training step a checkpoint resumes at, and why it cannot be resumed from (None: it loads).
 
     A single file is opened memory-mapped (its tensors are not read); a distributed checkpoint (FSDP: a folder)
-    must have its `.metadata`, the file the distributed reader starts from.
+    must have its `.metadata`, the file the distributed reader starts from, and Lightning's `meta.pt` with the
+    loops' state.
     """
     path = Path(path)
     if path.is_dir():
-        return None if (path / ".metadata").is_file() else "a checkpoint folder without its .metadata"
+        if not (path / ".metadata").is_file():
+            return -1, "a checkpoint folder without its .metadata"
+        path = path / "meta.pt"
+        if not path.is_file():
+            return -1, "a checkpoint folder without its meta.pt"
     try:
         if path.stat().st_size == 0:
-            return "an empty file"
+            return -1, "an empty file"
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure to load is the reason it is passed over
-        return first_line(err, 200)
-    if not isinstance(state, dict) or "state_dict" not in state:
-        return "not a Lightning checkpoint (no state_dict)"
-    return None
+        return -1, first_line(err, 200)
+    if not isinstance(state, dict) or ("state_dict" not in state and path.name != "meta.pt"):
+        return -1, "not a Lightning checkpoint (no state_dict)"
+    step = state.get("global_step", 0)  # a hand-made checkpoint without loops resumes at its start
+    if not isinstance(step, int) or step < 0:
+        return -1, f"no training step recorded (global_step={step!r})"
+    return step, None
