@@ -176,3 +176,43 @@ def test_fsdp_lora_on_cpu_adapter_round_trip_and_sharded_resume(tmp_path):
     resumed = cli([*run[:-1], "resume=auto", "trainer.max_steps=6", "export.enabled=false"])
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
     assert (out / "checkpoints" / "step_0000006.ckpt").is_dir()
+
+
+@pytest.mark.slow  # two FSDP processes (about 40 s); CI runs it
+def test_fsdp_export_from_best_exports_the_best_sharded_checkpoint(tmp_path):
+    """Under FSDP the best checkpoint is a distributed folder; export.from=best silently exported the last weights."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from moss.model import MossTTSD, MossTTSDConfig
+
+    run = [
+        "strategy=fsdp",
+        "trainer.devices=2",
+        "data.num_workers=0",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=2",
+        "callbacks.best_checkpoint.mode=max",  # on a falling loss the first validation stays the best: step 2
+        "callbacks.early_stopping=null",
+        "sanity_check.samples=0",
+        f"paths.root={tmp_path}",
+    ]
+    proc = cli(run)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+    out = tmp_path / "tiny"
+    assert (out / "checkpoints" / "best.ckpt").is_dir()
+    ids = torch.randint(0, 64, (1, 24, 8))
+
+    def logits_of(folder):
+        dcp_to_torch_save(folder, tmp_path / f"{folder.name}.pt")
+        saved = torch.load(tmp_path / f"{folder.name}.pt", weights_only=True)["state_dict"]
+        model = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
+        return model.eval()(ids, output_logits=True).logits[0]
+
+    with torch.no_grad():
+        exported = MossTTSD.from_pretrained(out / "export").eval()(ids, output_logits=True).logits[0]
+        best, last = logits_of(out / "checkpoints" / "best.ckpt"), logits_of(out / "checkpoints" / "last.ckpt")
+    assert torch.load(out / "checkpoints" / "best.ckpt" / "meta.pt", weights_only=True)["global_step"] == 2
+    assert not torch.allclose(best, last, atol=1e-4)
+    torch.testing.assert_close(exported, best, atol=2e-5, rtol=1e-5)
