@@ -8,7 +8,6 @@ merging. Every setting of conf/infer.yaml applies (codec, release, sampling, see
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from moss.cli import command, fail, require, run, stop_signals_interrupt
 from moss.codec import codec_problems, load_codec
 from moss.evaluation import load_judges
 from moss.generation import generation_for
-from moss.model.checkpoint import HUB_ID, resolve_model_path
+from moss.model.checkpoint import HUB_ID, load_tokenizer, read_adapter_config, resolve_model_path
 from moss.studio import Studio, Voice, serve
 
 log = logging.getLogger("app")
@@ -72,7 +71,6 @@ def _voices(cfg: DictConfig, device: str) -> tuple[list[Voice], object]:
     bases = [_adapter_base(cfg, p) for p in paths]
     if len(paths) == 2 and bases[0] and bases[0] == bases[1]:  # two adapters over one base: switched, not merged
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
         from moss.model import MossTTSD
 
@@ -82,7 +80,7 @@ def _voices(cfg: DictConfig, device: str) -> tuple[list[Voice], object]:
         peft.eval()
         inner = peft.get_base_model()
         voices = [Voice(labels[0], inner, "first", peft), Voice(labels[1], inner, "second", peft)]
-        return voices, AutoTokenizer.from_pretrained(cfg.tokenizer or bases[0])
+        return voices, load_tokenizer(cfg.tokenizer or bases[0])
     voices, tokenizer = [], None
     for label, path in zip(labels, paths, strict=True):
         one = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -99,7 +97,7 @@ def _adapter_base(cfg: DictConfig, path: str) -> str | None:
     config = Path(path) / "adapter_config.json"
     if not config.is_file():
         return None
-    base = cfg.base_model or json.loads(config.read_text()).get("base_model_name_or_path")
+    base = cfg.base_model or read_adapter_config(Path(path)).get("base_model_name_or_path")
     return str(Path(resolve_model_path(base)).resolve()) if base else None
 
 

@@ -50,6 +50,11 @@ def check_mapping(cfg: DictConfig, schema: type, node: str = "") -> list[str]:
     return [f"{prefix}{problem}" for problem in problems]
 
 
+def check_values(values: dict, schema: type, owner: str) -> list[str]:
+    """Problems of a plain mapping read from a file (a config.json) against a `TypedDict` declaring its keys."""
+    return _validate(_adapter(schema), values, "", owner, schema)
+
+
 def _resolution_problems(cfg: DictConfig) -> list[str]:
     """Interpolations that loop or name what does not exist (an unset environment variable, a missing key)."""
     reasons: dict[str, str] = {}  # one line per cause: the first key it breaks (the others depend on it)

@@ -14,11 +14,15 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 
+from moss.config_schema import check_values
 from moss.errors import ConfigError, first_line
+from moss.settings import Count, Positive, Seed, Size, TypedDict
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -71,8 +75,7 @@ def weight_files(path: Path) -> list[Path]:
         if not file.is_file():
             continue
         if name.endswith(".index.json"):
-            index = json.loads(file.read_text())
-            shards = sorted(set(index["weight_map"].values()))
+            shards = sorted(set(weight_map(file).values()))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"{file} lists shards that are missing: {missing}")
@@ -85,6 +88,45 @@ def weight_files(path: Path) -> list[Path]:
     )
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file of a model folder that must hold an object (config, index, adapter, generation settings).
+
+    Raises:
+        ConfigError: not readable, not JSON, or not an object; one line naming the file.
+    """
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not a readable JSON file ({first_line(err)}); fix or replace it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def weight_map(file: Path) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: parameter name -> a shard file inside the folder."""
+    mapping = read_json_object(file).get("weight_map")
+    if not isinstance(mapping, dict) or not mapping:
+        raise ConfigError(f"{file} has no weight_map (parameter name -> shard file); the index is not usable")
+    for key, shard in mapping.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ConfigError(f"{file}: weight_map[{key!r}] = {shard!r} is not a file name in the folder")
+    return mapping
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder; whatever transformers raises for broken files is one line naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign tokenizer file: one message
+        raise ConfigError(
+            f"the tokenizer in {path} does not load ({first_line(err)}); give a folder with a complete tokenizer "
+            f"(tokenizer=/path/to/MOSS-TTSD)"
+        ) from None
+
+
 def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
     """`load(path, ...)` (transformers' `from_pretrained`) with this project's checks around it.
 
@@ -92,7 +134,10 @@ def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
     a MOSS-TTSD folder missing a parameter (other than the unused token table) is the wrong folder, so each of
     those is an error here, naming the parameters, as is a weights file that does not open.
     """
-    stored = stored_keys(path)  # no weights: names what the folder holds; a file that does not open: names it
+    shapes = stored_shapes(path)  # no weights: names what the folder holds; a file that does not open: names it
+    stored = set(shapes)
+    if kwargs.get("config") is not None and (problems := shape_problems(kwargs["config"], shapes)):
+        raise ConfigError(f"{path}: config.json does not match the weights: " + "; ".join(problems))
     try:  # misshapen weights come back in the loading info, to be refused below with their names
         model, info = load(path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user gets one line
@@ -117,31 +162,59 @@ def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
 
 
 def stored_keys(path: Path) -> set[str]:
-    """The parameter names a checkpoint folder stores (indexes and safetensors headers; `.bin` memory-mapped).
+    """The parameter names a checkpoint folder stores (see `stored_shapes`)."""
+    return set(stored_shapes(path))
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The parameters a checkpoint folder stores and their shapes, read from file headers (`.bin` memory-mapped).
 
     Raises:
         ConfigError: a weights file that does not open (named), or a `.bin` that is not a dict of tensors.
     """
-    files = weight_files(path)  # raises naming what is missing
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (path / name).is_file():
-            return set(json.loads((path / name).read_text())["weight_map"])
-    keys = set()
-    for file in files:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(path):  # raises naming what is missing
         try:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt") as f:
-                    keys.update(f.keys())
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 if not isinstance(state, dict):
                     raise ConfigError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
-                keys.update(state)
+                shapes.update({key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")})
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated, not a zip, refused by weights_only: one message
             raise ConfigError(f"{file} is not a readable weights file ({first_line(err)})") from None
-    return keys
+    return shapes
+
+
+def shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Where config.json's sizes disagree with the stored weights, before a model of that size is built.
+
+    A config.json claiming 1000 layers over weights of 28 made the loader build 1000 layers and initialise the
+    missing ones at random: minutes to hours, and then a refusal. The layer count is compared first (no model
+    needed), then every stored shape with the model the config describes, built on the meta device (no memory).
+    """
+    from moss.model.modeling import MossTTSD
+
+    layers = {int(m.group(1)) for key in shapes if (m := re.search(r"\.layers\.(\d+)\.", key))}
+    if layers and len(layers) != config.backbone.get("num_hidden_layers"):
+        return [
+            f"num_hidden_layers={config.backbone.get('num_hidden_layers')}, but the weights hold {len(layers)} layers"
+        ]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MossTTSD(config).state_dict().items()}
+    wrong = [
+        f"{k}: weights {shapes[k]} vs config {expected[k]}"
+        for k in sorted(shapes)
+        if k in expected and shapes[k] != expected[k]
+    ]
+    if not wrong:
+        return []
+    more = "; ..." if len(wrong) > 3 else ""
+    return [f"{len(wrong)} tensors do not have the shapes config.json gives ({'; '.join(wrong[:3])}{more})"]
 
 
 def usual_permissions(*paths: Path) -> None:
@@ -165,21 +238,61 @@ def write_generation_config(out_dir: Path, generation_config: dict | None) -> No
         generation.unlink(missing_ok=True)
 
 
+class ChannelSamplingJson(TypedDict, total=False):
+    """One channel's sampling in a `generation_config.json` (the original's `layers` entries, or the top level)."""
+
+    do_sample: bool
+    temperature: Positive | None
+    top_k: Size | None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None
+    repetition_penalty: Positive | None
+
+
+class GenerationJson(ChannelSamplingJson, total=False):
+    """The `generation_config.json` fields generation reads: per-channel (`do_samples` + `layers`) or shared."""
+
+    do_samples: list[bool] | None
+    layers: list[ChannelSamplingJson] | None
+    max_new_tokens: Count | None
+    seed: Seed | None
+
+
 def read_generation_config(path: Path) -> dict | None:
     """A checkpoint folder's `generation_config.json` as a dict, or None when it has none.
 
     Raises:
-        ConfigError: the file is not a JSON object.
+        ConfigError: the file is not a JSON object, or a field generation reads is out of its bounds.
     """
     file = path / GENERATION_CONFIG
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file} is not valid JSON ({err}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(file)
+    problems = check_values(data, GenerationJson, str(file))
+    samples, layers = data.get("do_samples"), data.get("layers")
+    if not problems and samples is not None and layers is not None and len(samples) != len(layers):
+        problems.append(f"do_samples has {len(samples)} entries, layers {len(layers)}: one per channel each")
+    if problems:
+        raise ConfigError(f"{file}: " + "; ".join(problems) + "; fix it, or delete it to use the default sampling")
+    return data
+
+
+class AdapterJson(TypedDict, total=False):
+    """The `adapter_config.json` fields a LoRA adapter is rebuilt from."""
+
+    peft_type: Literal["LORA"]
+    r: Count
+    lora_alpha: Positive
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: str | list[str] | None
+    base_model_name_or_path: str | None
+
+
+def read_adapter_config(path: Path) -> dict:
+    """A LoRA adapter folder's `adapter_config.json`, checked (ConfigError naming the file and fields)."""
+    file = path / "adapter_config.json"
+    data = read_json_object(file)
+    if problems := check_values(data, AdapterJson, str(file)):
+        raise ConfigError(f"{file}: " + "; ".join(problems))
     return data
 
 
@@ -202,15 +315,13 @@ def load_model(
     Raises:
         FileNotFoundError / ValueError: naming what is missing or which model the files belong to.
     """
-    from transformers import AutoTokenizer
-
     from moss.model.modeling import MossTTSD
 
     path = Path(resolve_model_path(checkpoint))
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = base_model or read_adapter_config(path).get("base_model_name_or_path")
         if not base:
             raise ConfigError(
                 f"{path} is a LoRA adapter without a recorded base model (a run from a random init has none); set "
@@ -223,7 +334,10 @@ def load_model(
                 f"folder here; set base_model=/path/to/MOSS-TTSD"
             )
         model = MossTTSD.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation, device=device)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        except Exception as err:  # noqa: BLE001 - adapter weights of another model, a broken file: one line
+            raise ConfigError(f"the LoRA adapter {path} does not load over {base} ({first_line(err)})") from None
         tok_path = tokenizer or base
     elif path.is_dir() and (path / "config.json").is_file():
         model = MossTTSD.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, device=device)
@@ -239,4 +353,4 @@ def load_model(
             f"checkpoint={path} is neither an HF-format folder (config.json), a LoRA adapter folder "
             f"(adapter_config.json) nor a Lightning .ckpt file"
         )
-    return model.eval(), AutoTokenizer.from_pretrained(str(tok_path))
+    return model.eval(), load_tokenizer(tok_path)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, Strict
 from transformers import PretrainedConfig, Qwen3Config
 
-from moss.errors import ConfigError
+from moss.config_schema import check_values
+from moss.errors import ConfigError, first_line
+from moss.settings import Positive, Required, TypedDict
 
 # Keys that describe the multichannel wrapper rather than the Qwen3 backbone.
 MOSS_KEYS = ("channels", "speech_pad_token", "speech_vocab_size", "speech_token_range", "speech_eos_token")
@@ -30,6 +33,56 @@ _IGNORED_KEYS = ("architectures", "model_type", "transformers_version", "torch_d
 # The real channel-0 id of <|end_of_speech|> (hard-coded in the original `_sample`); ported configs store it.
 REAL_SPEECH_EOS = 152694
 REAL_SPEECH_OFFSET = 151665
+
+
+def _int(least: int, most: int):
+    return Annotated[int, Strict(), Field(ge=least, le=most)]  # Strict: true, "8" and 8.0 are not sizes
+
+
+class ConfigJson(TypedDict, total=False):
+    """The `config.json` fields this project reads, with what a real MOSS-TTSD could hold (others pass through).
+
+    The bounds sit well above the real model (2B: 28 layers, hidden 2048, vocab 152,697) and well below what
+    would make building the model run out of memory or never finish.
+    """
+
+    channels: _int(2, 64)
+    speech_vocab_size: _int(2, 1 << 20)
+    speech_pad_token: _int(0, 1 << 20)
+    speech_token_range: Annotated[list[_int(0, 1 << 24)], Field(min_length=2, max_length=2)]
+    speech_eos_token: _int(0, 1 << 24) | None
+    vocab_size: Required[_int(1, 1 << 24)]
+    hidden_size: Required[_int(1, 1 << 16)]
+    num_hidden_layers: Required[_int(1, 1024)]
+    num_attention_heads: Required[_int(1, 1024)]
+    num_key_value_heads: _int(1, 1024) | None
+    head_dim: _int(1, 4096) | None
+    intermediate_size: _int(1, 1 << 18)
+    max_position_embeddings: _int(1, 1 << 24)
+    rms_norm_eps: Positive
+    rope_theta: Positive
+    pad_token_id: _int(0, 1 << 24) | None
+    bos_token_id: _int(0, 1 << 24) | None
+    eos_token_id: _int(0, 1 << 24) | list[_int(0, 1 << 24)] | None
+    tie_word_embeddings: bool
+    hidden_act: str
+
+
+def config_json_problems(data: dict) -> list[str]:
+    """Every field of a config.json outside its type and bounds, and sizes that do not fit together."""
+    problems = check_values(data, ConfigJson, "config.json")
+    if problems:
+        return problems
+    heads, kv = data["num_attention_heads"], data.get("num_key_value_heads") or data["num_attention_heads"]
+    if heads % kv:
+        problems.append(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if data.get("head_dim") is None and data["hidden_size"] % heads:
+        problems.append(f"hidden_size={data['hidden_size']} is not a multiple of num_attention_heads={heads}")
+    vocab = data["vocab_size"]
+    for key in ("speech_eos_token", "pad_token_id", "bos_token_id"):
+        if isinstance(data.get(key), int) and data[key] >= vocab:
+            problems.append(f"{key}={data[key]} is outside vocab_size={vocab}")
+    return problems
 
 
 class MossTTSDConfig(PretrainedConfig):
@@ -148,9 +201,8 @@ class MossTTSDConfig(PretrainedConfig):
                 f"(its config.json needs channels, speech_vocab_size, speech_pad_token, speech_token_range); "
                 f"point model.path at a MOSS-TTSD checkpoint"
             )
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in data:
-                raise ConfigError(f"{source}: missing required key {key!r}")
+        if problems := config_json_problems(data):
+            raise ConfigError(f"{source} does not describe a model this project can build: " + "; ".join(problems))
         moss = {k: data[k] for k in MOSS_KEYS if k in data and data[k] is not None}
         backbone = {k: v for k, v in data.items() if k not in MOSS_KEYS and k not in _IGNORED_KEYS}
         config = cls(**moss, backbone=backbone)
@@ -166,7 +218,13 @@ class MossTTSDConfig(PretrainedConfig):
                 f"no config.json at {file}; model.path must be a folder holding config.json and the weights "
                 f"(e.g. a local copy of fnlp/MOSS-TTSD-v0.5)"
             )
-        return cls.from_dict(json.loads(file.read_text()), source=str(file))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(f"{file} is not a readable JSON file ({first_line(err)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(file))
 
     def to_dict(self, layout: str = "original") -> dict[str, Any]:
         """Serialise; `layout="original"` is readable by the OpenMOSS loader, `"moss_ttsd"` by the port."""

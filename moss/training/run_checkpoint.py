@@ -151,7 +151,7 @@ def model_from_checkpoint(
 
     Nothing is instantiated from the run folder: a `.hydra/config.yaml` can name any callable, so it is not read.
     """
-    from transformers import AutoTokenizer
+    from moss.model.checkpoint import load_tokenizer
 
     path = Path(path)
     state = read_run_checkpoint(path)
@@ -187,7 +187,7 @@ def model_from_checkpoint(
         if any(getattr(config, key) != getattr(tiny, key) for key in layout):
             raise ValueError(f"{path} is a random model without the tiny vocabulary; set tokenizer=/path/to/tokenizer")
         return model, build_tiny_tokenizer()
-    return model, AutoTokenizer.from_pretrained(tok_path)
+    return model, load_tokenizer(tok_path)
 
 
 def load_best(trainer, module, best_checkpoint) -> str:

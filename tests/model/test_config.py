@@ -63,7 +63,7 @@ def test_real_v05_architecture_builds_with_the_published_parameter_count():
             },
             "plain language model",
         ),
-        ({"model_type": "qwen3", "channels": 8, "hidden_size": 8}, "missing required key 'vocab_size'"),
+        ({"model_type": "qwen3", "channels": 8, "hidden_size": 8}, "vocab_size is required"),
         (
             {
                 "model_type": "qwen3",
