@@ -23,7 +23,7 @@ from moss.errors import ConfigError
 from moss.outputs import FolderLock, OutputFolder
 from moss.training.callbacks import build_callbacks
 from moss.training.data_card import data_card, write_data_card
-from moss.training.export import export_hf, save_adapter, unsharded
+from moss.training.export import TRAINING_CONFIG, export_hf, save_adapter, unsharded
 from moss.training.launch import (
     quiet_known_warnings,
     relaunch_as_job,
@@ -195,7 +195,7 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
     # also before the record existed, so a resumed run replaces it, each file atomically.
     with OutputFolder(output_dir / "export", "export", overwrite=True, patterns=("*",)).check().staged() as stage:
         export_hf(model, stage, tokenizer, layout=cfg.export.layout, sampling=sampling)
-        OmegaConf.save(cfg, stage / "training_config.yaml", resolve=True)
+        OmegaConf.save(cfg, stage / TRAINING_CONFIG, resolve=True)
     exported["export"], exported["adapter"] = output_dir / "export", None
     if isinstance(model, PeftModel):
         with OutputFolder(output_dir / "adapter", "adapter", overwrite=True, patterns=("*",)).check().staged() as stage:

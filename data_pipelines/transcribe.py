@@ -242,6 +242,11 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
     paths = recordings(cfg.input)
     if not paths:
         fail("nothing to transcribe", [f"input={cfg.input} names no audio file ({', '.join(AUDIO_SUFFIXES)})"])
+    if models is None:  # before any folder is made or worker started
+        from moss.evaluation.judges import model_problem
+
+        named = {"asr_model": cfg.asr_model, "speaker_model": cfg.speaker_model}
+        fail("the models cannot be loaded", [p for key, name in named.items() if (p := model_problem(str(name), key))])
     for sub in ("audio", "parts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     settings = fingerprint(cfg)

@@ -270,3 +270,19 @@ def test_progress_counts_optimiser_steps_of_the_whole_run(tmp_path, capsys, capl
     shown = err if mode == "bar" else caplog.text
     assert expected in shown, shown[-2000:]
     assert "Epoch" not in err  # Lightning's epoch bar is off
+
+
+def test_the_progress_line_says_which_step_its_loss_is_from(tmp_path, caplog):
+    """Metrics are logged every log_every_n_steps; the lines between showed the old loss as if it were current."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="moss.training.progress")
+    overrides = [*FAST, "trainer.max_steps=5", "trainer.log_every_n_steps=3", "callbacks.progress.bar=log"]
+    train(compose_train(tmp_path, [*overrides, "callbacks.progress.interval_s=0", "export.enabled=false"]))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    losses = {
+        int(re.match(r"step (\d+)/", line)[1]): re.search(r"loss [\d.]+( \(step \d+\))?", line)[0] for line in lines
+    }
+    # logged at the first step, every third and the last (moss.training.objective.is_log_step)
+    assert [losses[step].partition(" (")[2] for step in range(1, 6)] == ["", "step 1)", "", "step 3)", ""]

@@ -233,3 +233,17 @@ def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path):
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
+
+
+def test_exports_carry_the_training_config_also_when_exported_again_into_themselves(tmp_path):
+    from moss.training.export import export_checkpoint
+
+    result = train(compose_train(tmp_path, FAST))
+    run = result["output_dir"]
+    assert (run / "export" / "training_config.yaml").is_file()
+    export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    assert (tmp_path / "exported" / "training_config.yaml").read_text() == (run / ".hydra" / "config.yaml").read_text()
+    kept = (run / "export" / "training_config.yaml").read_text()
+    export_checkpoint(run / "export", run / "export", layout="moss_ttsd", overwrite=True)
+    assert (run / "export" / "training_config.yaml").read_text() == kept
+    assert '"model_type": "moss_ttsd"' in (run / "export" / "config.json").read_text()

@@ -17,6 +17,7 @@ from pydantic import AfterValidator
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from moss.audio import resample
+from moss.errors import first_line
 from moss.evaluation.turns import Word
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,24 @@ class VoiceEmbedder:
             with torch.inference_mode():
                 rows.append(self.model(**batch).embeddings.float().cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def model_problem(name: str, setting: str) -> str | None:
+    """Why the speech model `setting=name` cannot be loaded here (None: it can), found from its config alone.
+
+    A machine without network reaches no Hub id that is not in its cache; that is one line with the fix, found
+    before any output folder is made or any worker started.
+    """
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, a folder of something else: one line
+        return (
+            f"{setting}={name} cannot be loaded ({first_line(err)}); give a local model folder, or a Hugging Face "
+            f"Hub id this machine can download (huggingface-cli download {name} --local-dir DIR elsewhere)"
+        )
+    return None
 
 
 def load_judges(

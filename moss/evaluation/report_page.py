@@ -87,7 +87,10 @@ def _item_cell(item: dict | None, path: str | None) -> str:
     if "error" in item:
         return f"<td class=worse>{escape(item['error'])}</td>"
     player = f"<audio controls preload=none src='{escape(path, quote=True)}'></audio><br>" if path else ""
-    facts = [f"{item['duration_s']:.2f} s"]
+    if not item.get("duration_s"):  # scored as having said nothing (CER 1), and the page says why
+        facts = ["no audio: the model ended the dialogue at once"]
+    else:
+        facts = [f"{item['duration_s']:.2f} s"]
     facts += [f"{key.upper()} {item[key]:.3f}" for key in ("cer", "wer") if item.get(key) is not None]
     sims = [t["sim_own"] for t in item.get("turns", []) if "sim_own" in t]
     if sims:

@@ -19,7 +19,8 @@ textarea{width:100%;font:inherit}fieldset{margin:.6em 0;border:1px solid #ccc}
 button{font-size:1.05em;padding:.4em 1.2em}
 </style></head><body>
 <h1>MOSS-TTSD studio</h1>
-<p class="small">Models: <span id="labels"></span>. Same seed for each, so the difference is the weights.</p>
+<p class="small"><span id="models">Models</span>: <span id="labels"></span>.<span id="same-seed"> Same seed for
+each, so the difference is the weights.</span></p>
 <form id="form">
 <label for="text">Dialogue script (<code>[S1]</code> and <code>[S2]</code> mark the speakers)</label>
 <textarea id="text" name="text" rows="6">
@@ -37,6 +38,10 @@ button{font-size:1.05em;padding:.4em 1.2em}
 <script>
 const LABELS = __LABELS__;
 document.getElementById("labels").textContent = LABELS.join(" vs ");
+if (LABELS.length === 1) {  // nothing to compare: no word of a comparison
+  document.getElementById("models").textContent = "Model";
+  document.getElementById("same-seed").remove();
+}
 function readFile(input) {
   const file = input.files[0];
   if (!file) return Promise.resolve(null);

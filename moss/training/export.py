@@ -41,6 +41,9 @@ def unsharded(model: torch.nn.Module, peft: dict | None, is_global_zero: bool) -
     return copy.eval()
 
 
+TRAINING_CONFIG = "training_config.yaml"  # the config of the run that trained an export (train.py writes it)
+
+
 def export_hf(
     model: torch.nn.Module,
     out_dir: str | Path,
@@ -96,6 +99,23 @@ def export_checkpoint(
         model, tok = model_from_checkpoint(checkpoint, tokenizer)
     else:
         model, tok = load_model(checkpoint, base_model=base_model, tokenizer=tokenizer)
+    config = training_config_of(Path(checkpoint))
+    text = config.read_bytes() if config is not None else None  # read before the folder may be replaced
     with folder.staged() as stage:
         export_hf(model, stage, tok, layout=layout, sampling=sampling)
+        if text is not None:
+            (stage / TRAINING_CONFIG).write_bytes(text)
     return Path(out_dir)
+
+
+def training_config_of(checkpoint: Path) -> Path | None:
+    """The training config that goes with a checkpoint (None when there is none).
+
+    An export's own `training_config.yaml`, or for a run's `.ckpt` the run's record
+    (`<run>/checkpoints/x.ckpt` -> `<run>/.hydra/config.yaml`).
+    """
+    if checkpoint.is_dir():
+        found = checkpoint / TRAINING_CONFIG
+    else:
+        found = checkpoint.parent.parent / ".hydra" / "config.yaml"
+    return found if found.is_file() else None

@@ -41,6 +41,7 @@ class StepProgress(L.Callback):
         self.interval_s, self.mode = float(interval_s), bar
         self._bar: tqdm | None = None
         self._step = self._logged = -1
+        self._measured: dict[str, tuple[float, int]] = {}  # metric -> (value, step it was logged at)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -89,9 +90,19 @@ class StepProgress(L.Callback):
         parts.append(f"elapsed {timedelta(seconds=round(elapsed))}, ETA {eta}")
         log.info(" | ".join(p for p in parts if p))
 
-    @staticmethod
-    def _metrics(trainer) -> str:
-        """The `SHOWN` metrics that are host values; a device tensor is left out (reading it would sync)."""
-        metrics = trainer.callback_metrics
-        shown = [(name, fmt, metrics[key]) for key, name, fmt in SHOWN if key in metrics]
-        return ", ".join(f"{name} {fmt.format(float(v))}" for name, fmt, v in shown if v.device.type == "cpu")
+    def _metrics(self, trainer) -> str:
+        """The `SHOWN` metrics that are host values (a device tensor is left out: reading it would sync).
+
+        Metrics are logged every `trainer.log_every_n_steps`; one from an earlier step says which step it is from,
+        so a line never passes off an old loss as the current one.
+        """
+        metrics, shown = trainer.callback_metrics, []
+        for key, name, fmt in SHOWN:
+            if key not in metrics or metrics[key].device.type != "cpu":
+                continue
+            value = float(metrics[key])
+            if self._measured.get(key, (None,))[0] != value:
+                self._measured[key] = (value, trainer.global_step)
+            step = self._measured[key][1]
+            shown.append(f"{name} {fmt.format(value)}" + (f" (step {step})" if step != trainer.global_step else ""))
+        return ", ".join(shown)

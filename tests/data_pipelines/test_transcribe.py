@@ -310,3 +310,14 @@ def test_special_files_in_a_list_are_refused_without_being_opened(tmp_path, reco
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert any("not a regular file (a pipe)" in r for r in reasons)
     assert any("not a regular file (a device or socket)" in r for r in reasons)
+
+
+def test_models_that_cannot_be_loaded_are_one_message_before_anything_is_made(tmp_path, recordings):
+    from moss.errors import ConfigError
+
+    cfg = config(tmp_path, asr_model=str(tmp_path / "no-whisper"), speaker_model=str(recordings / "interview.wav"))
+    with pytest.raises(
+        ConfigError, match=r"asr_model=.*no-whisper cannot be loaded .*\n.*speaker_model=.*cannot be loaded"
+    ):
+        transcribe(cfg)
+    assert not (tmp_path / "out").exists()

@@ -62,3 +62,11 @@ def test_the_page_escapes_user_text_and_places_audio_plots_and_verdicts():
     assert "<td class='num better'>0.200</td>" in page  # CER fell
     assert "<td class='num worse'>0.300</td>" in page  # similarity fell
     assert "similarity 0.300, switches 1/2" in page
+
+
+def test_a_model_that_generated_no_audio_says_so_instead_of_a_zero_duration():
+    silent = run("tuned", 1.0, 0.0, 0.0)
+    silent["items"][0]["duration_s"] = 0.0
+    page = render_report({"seed": 7, "checkpoints": {"base": run("base", 0.4, 0.5, 1.3), "tuned": silent}}, {}, [])
+    assert "0.00 s" not in page and "no audio: the model ended the dialogue at once" in page
+    assert "1.50 s" in page

@@ -81,3 +81,62 @@ def test_type_generate_listen_and_see_the_errors_on_the_page(studio_models, tmp_
     finally:
         process.terminate()  # SIGTERM: the server stops cleanly and removes its results
         assert process.wait(timeout=30) == 0
+
+
+def test_another_web_site_cannot_make_the_studio_generate_and_sigterm_stops_it_fast(studio_models, tmp_path):
+    """A page from another origin tries every way a browser lets it reach a local server; none generates. The page
+    itself still works, says "Model" for one model, and the server stops within 5 s of SIGTERM."""
+    import http.server
+    import threading
+    from functools import partial
+
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "the browser test needs Debian's chromium: apt-get install chromium"
+    process, url = start_app([f"checkpoint={studio_models / 'tuned'}", "codec=tiny", "port=0", "max_seconds=2"])
+    target = url.rstrip("/") + "/api/generate"
+    (tmp_path / "evil.html").write_text(
+        "<!doctype html><html><body><form id=f method=POST enctype=text/plain action='" + target + "'>"
+        '<input name=\'{"text": "[S1]hi", "x": "\' value=\'"}\'></form><script>\n'
+        "const body = JSON.stringify({text: '[S1]pwned'});\n"
+        "window.attempts = Promise.allSettled([\n"
+        f"  fetch('{target}', {{method: 'POST', mode: 'no-cors', headers: {{'Content-Type': 'text/plain'}}, body}}),\n"
+        f"  fetch('{target}', {{method: 'POST', headers: {{'Content-Type': 'application/json'}}, body}}),\n"
+        f"  fetch('{target}', {{method: 'POST', mode: 'no-cors', body}}),\n"
+        "]).then(() => 'done');\n"
+        "</script></body></html>"
+    )
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://localhost:{evil.server_port}/evil.html")
+            assert page.evaluate("window.attempts") == "done"
+            with page.expect_navigation():
+                page.evaluate("document.getElementById('f').submit()")  # a form posts across sites as text/plain
+            assert "refused" in page.content() or "application/json" in page.content()
+
+            page = browser.new_page()
+            page.goto(url)
+            assert page.inner_text("p.small").startswith("Model: ") and "Same seed" not in page.inner_text("body")
+            page.fill("#text", "[S1]hello there[S2]hi how are you")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=120_000)
+            browser.close()
+    finally:
+        evil.shutdown()
+        start = time.monotonic()
+        process.terminate()
+        code = process.wait(timeout=60)
+        stopped_in = time.monotonic() - start
+    reader.join(timeout=5)
+    posts = [line for line in seen if '"POST /api/generate"' in line]
+    assert posts and all(line.rstrip().endswith(("403", "415")) for line in posts[:-1]), posts
+    assert posts[-1].rstrip().endswith("200"), posts  # the page's own request, the only one that generated
+    assert code == 0 and stopped_in < 5, stopped_in
