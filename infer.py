@@ -23,7 +23,7 @@ from moss.codec import codec_problems, load_codec
 from moss.generation import generation_for
 from moss.inference import DECODERS, Item, ItemError, Result, Synthesizer, parse_item, read_items
 from moss.model.checkpoint import HUB_ID, load_model
-from moss.outputs import OutputFolder
+from moss.outputs import OutputFolder, refused_errno
 from moss.text.normalize import normalize_text, normalizer
 
 log = logging.getLogger("infer")
@@ -147,6 +147,8 @@ def _synthesize(group: list[Item], synth: Synthesizer, writer: AudioWriter, stre
     try:
         return [writer.stream(group[0], synth)] if streaming else synth.synthesize(group, writer.write)
     except Exception as err:  # noqa: BLE001 - reported per item below
+        if refused_errno(err) is not None:
+            raise  # a full or read-only disk: every item would fail the same way; one error line, work kept
         if len(group) > 1:
             log.warning("a batch of %d items failed (%s); synthesising them one by one", len(group), err)
             return [res for item in group for res in _synthesize([item], synth, writer, streaming)]

@@ -54,7 +54,7 @@ from moss.config_schema import check_mapping
 from moss.errors import ConfigError
 from moss.evaluation.judges import Language
 from moss.evaluation.turns import Word
-from moss.outputs import OutputFolder, atomic_write
+from moss.outputs import OutputFolder, atomic_write, refused_errno
 from moss.settings import Count, Seconds, Size, TypedDict
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ def _work(path: str) -> dict:
     try:
         return transcribe_recording(Path(path), _WORKER["models"], _WORKER["cfg"], _WORKER["out"])
     except Exception as err:  # noqa: BLE001 - one recording's failure is reported, not fatal to the worker
+        if (code := refused_errno(err)) is not None:  # a full disk fails every recording: the run stops
+            return {"refused": [code, getattr(err, "filename", None) or str(_WORKER["out"])]}
         return _part(path, 0.0, dropped=[_skip(path, 0, 0, f"failed: {type(err).__name__}: {err}", "worker")])
 
 
@@ -255,6 +257,9 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
     for path in todo:  # a part made with other settings: its windows' audio goes with it
         _forget(out, path)
     for path, part in _results(cfg, todo, out, models):
+        if "refused" in part:
+            code, name = part["refused"]
+            raise OSError(code, os.strerror(code), name)
         if any(s["reason"].startswith("failed:") for s in part["skipped"]):
             log.warning("%s: %s (retried by the next run)", path, part["skipped"][0]["reason"])
             continue

@@ -23,6 +23,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -56,9 +57,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if err.errno in REFUSED_WRITES:
             err.filename = str(path)  # the file the user knows, not its temporary name
         raise
+    except Exception as err:
+        # A C library's write error often carries no errno (libsndfile says "System error."); a folder with
+        # (almost) no space left says what it was.
+        if refused_errno(err) is None and _space_left(path.parent) < FULL_BELOW:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def _space_left(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return FULL_BELOW
 
 
 # What the disk answered when it refused a write, in words (an OSError's errno).
@@ -71,11 +88,27 @@ REFUSED_WRITES = {
 }
 
 
+def refused_errno(err: BaseException | None) -> int | None:
+    """The errno of a write the disk refused behind `err` (an OSError, or a Rust library's "os error N")."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in REFUSED_WRITES:
+            return err.errno
+        if (found := re.search(r"\(os error (\d+)\)", str(err))) and int(found[1]) in REFUSED_WRITES:
+            return int(found[1])
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def refused_write(err: BaseException | None) -> str | None:
     """One line for a write the disk refused (full, read-only, not ours) behind `err`, else None.
 
     The line names the file, the space left in its folder and, where the writer knew it, the space it needed.
     """
+    code = refused_errno(err)
+    while code is not None and err is not None and not (isinstance(err, OSError) and err.errno == code):
+        err = err.__cause__ or err.__context__
+    if code is not None and err is None:  # a library's error that only quotes the errno: the file is unknown
+        err = OSError(code, os.strerror(code))
     while err is not None:
         if isinstance(err, OSError) and err.errno in REFUSED_WRITES and (err.filename or err.errno == errno.ENOSPC):
             where = Path(str(err.filename)) if err.filename else None
@@ -231,12 +264,19 @@ class OutputFolder:
         """
         stage = self.path / f"{STAGING}{os.getpid()}"
         shutil.rmtree(stage, ignore_errors=True)
+        created = not self.path.exists()
         stage.mkdir(parents=True)
         try:
             yield stage
             self.commit(stage)
+        except Exception as err:
+            if (code := refused_errno(err)) is not None and not getattr(err, "filename", None):
+                raise OSError(code, os.strerror(code), str(self.path)) from err  # the folder the user named
+            raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+            if created and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()  # a failed first output leaves no empty folder behind
 
     def commit(self, stage: Path) -> None:
         """Move the files of `stage` into the folder (one `os.replace` each) and drop stale earlier outputs."""

@@ -178,15 +178,15 @@ class SignalAtStep(__import__("lightning").Callback):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """`small_disk(mib)`: a folder on a tmpfs of that size, to fill up (mounting needs root; skipped without)."""
+    """`small_disk(size)`: a folder on a tmpfs of that size, to fill up (mounting needs root; skipped without)."""
     import subprocess
 
     mounted = []
 
-    def mount(mib: int, read_only: bool = False) -> Path:
+    def mount(size: int | str, read_only: bool = False) -> Path:  # MiB, or tmpfs's own "40k"
         path = tmp_path / f"disk{len(mounted)}"
         path.mkdir()
-        options = f"size={mib}m" + (",ro" if read_only else "")
+        options = f"size={size if isinstance(size, str) else f'{size}m'}" + (",ro" if read_only else "")
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")

@@ -27,10 +27,14 @@ def write_shard(path: str | Path, samples: Iterable[ShardSample]) -> dict:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as stream:
             tar = wds.TarWriter(stream, encoder=False, mtime=0.0)
-            for sample in samples:
-                tar.write(sample.to_wds())
-                frames.append(sample.frames)
-            tar.close()
+            try:
+                for sample in samples:
+                    tar.write(sample.to_wds())
+                    frames.append(sample.frames)
+                tar.close()
+            except BaseException:
+                tar.tarstream.fileobj.closed = True  # discarded: its end is never written (not even at exit)
+                raise
             stream.flush()
             os.fsync(stream.fileno())
 
