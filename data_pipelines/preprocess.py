@@ -337,7 +337,13 @@ class ShardEncoder:
 
 
 def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan: dict, position: int = 0) -> None:
-    """Encode every unfinished shard of `slots` on `device`, then write their manifests."""
+    """Encode every unfinished shard of `slots` on `device`, then write their manifests.
+
+    A slot's records are read in chunks of `records_per_shard`, and a shard closes at the first chunk end where
+    it holds `records_per_shard` samples (or at the slot's end): the shard count follows the usable records, so
+    100,000 lines with few usable ones make a few full shards, not thousands of nearly empty ones. Each shard's
+    `.json` records the chunks it covers; a rerun continues after the last one (at most one shard is redone).
+    """
     output_dir = Path(cfg.output_dir)
     records = RecordIndex(plan["inputs"], cfg.base_path)
     count = min(len(records), int(cfg.limit)) if cfg.limit else len(records)
@@ -345,37 +351,68 @@ def run_slots(cfg: DictConfig, device: str, workers: int, slots: list[int], plan
     todo = []
     for slot in slots:
         mine = np.arange(slot, count, plan["num_slots"])
-        for index in range(0, (len(mine) + per - 1) // per):
-            if not (output_dir / f"{shard_name(slot, index)}.json").is_file():
-                todo.append((slot, index, mine[index * per : (index + 1) * per]))
+        chunks = [mine[i : i + per] for i in range(0, len(mine), per)]
+        index, done = _finished(output_dir, slot)
+        if done < len(chunks):
+            todo.append((slot, index, done, chunks))
     if todo:
         encoder = ShardEncoder(cfg, device, workers)
         start = time.perf_counter()
         bar = tqdm(
-            total=sum(len(t[2]) for t in todo),
+            total=sum(len(c) for _, _, done, chunks in todo for c in chunks[done:]),
             unit="rec",
             position=position,
             disable=not cfg.progress,
             desc=f"{device} slots {slots[0]}..{slots[-1]}",
         )
         try:
-            for slot, index, chunk in todo:
-                name, skips = shard_name(slot, index), []
-                (output_dir / f"{name}.tar").unlink(missing_ok=True)  # a killed run's shard, never marked done
-                journal = EncodeJournal(output_dir / f"{name}.encoding")
-                samples = encoder.shard(records.take(chunk), bar, skips, journal)
-                entry = write_shard(output_dir / name, _unchanged(samples, records, name, output_dir))
-                entry["skipped"] = [s.to_json() for s in skips]
-                meta = output_dir / f"{name}.json"
-                atomic_write(meta, lambda tmp, e=entry: tmp.write_text(json.dumps(e) + "\n"))  # the shard is done
-                journal.close()
-                hours = encoder.audio_seconds / 3600
-                bar.set_postfix(audio_h=f"{hours:.2f}", h_per_h=f"{hours / ((time.perf_counter() - start) / 3600):.0f}")
+            for slot, index, done, chunks in todo:
+                while done < len(chunks):
+                    done = _write_one_shard(
+                        output_dir, shard_name(slot, index), chunks, done, per, encoder, records, bar
+                    )
+                    index += 1
+                    hours = encoder.audio_seconds / 3600
+                    rate = hours / ((time.perf_counter() - start) / 3600)
+                    bar.set_postfix(audio_h=f"{hours:.2f}", h_per_h=f"{rate:.0f}")
         finally:
             bar.close()
             encoder.close()
     for slot in slots:
         write_slot_manifest(output_dir, slot, len(range(slot, count, plan["num_slots"])), per)
+
+
+def _finished(output_dir: Path, slot: int) -> tuple[int, int]:
+    """The slot's next shard index and the first chunk no finished shard covers."""
+    index = done = 0
+    while (meta := output_dir / f"{shard_name(slot, index)}.json").is_file():
+        done = json.loads(meta.read_text()).get("chunks", [index, index + 1])[1]  # earlier layout: one chunk each
+        index += 1
+    return index, done
+
+
+def _write_one_shard(output_dir, name, chunks, first, per, encoder, records, bar) -> int:
+    """Encode chunks from `first` into shard `name` until it holds `per` samples; returns the next chunk."""
+    skips, end = [], first
+    (output_dir / name).unlink(missing_ok=True)  # a killed run's shard, never marked done
+    journal = EncodeJournal(output_dir / f"{name}.encoding")
+
+    def samples():
+        nonlocal end
+        held = 0
+        while end < len(chunks) and held < per:
+            for sample in encoder.shard(records.take(chunks[end]), bar, skips, journal):
+                held += 1
+                yield sample
+            end += 1
+
+    entry = write_shard(output_dir / name, _unchanged(samples(), records, name, output_dir))
+    if not entry["samples"]:  # the slot's last chunks held nothing usable: no shard, only its record
+        (output_dir / name).unlink()
+    entry.update(chunks=[first, end], skipped=[s.to_json() for s in skips])
+    atomic_write(output_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(entry) + "\n"))  # done
+    journal.close()
+    return end
 
 
 def _unchanged(samples: Iterator[ShardSample], records: RecordIndex, name: str, output_dir: Path):
@@ -393,15 +430,18 @@ def _unchanged(samples: Iterator[ShardSample], records: RecordIndex, name: str, 
 
 
 def write_slot_manifest(output_dir: Path, slot: int, records: int, per: int) -> None:
-    """`manifest-<slot>.json` and `skipped-<slot>.jsonl` from the finished shards of a slot."""
+    """`manifest-<slot>.json` and `skipped-<slot>.jsonl` from the finished shards of a slot (once all are done)."""
+    chunks = (records + per - 1) // per
+    index, done = _finished(output_dir, slot)
+    if done < chunks:
+        return  # unfinished: the rerun writes the manifest
     entries, skipped = [], []
-    for index in range((records + per - 1) // per):
-        meta = output_dir / f"{shard_name(slot, index)}.json"
-        if not meta.is_file():
-            return  # unfinished: the rerun writes the manifest
-        entry = json.loads(meta.read_text())
+    for i in range(index):
+        entry = json.loads((output_dir / f"{shard_name(slot, i)}.json").read_text())
         skipped += entry.pop("skipped")
-        entries.append(entry)
+        entry.pop("chunks", None)
+        if entry["samples"]:
+            entries.append(entry)
     write_manifest(output_dir / f"manifest-{slot:05d}.json", entries)
     text = "".join(json.dumps(s) + "\n" for s in skipped)
     atomic_write(output_dir / f"skipped-{slot:05d}.jsonl", lambda tmp: tmp.write_text(text))

@@ -352,3 +352,43 @@ def test_the_encoder_dtype_is_part_of_the_shard_set(tmp_path, codec_files):
         ConfigError, match="codec_dtype='int8' is refused: input should be 'float32', 'bfloat16' or 'float16'"
     ):
         check_arguments(cfg)
+
+
+def test_the_shard_count_follows_usable_records_and_a_stopped_run_resumes(tmp_path, codec_files):
+    """A long input with few usable records made a nearly empty shard per `records_per_shard` lines."""
+    import json as _json
+
+    from data_pipelines import preprocess as module
+    from data_pipelines.preprocess import preprocess
+
+    jsonl = write_good_corpus(tmp_path / "raw", n=6)
+    good = jsonl.read_text().splitlines()
+    missing = [_json.dumps({"file_path": f"audio/gone{i}.wav", "full_transcript": "[S1]x"}) for i in range(200)]
+    lines = missing[:100] + good[:3] + missing[100:] + good[3:]
+    jsonl.write_text("\n".join(lines) + "\n")
+    summary = preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "out", records_per_shard=4))
+    shards = sorted((tmp_path / "out").glob("*.tar"))
+    assert summary["samples"] == 6 and len(shards) == 2, shards  # 4 samples (at least), then the rest
+    manifest = _json.loads((tmp_path / "out" / "manifest-00000.json").read_text())
+    assert [e["samples"] for e in manifest["shards"]] == [4, 2]  # closed at the chunk that brought the 4th
+    assert sum(1 for _ in (tmp_path / "out" / "skipped-00000.jsonl").open()) == 200
+
+    # Stopped after its first shard, the run continues with the chunks after it and ends with the same shards.
+    real, written = module._write_one_shard, []
+
+    def stops_after_one(*args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(args[1])
+        return real(*args, **kwargs)
+
+    module._write_one_shard = stops_after_one
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "again", records_per_shard=4))
+    finally:
+        module._write_one_shard = real
+    assert [p.name for p in (tmp_path / "again").glob("*.tar")] == [shards[0].name]
+    preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "again", records_per_shard=4))
+    for shard in shards:
+        assert (tmp_path / "again" / shard.name).read_bytes() == shard.read_bytes()
