@@ -233,3 +233,9 @@ def test_a_few_more_cpu_ranks_than_cores_is_a_warning_and_many_more_are_refused(
     assert "trainer.devices=3 would start 3 training processes on the CPU, and this machine has 2 cores" in caplog.text
     with pytest.raises(ConfigError, match="trainer.devices=9 would start 9 training processes"):
         validate(compose_train(tmp_path, ["trainer.devices=9"]))
+
+
+def test_the_readmes_peak_tflops_override_is_a_setting(tmp_path):
+    validate(compose_train(tmp_path, ["callbacks.throughput.peak_tflops=989"]))  # README "Throughput"
+    with pytest.raises(ConfigError, match=r"callbacks.throughput.peak_tflops=-1 is refused"):
+        validate(compose_train(tmp_path, ["callbacks.throughput.peak_tflops=-1"]))

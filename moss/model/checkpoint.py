@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from moss.config_schema import check_values
 from moss.errors import ConfigError, first_line
+from moss.model.config import read_json_object
 from moss.settings import Count, Positive, Seed, Size, TypedDict
 
 WEIGHT_FILES = (
@@ -86,21 +87,6 @@ def weight_files(path: Path) -> list[Path]:
         f"no weights in {path}: expected one of {WEIGHT_FILES}, found {present or 'nothing'}; "
         f"set model.path to a complete MOSS-TTSD checkpoint folder"
     )
-
-
-def read_json_object(file: Path) -> dict:
-    """A JSON file of a model folder that must hold an object (config, index, adapter, generation settings).
-
-    Raises:
-        ConfigError: not readable, not JSON, or not an object; one line naming the file.
-    """
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConfigError(f"{file} is not a readable JSON file ({first_line(err)}); fix or replace it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def weight_map(file: Path) -> dict[str, str]:

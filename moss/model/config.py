@@ -35,6 +35,21 @@ REAL_SPEECH_EOS = 152694
 REAL_SPEECH_OFFSET = 151665
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file of a model folder that must hold an object (config, index, adapter, generation settings).
+
+    Raises:
+        ConfigError: not readable, not JSON, or not an object; one line naming the file.
+    """
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not a readable JSON file ({first_line(err)}); fix or replace it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _int(least: int, most: int):
     return Annotated[int, Strict(), Field(ge=least, le=most)]  # Strict: true, "8" and 8.0 are not sizes
 
@@ -218,13 +233,7 @@ class MossTTSDConfig(PretrainedConfig):
                 f"no config.json at {file}; model.path must be a folder holding config.json and the weights "
                 f"(e.g. a local copy of fnlp/MOSS-TTSD-v0.5)"
             )
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ConfigError(f"{file} is not a readable JSON file ({first_line(err)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(file))
+        return cls.from_dict(read_json_object(file), source=str(file))
 
     def to_dict(self, layout: str = "original") -> dict[str, Any]:
         """Serialise; `layout="original"` is readable by the OpenMOSS loader, `"moss_ttsd"` by the port."""
