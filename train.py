@@ -273,7 +273,10 @@ def _report(
                 for name, n in summary["sources"].items()
             )
         )
-    lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    if metrics:
+        lines.append("final:         " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+    else:  # resume=auto of a finished run: nothing trained or validated now; its curve is in the logs
+        lines.append(f"final:         none logged now: the run was already at step {trainer.global_step} of max_steps")
     print("\n".join(lines))
 
 

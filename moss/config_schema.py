@@ -21,12 +21,13 @@ import functools
 import inspect
 import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, Required, get_type_hints, is_typeddict
+
+if TYPE_CHECKING:  # omegaconf is imported where a run's config is checked: a model folder's check needs only pydantic
+    from omegaconf import DictConfig
 
 _CONFIG = ConfigDict(arbitrary_types_allowed=True, allow_inf_nan=False)
 _UNJUDGED = {"is_instance_of", "is_subclass_of", "callable_type"}  # a class's instance, built from the config
@@ -35,6 +36,8 @@ _MISSING = object()
 
 def schema_problems(cfg: DictConfig | dict) -> list[str]:
     """One line per setting of a `_target_` node that its target refuses (unknown key, wrong type, out of range)."""
+    from omegaconf import OmegaConf
+
     cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
     problems = [*_resolution_problems(cfg)]
     for prefix, node in _target_nodes(OmegaConf.to_container(cfg, resolve=False)):
@@ -57,6 +60,9 @@ def check_values(values: dict, schema: type, owner: str) -> list[str]:
 
 def _resolution_problems(cfg: DictConfig) -> list[str]:
     """Interpolations that loop or name what does not exist (an unset environment variable, a missing key)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
     reasons: dict[str, str] = {}  # one line per cause: the first key it breaks (the others depend on it)
     for key in setting_keys(OmegaConf.to_container(cfg, resolve=False)):
         try:
@@ -99,6 +105,9 @@ def _has_target(value) -> bool:
 
 def _value(cfg: DictConfig, key: str):
     """The resolved plain value at `key`; _MISSING when unset (`???`) or unresolvable (reported elsewhere)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
         if isinstance(value, DictConfig | ListConfig):

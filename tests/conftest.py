@@ -210,10 +210,15 @@ class FailAtStep(__import__("lightning").Callback):
 
 
 class InterruptAtStep(__import__("lightning").Callback):
-    """Test helper: a second Ctrl-C at `step` (the KeyboardInterrupt the preemption handler raises for it)."""
+    """Test helper: a second Ctrl-C at `step` (the KeyboardInterrupt the preemption handler raises for it); step 0:
+    a Ctrl-C while the run sets up (preprocessing, the data card), before Lightning installs its handlers."""
 
     def __init__(self, step: int):
         self.step = step
+
+    def setup(self, trainer, pl_module, stage):
+        if self.step == 0:
+            raise KeyboardInterrupt
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:

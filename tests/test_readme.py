@@ -173,6 +173,11 @@ def test_every_documented_command_runs_as_written(tmp_path):
     assert (work / "runs" / "tiny" / "export" / "model.safetensors").is_file()
     noise = [line for line in done.stderr.splitlines() if re.search(r"[Ww]arning|deprecated|litlogger", line)]
     assert not noise, noise
+    # Resuming the finished run: nothing to train, the same export, no noise.
+    done = ok(next(c for c in commands if c == "python train.py resume=auto"))
+    assert "none logged now: the run was already at step 300" in done.stdout, done.stdout[-500:]
+    assert (work / "runs" / "tiny" / "export" / "model.safetensors").is_file()
+    assert not [line for line in done.stderr.splitlines() if re.search(r"[Ww]arning", line)], done.stderr
 
     # The real recipe on a machine without a GPU: refused with the fix; then the fix, at 2 steps.
     for command in [c for c in commands if c.startswith("python train.py " + GPU_EXPERIMENT)]:

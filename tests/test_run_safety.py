@@ -223,11 +223,14 @@ def test_a_group_sigterm_saves_and_resume_auto_continues_exactly(tmp_path, ranks
             assert record["loss"] == pytest.approx(reference[s]["loss"], rel=1e-6, abs=1e-6)
 
 
-def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path):
-    """Lightning ignores SIGINT once a KeyboardInterrupt stops a run and never undoes it: a test suite that ran
-    training in process could no longer be stopped with Ctrl-C."""
+@pytest.mark.parametrize("step", [0, 2], ids=["while-setting-up", "while-training"])
+def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path, step):
+    """Lightning ignores SIGINT once a KeyboardInterrupt stops a run, and undoes that only when the Ctrl-C came
+    after it had installed its own handlers: one during setup (preprocessing, the data card) left a test suite
+    or notebook that ran training in process deaf to Ctrl-C."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    cfg = compose_train(tmp_path, [*FAST, "+callbacks.ctrl_c={_target_: tests.conftest.InterruptAtStep, step: 2}"])
+    ctrl_c = f"+callbacks.ctrl_c={{_target_: tests.conftest.InterruptAtStep, step: {step}}}"
+    cfg = compose_train(tmp_path, [*FAST, ctrl_c])
     with pytest.raises(SystemExit):
         train(cfg)
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers

@@ -99,6 +99,8 @@ _KNOWN_WARNINGS = (
     # Deprecations inside torchdata / Lightning's use of torch internals, not in this project's code.
     r".*'set_vital' is deprecated",
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # A run's checkpoint folder has files only when it resumes (a new run refuses a used name before this).
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 
