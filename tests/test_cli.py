@@ -37,6 +37,7 @@ def snapshot(*folders: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_config_mistake_is_one_message_with_every_fix_exit_2_and_writes_nothing(tmp_path):
     before = snapshot(tmp_path)
     done = run(

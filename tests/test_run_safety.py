@@ -72,6 +72,7 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_whole(small_di
     assert "MiB free in" in line
 
 
+@pytest.mark.slow
 def test_a_training_run_on_a_full_disk_stops_with_one_line_and_every_checkpoint_loads(tmp_path, small_disk):
     disk = small_disk(30)  # room for three checkpoints of the tiny model (7.5 MiB each) and the logs
     overrides = [

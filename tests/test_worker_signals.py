@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from moss.worker_signals import deaf_to_group_stops
 from tests.conftest import REPO
 
@@ -33,6 +35,7 @@ def test_a_group_sigterm_is_survived_and_the_parents_terminate_is_obeyed():
     assert not worker.is_alive() and worker.exitcode == 0
 
 
+@pytest.mark.slow
 def test_a_worker_ends_when_its_parent_is_gone(tmp_path):
     pid_file = tmp_path / "pid"
     script = (

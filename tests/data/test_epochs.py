@@ -57,6 +57,7 @@ def test_shards_without_a_manifest_are_refused(corpus):
         plan_epochs(urls, 1, builder, PACKING, batch_size=1, world_size=1, accumulate=1)
 
 
+@pytest.mark.slow
 def test_a_run_of_two_epochs_validates_once_per_epoch_and_reads_the_data_twice(tmp_path, capsys):
     result = train(compose_train(tmp_path, ["data.epochs=2", "data.num_workers=0", "data.shuffle_buffer=8"]))
     plan, trainer = result["plan"], result["trainer"]

@@ -93,6 +93,7 @@ def whisper_confidence_by_hand(asr, wave, text, language):
     return float(np.mean(probs)) if probs else 0.0
 
 
+@pytest.mark.slow
 def test_the_whisper_confidence_scores_the_transcript_it_kept(tiny_whisper, tmp_path):
     """One teacher-forced pass over the transcripts the decoding kept, batched and padded, against a float64
     recomputation a token at a time; the language given or detected; none unless asked; 30 s at most."""
