@@ -210,3 +210,32 @@ def test_validation_pass_with_more_readers_than_shards_is_still_exactly_once(tmp
         monkeypatch.setenv("WORLD_SIZE", "2")
         keys += keys_of(ShardStream(expand_shards(str(tmp_path)), builder, repeat=False, shuffle=False))
     assert sorted(keys) == sorted(s.key for s in generate_samples(5, seed=2))
+
+
+@pytest.mark.slow
+def test_loader_workers_beside_busy_processes_deliver_every_sample_every_time(tiny_shards, builder):
+    """A loader worker was once reported dead ("exited unexpectedly") in a suite run on a machine at load 8-12.
+    The training loader as the data module builds it (persistent workers that watch their stop signals), two
+    passes at a time, eight times, beside eight processes that keep both cores busy: every sample, every pass."""
+    import subprocess
+    import sys
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from moss.data.datamodule import outlive_group_stops
+
+    expected = sorted(s.key for s in generate_samples(48, seed=3))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(8)]
+    try:
+        for _ in range(8):
+            stream = packed_stream(expand_shards(str(tiny_shards)), builder, False)
+            loader = StatefulDataLoader(
+                stream, batch_size=None, num_workers=3, persistent_workers=True, worker_init_fn=outlive_group_stops
+            )
+            for _ in range(2):
+                assert sorted(k for batch in loader for k in batch.stats.keys) == expected
+            del loader
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
