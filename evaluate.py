@@ -25,7 +25,8 @@ from moss.evaluation import Dialogue, Transcriber, VoiceEmbedder, load_judges, s
 from moss.evaluation.report_page import render_report
 from moss.evaluation.scoring import METRICS, comparison
 from moss.generation import generation_for
-from moss.model.checkpoint import HUB_ID, read_generation_config
+from moss.model.checkpoint import HUB_ID
+from moss.model.folder import read_generation_config
 from moss.outputs import OutputFolder
 
 log = logging.getLogger("evaluate")

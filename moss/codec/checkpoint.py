@@ -86,18 +86,6 @@ def codec_problems(settings) -> list[str]:
     return problems
 
 
-def load_codec(settings, device: str = "cpu"):
-    """The codec a `codec` setting group names: the XY-Tokenizer files, or the seeded random tiny codec."""
-    import logging
-
-    from moss.codec.model import XYTokenizer
-
-    if settings.get("tiny"):
-        logging.getLogger(__name__).warning("codec=tiny: a RANDOM tiny codec; its audio is noise (for trying only)")
-        return XYTokenizer.from_config(seed=int(settings.get("seed", 0))).to(device)
-    return XYTokenizer.from_pretrained(settings["config"], settings["checkpoint"], device=device)
-
-
 def _is_missing(settings, key: str) -> bool:
     from omegaconf import OmegaConf
 

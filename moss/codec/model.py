@@ -13,6 +13,7 @@ Layout at the API: codes are `[frames, 8]` per clip (time first, as in the train
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torchaudio
 from torch import nn
 
 from moss.audio import SAMPLE_RATE
+from moss.codec.checkpoint import load_codec_state
 from moss.codec.config import XYTokenizerConfig
 from moss.codec.features import LogMel
 from moss.codec.layers import Adapter, AudioDecoder, AudioEncoder, ResidualDownConv, UpConv
@@ -253,8 +255,14 @@ class XYTokenizer(nn.Module):
             FileNotFoundError: missing files.
             ValueError: a checkpoint that is not an XY-Tokenizer state dict or does not match the config.
         """
-        from moss.codec.checkpoint import load_codec_state
-
         model = cls(XYTokenizerConfig.from_yaml(config_yaml))
         load_codec_state(model, Path(checkpoint))
         return model.to(device).eval()
+
+
+def load_codec(settings, device: str = "cpu") -> XYTokenizer:
+    """The codec a `codec` setting group names: the XY-Tokenizer files, or the seeded random tiny codec."""
+    if settings.get("tiny"):
+        logging.getLogger(__name__).warning("codec=tiny: a RANDOM tiny codec; its audio is noise (for trying only)")
+        return XYTokenizer.from_config(seed=int(settings.get("seed", 0))).to(device)
+    return XYTokenizer.from_pretrained(settings["config"], settings["checkpoint"], device=device)

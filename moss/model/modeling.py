@@ -10,6 +10,7 @@ token or (codebook-0 code + speech offset), channels 1..7 codebooks 1..7 (1024 =
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +20,20 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from moss.errors import ConfigError, first_line
 from moss.model import varlen
 from moss.model.activation_checkpointing import checkpoint_kwargs, checkpointing_policy
 from moss.model.attention import AttnImplementation, check_attn_implementation
 from moss.model.backbone import MossTTSDBackbone, MossTTSDOutput
 from moss.model.config import MossTTSDConfig
+from moss.model.folder import (
+    WEIGHT_FILES,
+    read_generation_config,
+    stored_shapes,
+    usual_permissions,
+    weight_files,
+    write_generation_config,
+)
 from moss.model.loss import (
     DEFAULT_CHUNK_ROWS,
     channel_cross_entropy,
@@ -34,6 +44,9 @@ from moss.model.loss import (
 
 # transformers renamed `past_key_values` to `cache` (5.2x); both the keyword and the output attribute follow it.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
+# Parameters a checkpoint may lack: the unused Qwen3 token table (we keep a zero table) and the tied heads.
+OPTIONAL_PREFIXES = ("model.language_model.embed_tokens.",)
+TIED_PREFIX = "lm_heads."
 
 
 class MossTTSD(PreTrainedModel):
@@ -324,8 +337,6 @@ class MossTTSD(PreTrainedModel):
             KeyError: weights with missing or unexpected parameters.
             ValueError: weights of the wrong shape.
         """
-        from moss.model.checkpoint import checked_load, read_generation_config
-
         path = Path(path)
         config = config if config is not None else MossTTSDConfig.from_pretrained(path)
         check_attn_implementation(attn_implementation)
@@ -370,8 +381,6 @@ class MossTTSD(PreTrainedModel):
         shards removed, the tied heads left out); the config is then written in the requested published form.
         The generation config written is `generation_config`, else the model's own (none when both are None).
         """
-        from moss.model.checkpoint import WEIGHT_FILES, usual_permissions, weight_files, write_generation_config
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in WEIGHT_FILES:  # a .bin export of the same folder would be read before the new weights
@@ -380,6 +389,65 @@ class MossTTSD(PreTrainedModel):
         self.config.save_pretrained(out_dir, layout=layout)
         usual_permissions(*weight_files(out_dir))
         write_generation_config(out_dir, generation_config if generation_config is not None else self.generation_config)
+
+
+def checked_load(load, path: Path, *args, **kwargs) -> torch.nn.Module:
+    """`load(path, ...)` (transformers' `from_pretrained`) with this project's checks around it.
+
+    transformers warns about missing, unexpected or misshapen weights and initialises what is missing at random;
+    a MOSS-TTSD folder missing a parameter (other than the unused token table) is the wrong folder, so each of
+    those is an error here, naming the parameters, as is a weights file that does not open.
+    """
+    shapes = stored_shapes(path)  # no weights: names what the folder holds; a file that does not open: names it
+    stored = set(shapes)
+    if kwargs.get("config") is not None and (problems := shape_problems(kwargs["config"], shapes)):
+        raise ConfigError(f"{path}: config.json does not match the weights: " + "; ".join(problems))
+    try:  # misshapen weights come back in the loading info, to be refused below with their names
+        model, info = load(path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user gets one line
+        raise ConfigError(f"{path}: the weights do not load ({first_line(err)})") from None
+    if mismatched := sorted(info.get("mismatched_keys") or ()):
+        shapes = [f"{key}: checkpoint {tuple(saved)} vs model {tuple(made)}" for key, saved, made in mismatched]
+        raise ValueError(
+            f"{path}: tensors of the wrong shape (config.json does not match the weights): {shapes[:4]}"
+            f"{'...' if len(shapes) > 4 else ''} ({len(shapes)})"
+        )
+    missing = [k for k in info["missing_keys"] if not k.startswith((*OPTIONAL_PREFIXES, TIED_PREFIX))]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(TIED_PREFIX)]
+    if missing or unexpected:
+        raise KeyError(
+            f"{path} does not match the MOSS-TTSD layout: missing {missing[:8]}{'...' if len(missing) > 8 else ''} "
+            f"({len(missing)}), unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    if not any(k.startswith(OPTIONAL_PREFIXES) for k in stored):
+        with torch.no_grad():
+            model.decoder.embed_tokens.weight.zero_()  # never read: zero rather than random, as a re-save writes it
+    return model
+
+
+def shape_problems(config, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Where config.json's sizes disagree with the stored weights, before a model of that size is built.
+
+    A config.json claiming 1000 layers over weights of 28 made the loader build 1000 layers and initialise the
+    missing ones at random: minutes to hours, and then a refusal. The layer count is compared first (no model
+    needed), then every stored shape with the model the config describes, built on the meta device (no memory).
+    """
+    layers = {int(m.group(1)) for key in shapes if (m := re.search(r"\.layers\.(\d+)\.", key))}
+    if layers and len(layers) != config.backbone.get("num_hidden_layers"):
+        return [
+            f"num_hidden_layers={config.backbone.get('num_hidden_layers')}, but the weights hold {len(layers)} layers"
+        ]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MossTTSD(config).state_dict().items()}
+    wrong = [
+        f"{k}: weights {shapes[k]} vs config {expected[k]}"
+        for k in sorted(shapes)
+        if k in expected and shapes[k] != expected[k]
+    ]
+    if not wrong:
+        return []
+    more = "; ..." if len(wrong) > 3 else ""
+    return [f"{len(wrong)} tensors do not have the shapes config.json gives ({'; '.join(wrong[:3])}{more})"]
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from moss.generation import generation_for
 from moss.model import MossTTSD
-from moss.model.checkpoint import usual_permissions
+from moss.model.folder import usual_permissions
 from moss.model.lora import apply_lora, merged, unwrap
 from moss.outputs import OutputFolder
 from moss.training.run_checkpoint import model_from_checkpoint

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.model.checkpoint import weight_files
+from moss.model.folder import weight_files
 from tests.conftest import random_batch, requires_golden
 
 
