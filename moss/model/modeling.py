@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, Qwen3Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+from transformers.initialization import no_init_weights
 
 from moss.errors import ConfigError, first_line
 from moss.model import varlen
@@ -358,13 +358,8 @@ class MossTTSD(PreTrainedModel):
     def empty(cls, config: MossTTSDConfig, *, attn_implementation: str = "sdpa", device="cpu", **kwargs) -> MossTTSD:
         """A model with allocated but uninitialised weights (to be loaded), built without a random init pass."""
         check_attn_implementation(attn_implementation)
-        with torch.device("meta"):
+        with no_init_weights(), torch.device(device):  # transformers' own: the init functions do nothing
             model = cls(config, attn_implementation=attn_implementation, **kwargs)
-        model.to_empty(device=device)
-        lm = model.model.language_model
-        # RoPE frequencies are computed, not stored: rebuild them on a real device after meta construction.
-        with torch.device(device):
-            lm.rotary_emb = Qwen3RotaryEmbedding(config=lm.config)
         model.tie_weights()
         return model
 

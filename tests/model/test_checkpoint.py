@@ -182,3 +182,17 @@ def test_a_checkpoint_without_the_unused_token_table_loads_it_as_zeros(tiny_mode
     save_file(state, tmp_path / "model.safetensors")
     loaded = MossTTSD.from_pretrained(tmp_path)
     assert not loaded.decoder.embed_tokens.weight.any()
+
+
+def test_an_empty_model_given_a_state_computes_what_its_source_does():
+    """`MossTTSD.empty` (FSDP export's unsharded copy) allocates without a random init; its computed buffers (the
+    rotary frequencies) are real and its heads tied, so a loaded state is the whole model."""
+    source = MossTTSD.from_config(MossTTSDConfig.tiny(), seed=0).eval()
+    copy = MossTTSD.empty(source.config).eval()
+    copy.load_state_dict(source.state_dict())
+    rotary = (m.model.language_model.rotary_emb.inv_freq for m in (source, copy))
+    torch.testing.assert_close(*rotary, rtol=0, atol=0)
+    assert sum(p.numel() for p in copy.parameters()) == sum(p.numel() for p in source.parameters())  # tied
+    ids = torch.randint(0, 300, (2, 12, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=0)
