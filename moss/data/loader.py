@@ -67,7 +67,7 @@ class StepLoader:
 
     def state_dict(self) -> dict:
         """`{"ranks": [state of rank 0, rank 1, ...]}`; a collective call under torch.distributed."""
-        local = {"loader": self.loader.state_dict()}
+        local = {"loader": self.loader.state_dict(), "workers": self.loader.num_workers}
         if not is_initialized():
             return {"ranks": [local]}
         states = [None] * dist.get_world_size()
@@ -88,20 +88,13 @@ class StepLoader:
                 f"the checkpoint's data streams come from {len(ranks)} ranks, this run has {world}; resume with "
                 f"the same trainer.devices x trainer.num_nodes (and data.num_workers) to continue the data exactly"
             )
-        workers = _saved_workers(ranks[rank]["loader"])
+        workers = ranks[rank].get("workers")  # None: a checkpoint from before it was recorded
         if workers is not None and workers != self.loader.num_workers:
             raise ConfigError(
                 f"the checkpoint's data streams were read by {workers} loader workers per rank, this run has "
                 f"{self.loader.num_workers}; resume with data.num_workers={workers} to continue the data exactly"
             )
         self.loader.load_state_dict(ranks[rank]["loader"])
-
-
-def _saved_workers(state: dict) -> int | None:
-    """Loader workers of a saved `StatefulDataLoader` state (torchdata's layout), or None when unknown."""
-    if "_snapshot" in state:
-        return state["_snapshot"].get("_main_snapshot", {}).get("_num_workers")
-    return 0 if "_index_sampler_state" in state or "dataset_state" in state else None
 
 
 class EvenBatches:
