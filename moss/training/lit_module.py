@@ -159,4 +159,4 @@ class MossTTSDLitModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)  # never a loader length
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return [optimizer], [scheduler]  # stepped by training_step, once per optimiser step
