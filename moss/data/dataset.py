@@ -259,7 +259,7 @@ class ShardStream(IterableDataset):
         self._restored = stages or None
         self.skipped = Counter(state.get("skipped", {}))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[PackedBatch]:
         slot, slots = self._slot()
         _, world = rank_and_world()
         # A one-pass stream may leave readers idle; a training one may not (that reader would have no data).

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from moss.data.batch import StepBatch
+from moss.data.batch import PackedBatch, StepBatch
 from moss.distributed import is_initialized, rank_and_world
 from moss.errors import ConfigError
 
@@ -115,7 +115,7 @@ class EvenBatches:
     def __init__(self, loader, placeholder):
         self.loader, self.placeholder = loader, placeholder
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[PackedBatch]:
         if not is_initialized() or dist.get_world_size() == 1:
             yield from self.loader
             return

@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 
 from moss.data import tar_reader
+from moss.data.batch import PackedBatch
 from moss.data.examples import ExampleBuilder, OverLongSample
 from moss.data.packing import BestFitPacker
 from moss.data.schema import SampleError, ShardSample
@@ -308,11 +309,11 @@ class PackStage:
 class Batcher:
     """Units (packs, or examples in padded mode) -> collated micro-batches of `size` units; the last may be short."""
 
-    def __init__(self, size: int, collate: Callable[[list], dict], packed: bool):
+    def __init__(self, size: int, collate: Callable[[list], PackedBatch], packed: bool):
         self.size, self.collate, self.packed = size, collate, packed
         self.group: list = []
 
-    def __call__(self, units: Iterable) -> Iterator[dict]:
+    def __call__(self, units: Iterable) -> Iterator[PackedBatch]:
         for unit in units:
             self.group.append(unit)
             if len(self.group) == self.size:
