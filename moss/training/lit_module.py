@@ -6,7 +6,7 @@ the right device; the loss lives in `moss.model.loss`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import lightning as L
@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from moss.data.batch import PackedBatch, StepBatch
 from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
-from moss.model.loss import finetune_channel_weights, normalized_weights
-from moss.model.speedups import Speedups
+from moss.model.lora import apply_lora
+from moss.model.loss import DEFAULT_CHUNK_ROWS, finetune_channel_weights, normalized_weights
+from moss.model.speedups import Speedups, apply_speedups
 from moss.settings import Count, NonNegative, Positive
 from moss.training import run_checkpoint as ckpt
-from moss.training.model_setup import training_model
 from moss.training.objective import SetLoss, StepLoss, host_metrics, is_log_step
 from moss.training.sharding import is_sharded, shard_model
 
@@ -160,3 +160,18 @@ class MossTTSDLitModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)  # never a loader length
         return [optimizer], [scheduler]  # stepped by training_step, once per optimiser step
+
+
+def training_model(model: MossTTSD, settings: Mapping, device_type: str) -> torch.nn.Module:
+    """The net as it trains: loss settings, the frozen token table, checkpointing, speed-ups, then LoRA.
+
+    `settings` are the module's hyperparameters. Returns the model itself, or its peft wrapper when
+    `settings["peft"]` asks for LoRA.
+    """
+    model.set_channel_weights(settings["channel_weights"])
+    model.ce_chunk_rows = settings["ce_chunk_rows"] or DEFAULT_CHUNK_ROWS
+    model.freeze_unused_token_table()  # out of the optimiser and out of DDP's gradient buckets
+    if settings["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(settings["gradient_checkpointing"])
+    apply_speedups(model, device_type, **(settings.get("speedups") or {}))
+    return apply_lora(model, **settings["peft"]) if settings["peft"] else model
