@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moss.data.batch import PackedBatch, StepBatch
-from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora
 from moss.model.loss import DEFAULT_CHUNK_ROWS, finetune_channel_weights, normalized_weights
@@ -87,13 +86,6 @@ class MossTTSDLitModule(L.LightningModule):
 
     def forward(self, batch: PackedBatch):
         return self.model(**batch.model_inputs())
-
-    def on_fit_start(self) -> None:
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            raise ConfigError(
-                f"trainer.precision={self.trainer.precision} needs a loss scaler, which this training step does not "
-                f"run; use bf16-mixed (A100/H100 and newer) or 32-true"
-            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The x-axis of every logger is a counter Lightning saves before it counts the step being saved, and on
