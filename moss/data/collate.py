@@ -6,6 +6,8 @@ attention 0. Examples longer than `max_length` are cut on the right, as the orig
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -17,13 +19,13 @@ class PaddingCollator:
     """Batch delayed examples into `input_ids`/`labels` `[B, T, C]` and `attention_mask` `[B, T]`.
 
     Returns a `PackedBatch` with `label_counts` `[C]` (valid next-token targets per channel) and its
-    `BatchStats`.
+    `BatchStats` (with `origin`: its fields reader, skipped and sources).
     """
 
     def __init__(self, text_pad_id: int, speech_pad: int = 1024, max_length: int = 16000):
         self.text_pad_id, self.speech_pad, self.max_length = text_pad_id, speech_pad, max_length
 
-    def __call__(self, examples: list[dict]) -> PackedBatch:
+    def __call__(self, examples: list[dict], origin: Mapping | None = None) -> PackedBatch:
         lengths = [min(ex["input_ids"].shape[0], self.max_length) for ex in examples]
         batch, length, channels = len(examples), max(lengths), examples[0]["input_ids"].shape[1]
         input_ids = np.empty((batch, length, channels), dtype=np.int64)
@@ -45,5 +47,6 @@ class PaddingCollator:
                 sum_sq_rows=sum(n * n for n in lengths),
                 num_samples=batch,
                 keys=tuple(ex["key"] for ex in examples),
+                **(origin or {}),
             ),
         )

@@ -18,7 +18,7 @@ report when `report_dir` is set.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import glob
 import io
 import json
@@ -280,7 +280,7 @@ class ShardStream(IterableDataset):
             "reader": Mixer(readers, self.sources, seed=f"mix-{self.seed}-{slot}"),
             "buffer": ShuffleBuffer(self.shuffle_buffer, self.seed * 7919 + slot, enabled=self.shuffle),
             "packer": PackStage(**self.packer_args) if self.packer_args else None,
-            "batcher": Batcher(self._group, self._collate, packed=bool(self.packer_args)),
+            "batcher": Batcher(self._group, functools.partial(self._collate, reader=slot), bool(self.packer_args)),
         }
         stages = {name: stage for name, stage in stages.items() if stage is not None}
         if self._restored:
@@ -289,7 +289,7 @@ class ShardStream(IterableDataset):
         units = examples(stages["buffer"](stages["reader"]))
         for batch in stages["batcher"](stages["packer"](units) if "packer" in stages else units):
             self._state = {name: stage.state_dict() for name, stage in stages.items()}
-            yield self._with_reader(batch, slot)
+            yield batch
 
     @staticmethod
     def _restore(stages: dict, state: dict, examples: Examples) -> None:
@@ -310,39 +310,32 @@ class ShardStream(IterableDataset):
         Validation feeds it to a rank whose readers ran out before the others' (uneven shards, or more ranks
         than shards), so every rank runs the same forwards; see `loader.EvenBatches`.
         """
-        prompt = self.builder.prompt
         if self.packer_args:
-            packs = [[] for _ in range(self._group)]
-            batch = collate_packs(
-                packs, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
-            )
-        else:
-            ids = np.full((prompt.channels, prompt.channels), prompt.speech_pad, dtype=np.int64)
-            ids[:, 0] = self.builder.text_pad_id
-            labels = np.full_like(ids, IGNORE_INDEX)
-            batch = self.padder([{"key": "placeholder", "rows": len(ids), "input_ids": ids, "labels": labels}])
-        return self._with_reader(batch, -1)
-
-    def _with_reader(self, batch: PackedBatch, reader: int) -> PackedBatch:
-        """The batch with its reader and that reader's skip counts so far (the callbacks' skip report)."""
-        stats = dataclasses.replace(batch.stats, reader=reader, skipped=dict(self.skipped))
-        return dataclasses.replace(batch, stats=stats)
+            return self._collate([[] for _ in range(self._group)], reader=-1)
+        prompt = self.builder.prompt
+        ids = np.full((prompt.channels, prompt.channels), prompt.speech_pad, dtype=np.int64)
+        ids[:, 0] = self.builder.text_pad_id
+        labels = np.full_like(ids, IGNORE_INDEX)
+        placeholder = {"key": "placeholder", "rows": len(ids), "input_ids": ids, "labels": labels}
+        return self.padder([placeholder], {"reader": -1, "skipped": dict(self.skipped)})
 
     @property
     def _group(self) -> int:
         return self.packs_per_batch if self.packer_args else self.batch_size
 
-    def _collate(self, group: list) -> PackedBatch:
-        if not self.packer_args:
-            batch = self.padder(group)
-        else:
-            prompt = self.builder.prompt
-            batch = collate_packs(
-                group, self.packer_args["budget"], self.builder.text_pad_id, prompt.speech_pad, prompt.channels
-            )
+    def _collate(self, group: list, reader: int) -> PackedBatch:
+        """A micro-batch of `group` (packs, or examples when padding), built once with where it came from.
+
+        Its reader, that reader's skip counts so far (the callbacks' skip report) and its samples per source.
+        """
         examples = [ex for unit in group for ex in (unit if self.packer_args else [unit])]
         counts = source_counts((ex["loc"] for ex in examples), [s.name for s in self.sources])
-        return dataclasses.replace(batch, stats=dataclasses.replace(batch.stats, sources=counts))
+        origin = {"reader": reader, "skipped": dict(self.skipped), "sources": counts}
+        if not self.packer_args:
+            return self.padder(group, origin)
+        prompt = self.builder.prompt
+        budget = self.packer_args["budget"]
+        return collate_packs(group, budget, self.builder.text_pad_id, prompt.speech_pad, prompt.channels, origin)
 
     @property
     def urls(self) -> list[str]:

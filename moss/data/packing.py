@@ -19,6 +19,7 @@ never learns to predict the first row of the next.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,13 +116,19 @@ class BestFitPacker:
 
 
 def collate_packs(
-    packs: list[list[dict]], budget: int, text_pad_id: int, speech_pad: int = 1024, channels: int = 8
+    packs: list[list[dict]],
+    budget: int,
+    text_pad_id: int,
+    speech_pad: int = 1024,
+    channels: int = 8,
+    origin: Mapping | None = None,
 ) -> PackedBatch:
     """Packed micro-batch from packs of delayed examples (`input_ids`/`labels` int `[T_i + C - 1, C]`).
 
     Returns a `PackedBatch`: `input_ids`, `labels` (int64 `[B, budget, C]`), `position_ids` (int64
     `[B, budget]`), `cu_seqlens` (int32, boundaries of all segments of all rows, as if the B rows were one
-    sequence; the pad tail of a row is a segment of its own), `max_seqlen`, `label_counts` (int64 `[C]`), stats.
+    sequence; the pad tail of a row is a segment of its own), `max_seqlen`, `label_counts` (int64 `[C]`), and
+    stats (with `origin`, the `BatchStats` fields reader, skipped and sources).
     """
     batch = len(packs)
     input_ids = np.empty((batch, budget, channels), dtype=np.int64)
@@ -153,6 +160,10 @@ def collate_packs(
         max_seqlen=int(max(lengths)),
         label_counts=torch.from_numpy(label_counts),
         stats=BatchStats(
-            real_rows=sum(rows), sum_sq_rows=sum(n * n for n in rows), num_samples=len(keys), keys=tuple(keys)
+            real_rows=sum(rows),
+            sum_sq_rows=sum(n * n for n in rows),
+            num_samples=len(keys),
+            keys=tuple(keys),
+            **(origin or {}),
         ),
     )
