@@ -3,7 +3,7 @@
 * `SileroVad`: the `silero-vad` package's model (its weights ship in the wheel: nothing is downloaded), through
   the package's own `get_speech_timestamps`.
 * `EmbeddingDiariser`: the speech is cut into short overlapping windows (1.5 s every 0.75 s), each window gets a
-  speaker embedding (`moss.evaluation.judges.VoiceEmbedder`: any transformers x-vector model, by local folder or
+  speaker embedding (`moss.evaluation.speech_models.VoiceEmbedder`: any transformers x-vector model, by local folder or
   Hub id), and the windows are clustered agglomeratively on cosine distance (scipy), to a known number of speakers
   or until the clusters are further apart than a threshold. Each window speaks for the middle of its span, so
   turn boundaries are placed to within half a step. This is the embedding-and-clustering recipe of pyannote's

@@ -4,7 +4,7 @@ r"""Untranscribed dialogue recordings -> MOSS-TTSD fine-tuning records (format 1
 
 For each recording (a folder searched recursively for audio, a glob, a list, or a JSONL of `{"audio": path}`):
 voice activity (Silero VAD), speakers (x-vectors clustered: `data_pipelines.diarisation`), words with times and a
-confidence per speech stretch (transformers ASR: `moss.evaluation.judges.Transcriber`), then the assembly of
+confidence per speech stretch (transformers ASR: `moss.evaluation.speech_models.Transcriber`), then the assembly of
 `data_pipelines.dialogue_windows`: turns, windows of at most `windows.max_seconds` and two speakers, tags in order
 of appearance, confidences, and what was dropped. Each kept window's audio is cut, loudness-normalised to
 `loudness_lufs` (ITU-R BS.1770 through torchaudio, peaks kept under -1 dBFS) and written as 16 kHz WAV.
@@ -52,7 +52,7 @@ from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
 from moss.cli import command, fail, require, run
 from moss.config_schema import check_mapping
 from moss.errors import ConfigError
-from moss.evaluation.judges import Language
+from moss.evaluation.speech_models import Language
 from moss.evaluation.turns import Word
 from moss.outputs import OutputFolder, atomic_write, refused_errno
 from moss.settings import Count, Seconds, Size, TypedDict
@@ -99,7 +99,7 @@ class Models:
     """The models of one worker: VAD, diariser, ASR (built from the command's config, once per process)."""
 
     def __init__(self, cfg: DictConfig, device: str):
-        from moss.evaluation.judges import Transcriber, VoiceEmbedder
+        from moss.evaluation.speech_models import Transcriber, VoiceEmbedder
 
         self.vad = SileroVad(VadSettings(**cfg.vad))
         embedder = VoiceEmbedder(cfg.speaker_model, device, int(cfg.batch_size))
@@ -245,7 +245,7 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
     if not paths:
         fail("nothing to transcribe", [f"input={cfg.input} names no audio file ({', '.join(AUDIO_SUFFIXES)})"])
     if models is None:  # before any folder is made or worker started
-        from moss.evaluation.judges import model_problem
+        from moss.evaluation.speech_models import model_problem
 
         named = {"asr_model": cfg.asr_model, "speaker_model": cfg.speaker_model}
         fail("the models cannot be loaded", [p for key, name in named.items() if (p := model_problem(str(name), key))])

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from moss.config_schema import check_mapping, schema_problems
 from moss.errors import ConfigError
-from moss.evaluation.judges import Language
+from moss.evaluation.speech_models import Language
 from moss.model.speedups import liger_problem
 from moss.settings import Count, NonNegative, Probability, Seed, Size, TypedDict, strict
 from moss.training.launch import relaunched_rank

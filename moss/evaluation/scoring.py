@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moss.evaluation.judges import Transcriber, Transcript, VoiceEmbedder
 from moss.evaluation.metrics import Errors, cosine, errors, mean
+from moss.evaluation.speech_models import Transcriber, Transcript, VoiceEmbedder
 from moss.evaluation.turns import Span, Turn, script_turns, turn_spans
 
 # The aggregate metrics compared between checkpoints, and how each improves: down, up, or towards 1.

@@ -120,7 +120,7 @@ def transcript_problems(
     samples: list[ShardSample], codec, asr_model: str, language: str | None, max_cer: float, device: str
 ) -> list[str]:
     """Samples whose decoded target audio an ASR model hears as something else than their transcript."""
-    from moss.evaluation.judges import Transcriber
+    from moss.evaluation.speech_models import Transcriber
 
     usable = [s for s in samples if s.text and len(s.codes)]
     with torch.no_grad():

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from data_pipelines.diarisation import DiarisationSettings, EmbeddingDiariser, VadSettings, cluster, windows
 from data_pipelines.transcribe import recording_id, transcribe
-from moss.evaluation.judges import Transcript
+from moss.evaluation.speech_models import Transcript
 from moss.evaluation.turns import Word
 from moss.outputs import OutputFolder
 

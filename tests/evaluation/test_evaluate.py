@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 import yaml
 
-from moss.evaluation.judges import Transcriber, Transcript, VoiceEmbedder
+from moss.evaluation.speech_models import Transcriber, Transcript, VoiceEmbedder
 from tests.conftest import REPO, compose_config
 
 

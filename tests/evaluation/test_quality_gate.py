@@ -118,7 +118,7 @@ def test_a_model_that_ends_a_script_at_once_scores_worst_instead_of_stopping_the
 
     from hydra.utils import instantiate
 
-    from moss.evaluation.judges import Transcript
+    from moss.evaluation.speech_models import Transcript
 
     gate = instantiate(compose_train(tmp_path, gate_settings).callbacks.quality_gate)
     gate._codec = SimpleNamespace(output_sample_rate=24000)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moss.evaluation.judges import Transcript
 from moss.evaluation.scoring import Dialogue, score_dialogues
+from moss.evaluation.speech_models import Transcript
 from moss.evaluation.turns import Word
 
 RATE = 100  # samples per second: a turn's samples are easy to count

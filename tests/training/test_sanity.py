@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from moss.errors import ConfigError
-from moss.evaluation.judges import Transcript
+from moss.evaluation.speech_models import Transcript
 from moss.training import sanity
 from moss.training.sanity import check_training_data
 from tests.conftest import compose_train
@@ -57,7 +57,7 @@ class HeardAs:
 
 
 def test_audio_that_does_not_say_its_transcript_stops_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr("moss.evaluation.judges.Transcriber", HeardAs)
+    monkeypatch.setattr("moss.evaluation.speech_models.Transcriber", HeardAs)
     asr = ["sanity_check.asr_model=stand-in", "codec=tiny", "data.val_shards=null", "sanity_check.normalize=null"]
     said = shards_saying(tmp_path, ["[S1]hello there"] * 3 + ["[S1]something else entirely"])
     run_check(tmp_path, [f"data.train_shards={said}", *asr])  # one odd sample of four: the loader's business

@@ -1,8 +1,9 @@
-"""The models that judge generated speech: an ASR model (what was said, and when) and a speaker embedder.
+"""The speech models: an ASR model (what was said, and when, and how surely) and a speaker embedder.
 
-Both load by local folder or Hub id through transformers (`pipeline("automatic-speech-recognition")` for ASR:
-Whisper, or any CTC model; `AutoModelForAudioXVector` for voices: WavLM/UniSpeech-SAT x-vectors), load once,
-and run batched. Neither is needed for training: they are named in `eval.asr_model` / `eval.speaker_model`.
+Two uses: they judge generated speech (evaluation, the quality gate, the studio) and they turn recordings
+into training records (`data_pipelines/transcribe.py`). Both load by local folder or Hub id through transformers
+(`pipeline("automatic-speech-recognition")` for ASR: Whisper, or any CTC model; `AutoModelForAudioXVector` for
+voices: WavLM/UniSpeech-SAT x-vectors), load once, and run batched. Training needs neither.
 """
 
 from __future__ import annotations
