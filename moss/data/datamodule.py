@@ -155,8 +155,8 @@ class MossDataModule(L.LightningDataModule):
         if not any(spec.epochs for spec in self.source_specs):
             return None
         self.prepare_data()
-        sources = list(zip(self._sources(), (spec.epochs for spec in self.source_specs), strict=True))
-        plan = plan_source_epochs(sources, self.builder, self.packing, self.batch_size, world_size, self.accumulate)
+        sources, batch = self._sources(), self.batch_size
+        plan = plan_source_epochs(sources, self.builder, self.packing, batch, world_size, self.accumulate)
         self.epoch_samples = plan.samples  # the throughput callback logs data/epoch from it
         self.source_samples = {source.name: source.samples for source in plan.sources}
         return plan
@@ -183,11 +183,11 @@ class MossDataModule(L.LightningDataModule):
 
     def _sources(self) -> list[Source]:
         """The training sources with their shard specs expanded."""
-        sources = []
-        for spec in self.source_specs:
-            setting = "data.train_shards" if spec.name == "train" else f"data.sources.{spec.name}.shards"
-            sources.append(Source(spec.name, tuple(expand_shards(spec.shards, setting)), spec.weight))
-        return sources
+
+        def setting(name: str) -> str:
+            return "data.train_shards" if name == "train" else f"data.sources.{name}.shards"
+
+        return [spec.with_urls(expand_shards(spec.shards, setting(spec.name))) for spec in self.source_specs]
 
     def state_dict(self) -> dict:
         """The training shards by source, by name (a moved run folder still matches), kept in every checkpoint."""

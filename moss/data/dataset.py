@@ -219,7 +219,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.sources = [u if isinstance(u, Source) else None for u in urls]
         if not self.sources or None in self.sources:
-            self.sources = [Source("train", tuple(urls))]
+            self.sources = [Source("train").with_urls(urls)]
         self.builder = builder
         self.repeat, self.shuffle, self.seed, self.shuffle_buffer = repeat, shuffle, seed, shuffle_buffer
         self.packer_args, self.packs_per_batch, self.batch_size = packer, packs_per_batch, batch_size

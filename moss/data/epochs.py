@@ -117,12 +117,12 @@ def plan_epochs(
     probe: int = 64,
 ) -> EpochPlan:
     """How many optimiser steps `epochs` passes over `urls` take (see the module docstring)."""
-    source = Source("train", tuple(urls))
-    return plan_source_epochs([(source, epochs)], builder, packing, batch_size, world_size, accumulate, probe)
+    source = Source("train", epochs=epochs).with_urls(urls)
+    return plan_source_epochs([source], builder, packing, batch_size, world_size, accumulate, probe)
 
 
 def plan_source_epochs(
-    sources: list[tuple[Source, float | None]],
+    sources: list[Source],
     builder: ExampleBuilder,
     packing: dict | None,
     batch_size: int,
@@ -130,22 +130,22 @@ def plan_source_epochs(
     accumulate: int,
     probe: int = 64,
 ) -> EpochPlan:
-    """How many optimiser steps the planned epochs of weighted `sources` (source, epochs or None) take.
+    """How many optimiser steps the planned epochs of weighted `sources` take (those without epochs are replayed).
 
     A source drawn with share `p` of the samples and `n` usable samples passes once every `n / p` draws; the run
     lasts `max(epochs * n / p)` draws over the planned sources, and each draw costs the mean rows of a sample
     weighted by the shares.
     """
-    planned = [(source, epochs) for source, epochs in sources if epochs is not None]
+    planned = [source for source in sources if source.epochs is not None]
     if not planned:
         raise ConfigError("no source has epochs to plan; set data.epochs (or data.sources.<name>.epochs)")
-    for source, epochs in planned:
-        if epochs <= 0:
-            raise ConfigError(f"data.epochs must be positive, got {epochs} (source {source.name})")
-    total_weight = sum(source.weight for source, _ in sources)
+    for source in planned:
+        if source.epochs <= 0:
+            raise ConfigError(f"data.epochs must be positive, got {source.epochs} (source {source.name})")
+    total_weight = sum(source.weight for source in sources)
     limit = packing["budget"] if packing else builder.max_rows
     counts = {}
-    for source, _ in sources:
+    for source in sources:
         ratio = rows_per_frame(list(source.urls), builder, probe)
         estimated = [math.ceil(f * ratio) for f in sample_frames(list(source.urls))]
         usable = [r for r in estimated if limit is None or r <= limit or builder.truncate]
@@ -154,12 +154,13 @@ def plan_source_epochs(
                 f"data.epochs: every sample of {source.name} is estimated longer than the row limit ({limit})"
             )
         counts[source.name] = (len(usable), sum(min(r, limit) if limit else r for r in usable))
-    share = {source.name: source.weight / total_weight for source, _ in sources}
-    lead, lead_epochs = max(planned, key=lambda p: p[1] * counts[p[0].name][0] / share[p[0].name])
+    share = {source.name: source.weight / total_weight for source in sources}
+    lead = max(planned, key=lambda s: s.epochs * counts[s.name][0] / share[s.name])
+    lead_epochs = lead.epochs
     n_lead = counts[lead.name][0]
     draws = n_lead / share[lead.name]  # samples drawn per epoch of the lead (one source: n / 1.0)
     # rows drawn per epoch: each source's rows per pass times the passes one epoch of the lead makes of it
-    rows = sum(counts[s.name][1] * (draws * share[s.name] / counts[s.name][0]) for s, _ in sources)
+    rows = sum(counts[s.name][1] * (draws * share[s.name] / counts[s.name][0]) for s in sources)
     if packing:
         per_batch = packing["budget"] * packing.get("min_fill", 1.0) * packing.get("packs_per_batch", 1)
         micro_batches = rows / per_batch
@@ -168,9 +169,9 @@ def plan_source_epochs(
     per_step = world_size * accumulate
     plans = tuple(
         SourcePlan(
-            s.name, counts[s.name][0], share[s.name], epochs, lead_epochs * draws * share[s.name] / counts[s.name][0]
+            s.name, counts[s.name][0], share[s.name], s.epochs, lead_epochs * draws * share[s.name] / counts[s.name][0]
         )
-        for s, epochs in sources
+        for s in sources
     )
     return EpochPlan(
         epochs=lead_epochs,

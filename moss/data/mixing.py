@@ -14,6 +14,7 @@ restore exactly as in a one-source stream. One source is read straight through, 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -23,7 +24,7 @@ from typing import Annotated
 from pydantic import Field
 
 from moss.data.schema import ShardSample
-from moss.data.stages import Location, Restore, ShardReader, _as_rng_state
+from moss.data.stages import Location, Restore, ShardReader, rng_state
 from moss.errors import ConfigError
 from moss.settings import Positive, Required, TypedDict, strict
 
@@ -33,27 +34,27 @@ MixedLocation = tuple[int, int, int, int]  # (source index, pass, shard position
 
 @dataclass(frozen=True)
 class Source:
-    """A named shard set and its share of the samples drawn (weights are normalised over the sources)."""
+    """A named training shard set: its files, its share of the draws, its planned passes (None: replayed).
+
+    Weights are normalised over the sources. `shards` is the set as configured (a folder, glob or list);
+    `urls` the files it expands to, filled in (`with_urls`) when the data is set up.
+    """
 
     name: str
-    urls: tuple[str, ...]
+    urls: tuple[str, ...] = ()
     weight: float = 1.0
+    epochs: float | None = None
+    shards: object = None
 
     def __post_init__(self):
-        if not self.urls:
-            raise ConfigError(f"data source {self.name!r} has no shards")
         if not self.weight > 0:
             raise ConfigError(f"data source {self.name!r}: weight must be positive, got {self.weight}")
 
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A training source as configured: its shard spec (unexpanded), weight and planned epochs (or None)."""
-
-    name: str
-    shards: object
-    weight: float = 1.0
-    epochs: float | None = None
+    def with_urls(self, urls) -> Source:
+        """This source over the shard files `urls` (refused when there are none)."""
+        if not urls:
+            raise ConfigError(f"data source {self.name!r} has no shards")
+        return dataclasses.replace(self, urls=tuple(urls))
 
 
 @strict
@@ -69,8 +70,8 @@ class SourceSettings(TypedDict, total=False):
 Sources = dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")], SourceSettings]
 
 
-def source_specs(train_shards, sources, epochs) -> list[SourceSpec]:
-    """The training sources of a data config: `data.sources`, or `data.train_shards` as the one source "train".
+def source_specs(train_shards, sources, epochs) -> list[Source]:
+    """The training sources of a data config, not yet expanded: `data.sources`, or `data.train_shards` as "train".
 
     Each source's own settings are checked where `data.sources` is declared (`Sources`, by the config check);
     this refuses the combinations.
@@ -81,7 +82,7 @@ def source_specs(train_shards, sources, epochs) -> list[SourceSpec]:
     if not sources:
         if train_shards is None:
             raise ConfigError("data.train_shards or data.sources is required; e.g. data.train_shards=/data/shards")
-        return [SourceSpec("train", train_shards, 1.0, epochs)]
+        return [Source("train", epochs=epochs, shards=train_shards)]
     if train_shards is not None:
         raise ConfigError("data.sources replaces data.train_shards: set data.train_shards=null beside data.sources")
     if epochs:
@@ -90,7 +91,7 @@ def source_specs(train_shards, sources, epochs) -> list[SourceSpec]:
             "(data.sources.<name>.epochs) and leave out the sources that are replayed"
         )
     return [
-        SourceSpec(str(name), source["shards"], float(source.get("weight", 1.0)), source.get("epochs"))
+        Source(str(name), (), float(source.get("weight", 1.0)), source.get("epochs"), source["shards"])
         for name, source in dict(sources).items()
     ]
 
@@ -162,7 +163,7 @@ class Mixer:
                 state["weights"],
                 self.weights,
             )
-        self.rng.setstate(_as_rng_state(state["rng"]))
+        self.rng.setstate(rng_state(state["rng"]))
         for reader, position in zip(self.readers, state["readers"], strict=True):
             reader.load_state_dict(position)
 

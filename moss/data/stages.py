@@ -242,7 +242,7 @@ class ShuffleBuffer:
         return {"rng": self.rng.getstate(), "buffer": [list(loc) for loc, _ in self.items]}
 
     def load_state_dict(self, state: dict, restore: Restore) -> None:
-        self.rng.setstate(_as_rng_state(state["rng"]))
+        self.rng.setstate(rng_state(state["rng"]))
         self.items = [restore.sample(loc) for loc in state["buffer"]]
 
 
@@ -346,7 +346,7 @@ def tar_samples(url: str, handler: Callable[[Exception], bool] | None = None, fi
     return tar_reader.samples(url, handler, fields)
 
 
-def _as_rng_state(state) -> tuple:
+def rng_state(state) -> tuple:
     """random.Random state from its checkpointed form (lists after a round trip through some serialisers)."""
     version, internal, gauss = state
     return version, tuple(internal), gauss

@@ -158,8 +158,8 @@ def test_one_shard_set_is_the_source_named_train():
 def test_the_plan_runs_as_long_as_the_planned_source_needs(two_sources, builder):
     """small: 24 samples at 0.8 for 2 epochs -> 30 draws per epoch; large (replayed, 0.2): 2 x 30 x 0.2 / 160."""
     sources = [
-        (Source("small", tuple(two_sources["small"]), 0.8), 2),
-        (Source("large", tuple(two_sources["large"]), 0.2), None),
+        Source("small", tuple(two_sources["small"]), 0.8, 2),
+        Source("large", tuple(two_sources["large"]), 0.2, None),
     ]
     plan = plan_source_epochs(sources, builder, {**PACKER, "packs_per_batch": 2}, 1, world_size=1, accumulate=1)
     assert plan.lead == "small" and plan.samples == 30 and plan.epochs == 2
@@ -177,8 +177,8 @@ def test_the_plan_runs_as_long_as_the_planned_source_needs(two_sources, builder)
 
 def test_a_source_without_a_planned_epoch_count_is_not_the_lead(two_sources, builder):
     sources = [
-        (Source("small", tuple(two_sources["small"]), 0.1), None),
-        (Source("large", tuple(two_sources["large"]), 0.9), 1),
+        Source("small", tuple(two_sources["small"]), 0.1, None),
+        Source("large", tuple(two_sources["large"]), 0.9, 1),
     ]
     plan = plan_source_epochs(sources, builder, None, 4, world_size=1, accumulate=1)
     assert plan.lead == "large" and plan.samples == round(160 / 0.9)
