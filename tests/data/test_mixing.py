@@ -271,3 +271,4 @@ def test_the_mixing_benchmark_runs():
 
     result = run_benchmark("mixing.py", "--samples", "200", "--batches", "5", "--repeats", "1", "--budget", "4096")
     assert set(result["rows_per_s"]) == {"one source", "two sources 0.8/0.2"} and result["draw_us_per_sample"] > 0
+    assert result["nodes_draw_us_per_sample"] > 0 and result["nodes_resume_exact"] is True
