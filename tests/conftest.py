@@ -177,6 +177,17 @@ class SignalAtStep(__import__("lightning").Callback):
 
 
 @pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raising KeyboardInterrupt, as in a terminal's Python (a shell's background job starts with it
+    ignored), for a test that checks a run leaves it so; restored afterwards."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """`small_disk(size)`: a folder on a tmpfs of that size, to fill up (mounting needs root; skipped without)."""
     import subprocess

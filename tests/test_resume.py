@@ -58,6 +58,7 @@ def metrics_rows(path):
 
 
 @pytest.mark.parametrize("signalled", [4, 5])  # saved at step 5 (no validation due), at step 6 (one due)
+@pytest.mark.usefixtures("ctrl_c_interrupts")
 def test_a_preempted_and_resumed_run_logs_the_same_curve_as_an_uninterrupted_one(tmp_path, signalled):
     """metrics.csv is appended across a resume (Lightning's CSV logger deleted it), at the same step numbers (they
     came out one lower), with no validation between the preemption save and the stop (Lightning ran one)."""

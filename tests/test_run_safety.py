@@ -225,7 +225,7 @@ def test_a_group_sigterm_saves_and_resume_auto_continues_exactly(tmp_path, ranks
 
 
 @pytest.mark.parametrize("step", [0, 2], ids=["while-setting-up", "while-training"])
-def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path, step):
+def test_an_interrupted_in_process_run_leaves_ctrl_c_working(tmp_path, step, ctrl_c_interrupts):
     """Lightning ignores SIGINT once a KeyboardInterrupt stops a run, and undoes that only when the Ctrl-C came
     after it had installed its own handlers: one during setup (preprocessing, the data card) left a test suite
     or notebook that ran training in process deaf to Ctrl-C."""
