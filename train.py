@@ -105,9 +105,12 @@ def train(cfg: DictConfig) -> dict:
             for stage in stages:
                 preprocess_raw(cfg, stage)
         plan = plan_run(cfg, fit_workers=bool(stages))
+        resume = resolve_resume(plan.cfg, output_dir)
         if not relaunched_rank():
+            if resume is None:  # a fresh run: its data is checked once, before anything is recorded or trains
+                check_training_data(plan.cfg, plan.datamodule, plan.tokenizer)
             record_config(plan.cfg, output_dir)
-        return _fit_and_export(plan, output_dir)
+        return _fit_and_export(plan, output_dir, resume)
 
 
 def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
@@ -123,7 +126,7 @@ def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
     return lock
 
 
-def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
+def _fit_and_export(plan: RunPlan, output_dir: Path, resume: str | None) -> dict:
     """The run itself, once its folder is this process's and its plan is final."""
     cfg = plan.cfg
     L.seed_everything(cfg.seed, workers=True)
@@ -138,13 +141,10 @@ def _fit_and_export(plan: RunPlan, output_dir: Path) -> dict:
         cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, plugins=plugins
     )
 
-    resume = resolve_resume(cfg, output_dir)
     start = read_position(resume)[0] if resume else 0  # -1: unreadable, and fit says so; the history stays
     for logger in loggers:  # the rows of the steps before the resumed one are the run's history: kept
         if hasattr(logger, "keep_until") and start >= 0 and not relaunched_rank():
             logger.keep_until(start)
-    if resume is None and not relaunched_rank():  # a fresh run: its data is checked once, before anything trains
-        check_training_data(cfg, datamodule, tokenizer)
     if not relaunched_rank() and cfg.get("data_card") is not None:
         datamodule.prepare_data()  # the built-in corpus is generated on first use
         splits = {**datamodule.card_splits(), "val": cfg.data.get("val_shards")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -79,3 +80,16 @@ def test_first_samples_reads_in_shard_order(tiny_shards):
 
     first = sanity.first_samples(expand_shards(str(tiny_shards)), 10)
     assert [s.key for s in first] == [s.key for s in generate_samples(10, seed=3)]
+
+
+def test_a_run_the_check_refuses_leaves_its_folder_empty(tmp_path):
+    """The check runs before the run records its config or makes its log folder: nothing is left that looks like
+    a run (the command line then removes the empty folder Hydra made)."""
+    from train import train
+
+    shards = shards_saying(tmp_path, ["[S1]Hello! How are you?[S2]Fine, thanks!"] * 4)
+    cfg = compose_train(tmp_path, [f"data.train_shards={shards}", "data.val_shards=null"])
+    with pytest.raises(ConfigError, match="the script's text or the template"):
+        train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert not run.exists() or not any(run.iterdir()), sorted(p.name for p in run.rglob("*"))
