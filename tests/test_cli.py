@@ -73,6 +73,7 @@ def test_unknown_settings_name_the_closest_real_key(tmp_path):
         validate(compose_train(tmp_path, ["+callbacks.progress.interval=2"]))
 
 
+@pytest.mark.slow
 def test_a_reused_run_name_is_refused_and_the_earlier_run_kept(tmp_path):
     train(compose_train(tmp_path, ["debug=fast_dev_run", *FAST]))
     out = tmp_path / "out"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from data_pipelines.import_legacy import import_legacy
 from tests.conftest import REPO
@@ -72,6 +73,7 @@ def test_every_bad_record_is_reported_and_the_good_ones_imported(tmp_path):
     assert all(f"record {i} " in reasons[i] for i in reasons)
 
 
+@pytest.mark.slow  # the README test also runs this command
 def test_the_documented_command_works_as_written(tmp_path):
     pkl = write_legacy(tmp_path, {"a": RECORDS["good"], "b": RECORDS["good-2"]})
     readme = (REPO / "data_pipelines" / "README.md").read_text()
