@@ -32,7 +32,6 @@ from moss.outputs import OutputFolder
 log = logging.getLogger("evaluate")
 REPORT = "eval.json"
 PAGE = "eval_report.html"
-OWN_FILES = ("evaluate.log", REPORT, PAGE, "tuned", "tuned/*", "base", "base/*")
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -57,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     audio = {}
     for label, checkpoint in _checkpoints(cfg).items():
         run = _run_config(cfg, label, checkpoint)
+        folder.claim(label)  # infer writes its output there
         results = infer(run)
         items = {item.index: item for item in parse_items(run)[0]}
         dialogues = [
@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict:
 def _check(cfg: DictConfig) -> OutputFolder:
     """The command's problems, all at once: each checkpoint's inference settings, the judges, the folder."""
     problems = []
-    folder = OutputFolder(cfg.output_dir, "evaluate", overwrite=cfg.overwrite, patterns=OWN_FILES)
+    folder = OutputFolder(cfg.output_dir, "evaluate", overwrite=cfg.overwrite)
     problems += folder.problems()
     for key in ("asr_model", "speaker_model"):
         name = cfg.get(key)

@@ -29,7 +29,6 @@ from moss.text.normalize import normalize_text, normalizer
 log = logging.getLogger("infer")
 RESULTS = "results.jsonl"
 NO_AUDIO = "generated no audio (the model ended at once)"
-OWN_FILES = ("infer.log",)  # written by Hydra's logging into output_dir, for this tool
 
 
 def infer(cfg: DictConfig) -> list[Result]:
@@ -43,7 +42,6 @@ def infer(cfg: DictConfig) -> list[Result]:
     folder = check_arguments(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     items, results = parse_items(cfg)
-    folder.refuse_taken([RESULTS] + [f"output_{it.index:04d}.{cfg.format}" for it in items])
     model, tokenizer = load_checkpoint(cfg, device)
     codec = load_codec(cfg.codec, device=device)
     generation = generation_for(
@@ -228,12 +226,8 @@ class AudioWriter:
             os.fsync(f.fileno())
 
     def finish(self, results: list[Result]) -> None:
-        """`results.jsonl` in input order (atomically); the earlier run's files this run did not rewrite removed.
-
-        Every file the list names is this run's, and no other file of this tool is left.
-        """
+        """`results.jsonl` in input order, atomically (the earlier run's files were removed at the start)."""
         self.folder.put(RESULTS, lambda tmp: tmp.write_bytes(b"".join(_result_line(r) for r in results)))
-        self.folder.finish()
 
 
 def _result_line(res: Result) -> bytes:
@@ -260,7 +254,7 @@ def check_arguments(cfg: DictConfig) -> OutputFolder:
     problems = require(cfg, {"checkpoint": "runs/<name>/export", "output_dir": "out/"})
     folder = None
     if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
-        folder = OutputFolder(cfg.output_dir, "infer", overwrite=cfg.overwrite, patterns=OWN_FILES)
+        folder = OutputFolder(cfg.output_dir, "infer", overwrite=cfg.overwrite)
         problems += folder.problems()
     if (cfg.input is None) == (cfg.text is None):
         problems.append("give exactly one of input=dialogues.jsonl or \"text='[S1]...[S2]...'\" (quoted)")

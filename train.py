@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import filelock
 import hydra
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from peft import PeftModel
 from moss.cli import command, run
 from moss.config_checks import run_problems, validate
 from moss.errors import ConfigError
-from moss.outputs import FolderLock, OutputFolder
+from moss.outputs import OutputFolder, lock_folder
 from moss.training.callbacks import build_callbacks
 from moss.training.data_card import data_card, write_data_card
 from moss.training.export import TRAINING_CONFIG, export_hf, save_adapter, unsharded
@@ -101,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     with contextlib.ExitStack() as held:
         held.enter_context(restored_signals())
         if not relaunched_rank():
-            held.enter_context(own_run_folder(cfg, output_dir))
+            held.callback(own_run_folder(cfg, output_dir).release)
             for stage in stages:
                 preprocess_raw(cfg, stage)
         plan = plan_run(cfg, fit_workers=bool(stages))
@@ -113,13 +114,13 @@ def train(cfg: DictConfig) -> dict:
         return _fit_and_export(plan, output_dir, resume)
 
 
-def own_run_folder(cfg: DictConfig, output_dir: Path) -> FolderLock:
+def own_run_folder(cfg: DictConfig, output_dir: Path) -> filelock.BaseFileLock:
     """Lock the run folder for this run; a second `train.py` with the same name is refused, not mixed in.
 
     The folder is checked again under the lock: of two runs started together, the second finds the first's
     lock (or, once that ended, its outputs) and stops with the usual message.
     """
-    lock = FolderLock(output_dir, "training run (same paths.root and name)")
+    lock = lock_folder(output_dir, "training run (same paths.root and name)")
     if problems := run_problems(cfg):
         lock.release()
         raise ConfigError("\n".join(problems))
@@ -193,12 +194,12 @@ def export(cfg: DictConfig, module, tokenizer, callbacks: dict, trainer: L.Train
     sampling = OmegaConf.to_container(cfg.export.sampling) if cfg.export.get("sampling") is not None else None
     # Both folders are the run's own (its folder is locked): whatever they hold came from its earlier attempts,
     # also before the record existed, so a resumed run replaces it, each file atomically.
-    with OutputFolder(output_dir / "export", "export", overwrite=True, patterns=("*",)).check().staged() as stage:
+    with OutputFolder(output_dir / "export", "export", overwrite=True).check().staged() as stage:
         export_hf(model, stage, tokenizer, layout=cfg.export.layout, sampling=sampling)
         OmegaConf.save(cfg, stage / TRAINING_CONFIG, resolve=True)
     exported["export"], exported["adapter"] = output_dir / "export", None
     if isinstance(model, PeftModel):
-        with OutputFolder(output_dir / "adapter", "adapter", overwrite=True, patterns=("*",)).check().staged() as stage:
+        with OutputFolder(output_dir / "adapter", "adapter", overwrite=True).check().staged() as stage:
             save_adapter(model, stage)
         exported["adapter"] = output_dir / "adapter"
     return exported

@@ -96,7 +96,7 @@ def import_legacy(
 
     The shards are written beside `output_dir` and moved into it at the end (`moss.outputs.OutputFolder`).
     """
-    folder = OutputFolder(output_dir, "import_legacy", overwrite=overwrite, patterns=("import_legacy.log",)).check()
+    folder = OutputFolder(output_dir, "import_legacy", overwrite=overwrite).check()
     pkl = Path(pkl)
     if not pkl.is_file():
         raise FileNotFoundError(f"input={pkl} is not a file; pass the original processed_data.pkl")

@@ -46,7 +46,7 @@ from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
 from moss.errors import ConfigError
-from moss.outputs import TEMPORARY, FolderLock, OutputFolder, atomic_write
+from moss.outputs import OutputFolder, atomic_write
 from moss.settings import Count, Seconds, Size, TypedDict, Workers
 
 log = logging.getLogger(__name__)
@@ -451,17 +451,6 @@ def _device_main(cfg_yaml: str, device: str, workers: int, slots: list[int], pla
     run_slots(OmegaConf.create(cfg_yaml), device, workers, slots, plan, position)
 
 
-OWN_FILES = (  # every name preprocessing writes into output_dir (see shard_name, write_slot_manifest, EncodeJournal)
-    "plan.json",
-    "plan.tmp",  # the temporary names of earlier versions, left by a killed run
-    "preprocess.log",
-    "[0-9][0-9][0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9][0-9].*",
-    "manifest-[0-9][0-9][0-9][0-9][0-9].json*",
-    "skipped-[0-9][0-9][0-9][0-9][0-9].jsonl*",
-    TEMPORARY,
-)
-
-
 def preprocess(cfg: DictConfig) -> dict:
     """Run (or resume) the pipeline for this process; returns counts for this process's slots.
 
@@ -470,8 +459,8 @@ def preprocess(cfg: DictConfig) -> dict:
     check_arguments(cfg)
     rank, world, local_rank = launcher_rank()
     with contextlib.ExitStack() as held:
-        if world == 1:  # ranks of one job share output_dir by design (each its own slots)
-            held.enter_context(FolderLock(cfg.output_dir, "preprocessing run"))
+        # ranks of one job share output_dir by design (each its own slots): one process alone locks it
+        held.callback(OutputFolder(cfg.output_dir, "preprocess", resumable=True).open(lock=world == 1).release)
         held.enter_context(stop_signals_interrupt())  # finished shards stand; a rerun resumes
         return _preprocess(cfg, rank, world, local_rank)
 
@@ -510,7 +499,6 @@ class PreprocessSettings(TypedDict, total=False):
 
     inputs: str | list[str]
     output_dir: str
-    overwrite: bool
     base_path: str | None
     devices: Literal["auto", "cpu"] | list[Size]
     cpu_workers: Literal["auto"] | Workers  # 0: audio is loaded in the encoder process
@@ -537,8 +525,7 @@ def check_arguments(cfg: DictConfig) -> None:
         ]
     problems += codec_problems(cfg.codec)
     if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
-        folder = OutputFolder(cfg.output_dir, "preprocess", cfg.get("overwrite", False), True, OWN_FILES)
-        problems += folder.problems()
+        problems += OutputFolder(cfg.output_dir, "preprocess", resumable=True).problems()
     fail("invalid preprocessing command", problems)
 
 

@@ -238,9 +238,7 @@ def _work(path: str) -> dict:
 def transcribe(cfg: DictConfig, models=None) -> dict:
     """Run the command (module docstring); `models` replaces the loaded ones (tests' stand-ins, in process)."""
     out = Path(cfg.output_dir)
-    folder = OutputFolder(
-        out, "transcribe", overwrite=cfg.overwrite, resumable=True, patterns=["audio/*", "parts/*", "single_speaker"]
-    ).check()
+    folder = OutputFolder(out, "transcribe", resumable=True).check()
     paths = recordings(cfg.input)
     if not paths:
         fail("nothing to transcribe", [f"input={cfg.input} names no audio file ({', '.join(AUDIO_SUFFIXES)})"])
@@ -249,6 +247,7 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
 
         named = {"asr_model": cfg.asr_model, "speaker_model": cfg.speaker_model}
         fail("the models cannot be loaded", [p for key, name in named.items() if (p := model_problem(str(name), key))])
+    folder.open()  # made, locked and recorded after the checks: a refused command leaves no folder
     for sub in ("audio", "parts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     settings = fingerprint(cfg)
@@ -393,7 +392,6 @@ class TranscribeSettings(TypedDict, total=False):
 
     input: str | list[str]
     output_dir: str
-    overwrite: bool
     asr_model: str
     asr_language: Language | None
     speaker_model: str

@@ -1,37 +1,32 @@
-"""Output folders are the user's: a tool writes only its own files there, atomically, and remembers them.
+"""Output folders by one rule: a tool writes into a new or empty folder, or one it made itself.
 
-Every tool that writes into a folder a user names (export, infer, preprocessing, the corpus builders, train's
-export step) goes through `OutputFolder`. It keeps a record of the files the tool wrote (`.moss-outputs.json`)
-and, before anything is written:
-
-* refuses a folder that holds files the tool did not write, unless `overwrite=true`; even then those files are
-  kept, and an output whose name one of them already has is refused rather than replaced;
-* refuses a folder holding an earlier output of a tool that does not resume, unless `overwrite=true`, which
-  replaces that earlier output (files of it not written again are removed: none is left to be mistaken for new);
-* refuses a folder that is a file, or cannot be written.
-
-Files reach their final name by `os.replace` from a temporary name in the same folder, so a kill leaves either
-the old file or the new one. The record lists a file before it appears under its name, so a killed run never
-leaves a file of its own that a rerun would take for the user's.
+A folder a tool made holds its record (`.moss-outputs.json`: the tool and the names it wrote). Anything else in a
+folder, the user's files, refuses it: they are never touched. An earlier output of the tool is continued by a
+tool that resumes (preprocessing, transcription), replaced with `overwrite=true` by the others, else refused.
+Every file reaches its name by `os.replace` from a temporary one (`atomic_write`), so a kill leaves the old file
+or the new one, never a cut one; a lock (`filelock`) refuses a second writer of the same folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import fnmatch
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import filelock
 
 from moss.errors import ConfigError
 
 RECORD = ".moss-outputs.json"
-STAGING = ".moss-staging-"  # prefix of the folder a whole output is written into before it is put in place
+LOCK = ".moss-outputs.lock"
+STAGING = ".moss-staging"  # a whole output is written here, inside the folder (same file system), then moved out
+REPLACED = ".moss-replaced"  # where an earlier output waits while the new one is moved into place
 
 
 TEMPORARY = ".*.moss-tmp*"  # fnmatch pattern of `atomic_write`'s temporary names
@@ -143,170 +138,163 @@ def writable_folder_problem(path: Path, setting: str) -> str | None:
 
 
 class OutputFolder:
-    """The folder `path` as `tool`'s output folder (see the module docstring).
+    """The folder `path` as `tool`'s output folder, under the module's rule.
 
     Args:
-        path: the folder (created when missing).
-        tool: the writing tool's name, kept in the record (another tool's record counts as foreign files).
-        overwrite: the user's `overwrite=true`.
-        resumable: the tool continues its own earlier output (preprocessing): its files are no reason to refuse.
-        patterns: file names (fnmatch) that are this tool's by construction, also in folders written before the
-            record existed, e.g. `shard-*.tar` for preprocessing or `infer.log`.
+        path: the folder (created by the first write).
+        tool: the writing tool's name, kept in the record (another tool's record counts as the user's files).
+        overwrite: the user's `overwrite=true`: an earlier output of the tool is replaced.
+        resumable: the tool continues its earlier output (every file in a folder it made counts as its own).
         setting: the setting that named the folder, for messages.
     """
 
     def __init__(
-        self,
-        path: str | Path,
-        tool: str,
-        overwrite: bool = False,
-        resumable: bool = False,
-        patterns: Iterable[str] = (),
-        setting: str = "output_dir",
+        self, path: str | Path, tool: str, overwrite: bool = False, resumable: bool = False, setting: str = "output_dir"
     ):
         self.path, self.tool, self.overwrite, self.resumable = Path(path), tool, bool(overwrite), resumable
-        self.patterns, self.setting = tuple(patterns), setting
-        self.written: set[str] = set()  # files this run put in place
-        self._earlier = self._read_record()
+        self.setting, self.log, self.held = setting, f"{tool}.log", None  # held: the lock, once opened
+        self.files = self._recorded()  # names of the tool's earlier output; None: the whole folder is its own
 
-    # -- what is there ---------------------------------------------------------------------------------------
-    def _read_record(self) -> set[str]:
+    def _recorded(self) -> set[str] | None:
         try:
             record = json.loads((self.path / RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return set()
-        if not isinstance(record, dict) or record.get("tool") != self.tool or not isinstance(record.get("files"), list):
+        if not isinstance(record, dict) or record.get("tool") != self.tool:
             return set()
-        return {f for f in record["files"] if isinstance(f, str) and _relative(f)}
-
-    def own(self, name: str) -> bool:
-        """Whether `name` (relative to the folder) was written by this tool.
-
-        Recorded, named as only this tool names files, or a folder holding only such files.
-        """
-        path = self.path / name
-        if path.is_dir() and not path.is_symlink():
-            return all(self.own(str(f.relative_to(self.path))) for f in path.rglob("*") if not f.is_dir())
-        return name in self._earlier or name in self.written or any(fnmatch.fnmatch(name, p) for p in self.patterns)
+        files = record.get("files")
+        if files is None:  # a resumable tool's folder: all of it is the tool's
+            return None
+        return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
 
     def entries(self) -> list[str]:
-        """Names in the folder, less the record, staging folders and temporaries (the next write replaces them)."""
+        """The folder's names, less the record, the lock, staging and `atomic_write`'s temporaries."""
         if not self.path.is_dir():
             return []
-        names = (n for n in os.listdir(self.path) if n != RECORD and not n.startswith(STAGING))
-        return sorted(n for n in names if not fnmatch.fnmatch(n, TEMPORARY))
+        return sorted(
+            n for n in os.listdir(self.path) if not n.startswith(".moss-") and not fnmatch.fnmatch(n, TEMPORARY)
+        )
 
-    # -- the checks, before anything is written --------------------------------------------------------------
     def problems(self) -> list[str]:
-        """Every reason to refuse the folder, each with its fix (empty: it may be written)."""
+        """Every reason to refuse the folder, each with its fix (empty: it may be written).
+
+        The tool's log (`<tool>.log`, which Hydra writes there) is its own and no earlier output.
+        """
         if problem := writable_folder_problem(self.path, self.setting):
             return [problem]
-        owned = {n: self.own(n) for n in self.entries()}
-        foreign, own = [n for n, mine in owned.items() if not mine], [n for n, mine in owned.items() if mine]
-        if foreign and not self.overwrite:
+        names = [n for n in self.entries() if n != self.log]
+        foreign = [n for n in names if self.files is not None and n not in self.files]
+        if foreign:
             return [
                 f"{self.setting}={self.path} holds {len(foreign)} file(s) that {self.tool} did not write "
-                f"({_listing(foreign)}); choose a new folder, or add overwrite=true to write beside them "
-                f"(they are kept, never replaced)"
+                f"({_listing(foreign)}); choose a new or empty folder, or move them away (overwrite=true never "
+                f"replaces files of others)"
             ]
-        if own and not self.overwrite and not self.resumable:
+        if names and not self.overwrite and not self.resumable:
             return [
-                f"{self.setting}={self.path} holds an earlier {self.tool} output ({_listing(own)}); add "
+                f"{self.setting}={self.path} holds an earlier {self.tool} output ({_listing(names)}); add "
                 f"overwrite=true to replace it, or choose a new folder"
             ]
         return []
 
     def check(self) -> OutputFolder:
-        """Raise one ConfigError when the folder may not be written (it is created by the first write)."""
+        """Raise one ConfigError when the folder may not be written."""
         if problems := self.problems():
             raise ConfigError("\n".join(problems))
-        for leftover in self.path.glob(STAGING + "*") if self.path.is_dir() else ():  # a killed run's unfinished output
-            if leftover.is_dir() and not _alive(leftover.name[len(STAGING) :]):
-                shutil.rmtree(leftover, ignore_errors=True)
         return self
 
-    # -- writing ---------------------------------------------------------------------------------------------
-    def _claim(self, names: Iterable[str]) -> None:
-        """Refuse names that are someone else's; record the rest before they appear under their names."""
-        names = [n for n in names if n not in self.written]
-        self.refuse_taken(names)
-        self._save_record(self._earlier | self.written | set(names))
-        self.written.update(names)
+    def open(self, clear: bool = True, lock: bool = True) -> OutputFolder:
+        """Make, lock, check again and record the folder as the tool's, once, before its first write.
 
-    def _save_record(self, files: set[str]) -> None:
-        text = json.dumps({"tool": self.tool, "files": sorted(f for f in files if f != RECORD)}, indent=0) + "\n"
+        `clear`: an earlier output is removed now (`overwrite=true`, a tool that does not resume). `lock=False`
+        for the ranks of one job, which share the folder by design.
+        """
+        if self.held is not None:
+            return self
+        self.created = not self.path.exists()
+        self.held = contextlib.ExitStack()
+        if lock:
+            self.held.callback(lock_folder(self.path, f"{self.tool} run").release)
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path / RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        self.files = self._recorded()
+        self.check()  # another run may have written here since the first check
+        for leftover in (STAGING, REPLACED):  # a killed run's: the lock says no one else writes here
+            shutil.rmtree(self.path / leftover, ignore_errors=True)
+        if clear and self.overwrite and not self.resumable:
+            self._remove([n for n in self.entries() if n != self.log])
+            self.files = set()
+        self._save(None if self.resumable and not self.files else self.files)
+        return self
+
+    def _save(self, files: set[str] | None) -> None:
+        self.files = files
+        record = {"tool": self.tool, "files": None if files is None else sorted(files)}
+        atomic_write(self.path / RECORD, lambda tmp: tmp.write_text(json.dumps(record) + "\n", encoding="utf-8"))
+
+    def _remove(self, names: list[str]) -> None:
+        for name in names:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+
+    def claim(self, name: str) -> Path:
+        """Record `name` (its first folder) as the tool's before it is written: a kill never leaves it unrecorded."""
+        self.open()
+        top = Path(name).parts[0]
+        if self.files is not None and top not in self.files:
+            self._save(self.files | {top})
+        (self.path / name).parent.mkdir(parents=True, exist_ok=True)
+        return self.path / name
 
     def put(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Write one file `name` atomically through `write(tmp_path)`."""
-        self._claim([name])
-        return atomic_write(self.path / name, write)
+        """Write one file `name` atomically through `write(tmp_path)` (an earlier output is cleared first)."""
+        return atomic_write(self.claim(name), write)
 
     def put_text(self, name: str, text: str) -> Path:
         return self.put(name, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
-    def refuse_taken(self, names: Iterable[str]) -> None:
-        """Raise before any work when one of the names the tool will write is a file of someone else's."""
-        taken = [n for n in names if (self.path / n).exists() and not self.own(n)]
-        if taken:
-            raise ConfigError(
-                f"{self.setting}={self.path}: {self.tool} would replace {_listing(taken)}, which it did not write; "
-                f"move them away or choose a new folder (overwrite=true never replaces files of others)"
-            )
-
     @contextlib.contextmanager
     def staged(self) -> Iterator[Path]:
-        """A private folder to write a whole output into; on success its files are moved into place.
+        """A private folder to write a whole output into; on success it replaces the earlier output.
 
-        Files of an earlier output of this tool that the new one does not have are removed afterwards; on an
-        error nothing is moved and the earlier output is left as it was.
+        On an error nothing is moved: the earlier output is left as it was, and a folder this call made is removed.
         """
-        stage = self.path / f"{STAGING}{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
-        created = not self.path.exists()
-        stage.mkdir(parents=True)
+        self.open(clear=False)
+        stage = self.path / STAGING
         try:
+            stage.mkdir()
             yield stage
-            self.commit(stage)
+            self._commit(stage)
         except Exception as err:
             if (code := refused_errno(err)) is not None and not getattr(err, "filename", None):
                 raise OSError(code, os.strerror(code), str(self.path)) from err  # the folder the user named
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-            if created and self.path.is_dir() and not any(self.path.iterdir()):
-                self.path.rmdir()  # a failed first output leaves no empty folder behind
+            self.release()
 
-    def commit(self, stage: Path) -> None:
-        """Move the files of `stage` into the folder (one `os.replace` each) and drop stale earlier outputs."""
-        names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if not p.is_dir())
-        self._claim(names)
-        for name in names:
-            (self.path / name).parent.mkdir(parents=True, exist_ok=True)
+    def _commit(self, stage: Path) -> None:
+        """The earlier output moved aside, the new one moved in (one `os.replace` per name), the earlier removed."""
+        new, old = sorted(os.listdir(stage)), [n for n in self.entries() if n != self.log]
+        replaced = self.path / REPLACED
+        replaced.mkdir()
+        for name in old:
+            os.replace(self.path / name, replaced / name)
+        self._save(set(new))
+        for name in new:
             os.replace(stage / name, self.path / name)
-        self.finish()
+        shutil.rmtree(replaced)
 
-    def finish(self) -> None:
-        """Remove the files of the earlier output that this run did not write again, and record what is left."""
-        root = self.path.resolve()
-        for name in sorted(self._earlier - self.written):
-            if not (self.path / name).parent.resolve().is_relative_to(root):
-                continue  # reached through a link to elsewhere: not this folder's file
-            with contextlib.suppress(OSError):
-                (self.path / name).unlink()
-            parent = (self.path / name).parent
-            while parent != self.path and parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()  # a sub-folder the earlier output made and this one does not use
-                parent = parent.parent
-        self._earlier = set()
-        self._save_record(self.written)
-
-
-def _relative(name: str) -> bool:
-    """A recorded name that stays inside the folder (a record is data another process may have written)."""
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\0" not in name
+    def release(self) -> None:
+        """Let go of the lock; a folder this tool made and left empty is removed (a failed first output)."""
+        if self.held is None:
+            return
+        self.held.close()
+        self.held = None
+        if self.created and not self.entries():
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _listing(names: list[str], most: int = 5) -> str:
@@ -314,46 +302,16 @@ def _listing(names: list[str], most: int = 5) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
-def _alive(pid: str) -> bool:
-    """Whether the process `pid` (a staging folder's owner) still runs."""
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return False  # our own leftover from an earlier attempt in this process
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def lock_folder(path: str | Path, what: str) -> filelock.BaseFileLock:
+    """An exclusive lock on the folder `path` (made if missing): a second writer is refused, not interleaved.
 
-
-class FolderLock:
-    """An exclusive lock on a folder for the life of a process: a second writer is refused, not interleaved.
-
-    `flock` on the folder itself: no lock file is left behind, and the kernel lets go of a killed process's
-    lock. Held by the one process that owns the folder (not inherited by the processes it starts).
+    Held until released or garbage-collected; the kernel lets go of a killed process's lock. The lock file stays
+    (hidden, ignored by every listing).
     """
-
-    def __init__(self, path: str | Path, what: str):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = -1
-            raise ConfigError(f"{self.path} is being written by another {what} right now; wait for it to end") from None
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(Path(path) / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise ConfigError(f"{path} is being written by another {what} right now; wait for it to end") from None
+    return lock

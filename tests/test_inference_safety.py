@@ -40,15 +40,15 @@ def test_a_folder_of_someone_elses_files_is_refused_and_kept(tmp_path, tiny_infe
     with pytest.raises(ConfigError, match="did not write .*overwrite=true") as err:
         run(tiny_inference, tmp_path)
     assert str(err.value).count("\n  - ") == 1  # one problem, named with its fix
-    # overwrite=true still never replaces them: the names this run would write are someone else's
-    with pytest.raises(ConfigError, match="would replace results.jsonl, output_0000.wav, which it did not write"):
+    # overwrite=true replaces only an earlier output of infer's own: the folder is still refused
+    with pytest.raises(ConfigError, match="3 file\\(s\\) that infer did not write .*never replaces files of others"):
         run(tiny_inference, tmp_path, overwrite=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == mine
-    # beside a file whose name it does not need, it writes, and the file stays as it was
-    (out / "output_0000.wav").unlink()
-    (out / "results.jsonl").unlink()
-    results = run(tiny_inference, tmp_path, overwrite=True)
-    assert (out / "notes.txt").read_bytes() == b"keep" and len(listed(out)) == len(results) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == mine  # nothing written, not even a record
+    # once the folder is empty again, it is infer's
+    for name in mine:
+        (out / name).unlink()
+    results = run(tiny_inference, tmp_path)
+    assert len(listed(out)) == len(results) == 3
 
 
 def test_a_rerun_replaces_only_its_own_earlier_run_and_lists_only_its_files(tmp_path, tiny_inference, monkeypatch):

@@ -1,8 +1,8 @@
-"""Output folders are the user's: generated folder states, each with the outcome the rules promise.
+"""Output folders by one rule: generated folder states, each with the outcome the rule promises.
 
 For every generated mix of a user's files, an earlier output of the tool and `overwrite`, a tool either refuses
-with one message (and changes nothing) or writes its output while every file it did not write stays
-byte-identical; an earlier output of its own is replaced, with no stale file left behind.
+with one message (and changes nothing) or writes its output into a folder that held only its own; an earlier
+output is replaced whole, with no stale file left behind.
 """
 
 import os
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from moss.errors import ConfigError
-from moss.outputs import RECORD, FolderLock, OutputFolder, atomic_write
+from moss.outputs import LOCK, RECORD, STAGING, OutputFolder, atomic_write, lock_folder
 
 CASES = 120
 USER_NAMES = [
@@ -62,25 +62,20 @@ def test_generated_folder_states(tmp_path, case):
     new = sorted(rng.sample(TOOL_NAMES, rng.randrange(1, len(TOOL_NAMES) + 1)))
     before = snapshot(out) if out.exists() else {}
     folder = OutputFolder(out, "export", overwrite=overwrite)
-    refused = (user and not overwrite) or (earlier and not overwrite)
-    collision = [n for n in new if n in user]
+    refused = user or (earlier and not overwrite)  # the user's files refuse a folder, overwrite or not
     try:
         folder.check()
         write_output(folder, new, "new")
     except ConfigError as err:
-        assert refused or collision, err
+        assert refused, err
         assert "\n" not in str(err) and ("overwrite=true" in str(err))
         assert (snapshot(out) if out.exists() else {}) == before  # nothing changed
         return
-    assert not refused and not collision
+    assert not refused
     after = snapshot(out)
-    for name in user:
-        assert after[name] == before[name]  # the user's files, byte for byte
     for name in new:
         assert after[name] == f"new:{name}".encode()
-    stale = set(earlier) - set(new)
-    assert not stale & set(after), "an earlier output's file that the new one lacks is removed"
-    assert set(after) == set(user) | set(new)
+    assert set(after) == set(new), "an earlier output's file that the new one lacks is removed"
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path):
@@ -104,16 +99,34 @@ def test_a_failed_output_leaves_the_earlier_one_whole(tmp_path):
         (stage / "config.json").write_text("new")
         raise RuntimeError("the export failed half-way")
     assert snapshot(tmp_path) == {"config.json": b"old:config.json", "model.safetensors": b"old:model.safetensors"}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".moss-staging")] == []
+    assert not (tmp_path / STAGING).exists()
 
 
-def test_a_killed_runs_staging_folder_is_cleared(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    leftover = tmp_path / f".moss-staging-{dead.stdout.strip()}"
-    leftover.mkdir()
-    (leftover / "model.safetensors").write_text("half")
-    OutputFolder(tmp_path, "export").check()
-    assert not leftover.exists()
+def test_a_killed_runs_staging_folder_is_cleared_and_a_first_output_that_failed_leaves_no_folder(tmp_path):
+    write_output(OutputFolder(tmp_path / "out", "export").check(), ["config.json"], "old")
+    (tmp_path / "out" / STAGING).mkdir()
+    (tmp_path / "out" / STAGING / "model.safetensors").write_text("half")  # what kill -9 mid-export leaves
+    write_output(OutputFolder(tmp_path / "out", "export", overwrite=True).check(), ["model.safetensors"], "new")
+    assert snapshot(tmp_path / "out") == {"model.safetensors": b"new:model.safetensors"}
+    assert not (tmp_path / "out" / STAGING).exists()
+    with pytest.raises(RuntimeError), OutputFolder(tmp_path / "new", "export").check().staged():
+        raise RuntimeError("the first export failed")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_tools_own_log_is_neither_foreign_nor_replaced(tmp_path):
+    (tmp_path / "export.log").write_text("the running command's log\n")  # Hydra made it before the check
+    write_output(OutputFolder(tmp_path, "export").check(), ["config.json"], "old")
+    write_output(OutputFolder(tmp_path, "export", overwrite=True).check(), ["config.json"], "new")
+    assert snapshot(tmp_path) == {"export.log": b"the running command's log\n", "config.json": b"new:config.json"}
+
+
+def test_a_second_writer_of_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    first = OutputFolder(tmp_path, "infer").open()
+    with pytest.raises(ConfigError, match="being written by another infer run"):
+        OutputFolder(tmp_path, "infer", overwrite=True).open()
+    first.release()
+    OutputFolder(tmp_path, "infer", overwrite=True).open().release()
 
 
 @pytest.mark.parametrize("setting", ["file", "read-only", "under-a-file"])
@@ -155,7 +168,7 @@ def test_a_locked_folder_refuses_a_second_writer_until_released(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from moss.outputs import FolderLock; FolderLock(sys.argv[1], 'x'); print('ok', "
+            "import sys, time; from moss.outputs import lock_folder; held = lock_folder(sys.argv[1], 'x'); print('ok', "
             "flush=True); time.sleep(60)",
             str(tmp_path),
         ],
@@ -165,24 +178,28 @@ def test_a_locked_folder_refuses_a_second_writer_until_released(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ok"
         with pytest.raises(ConfigError, match="being written by another preprocessing run"):
-            FolderLock(tmp_path, "preprocessing run")
+            lock_folder(tmp_path, "preprocessing run")
     finally:
         holder.kill()
         holder.wait()
-    FolderLock(tmp_path, "preprocessing run").release()  # the kernel let go of the killed holder's lock
+    lock_folder(tmp_path, "preprocessing run").release()  # the kernel let go of the killed holder's lock
 
 
-def test_stale_names_reached_through_a_link_are_not_deleted(tmp_path):
+@pytest.mark.parametrize("tool", ["export", "infer"])
+def test_replacing_an_output_removes_its_links_never_what_they_point_to(tmp_path, tool):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "model.safetensors").write_text("keep")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "link").symlink_to(outside)  # the user's link inside the folder
-    (out / RECORD).write_text('{"tool": "export", "files": ["link/model.safetensors"]}')
-    folder = OutputFolder(out, "export", overwrite=True).check()
-    write_output(folder, ["config.json"], "new")
-    assert (outside / "model.safetensors").read_text() == "keep" and (out / "link").is_symlink()
+    (out / "link").symlink_to(outside)
+    (out / RECORD).write_text(f'{{"tool": "{tool}", "files": ["link"]}}')
+    folder = OutputFolder(out, tool, overwrite=True).check()
+    if tool == "export":
+        write_output(folder, ["config.json"], "new")
+    else:  # a progressive writer clears the earlier output at its first write
+        folder.put_text("results.jsonl", "new\n")
+    assert (outside / "model.safetensors").read_text() == "keep" and not (out / "link").exists()
 
 
 def test_a_killed_writes_temporary_file_is_the_tools_own_and_the_next_write_replaces_it(tmp_path):
@@ -190,7 +207,7 @@ def test_a_killed_writes_temporary_file_is_the_tools_own_and_the_next_write_repl
     folder = OutputFolder(tmp_path, "infer")
     assert folder.problems() == []  # not taken for a file of the user's
     folder.put_text("results.jsonl", "new\n")
-    assert sorted(os.listdir(tmp_path)) == [RECORD, "results.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == sorted([LOCK, RECORD, "results.jsonl"])
     (tmp_path / ".notes.txt").write_text("the user's")  # a hidden file that is not a temporary is still foreign
     (tmp_path / ".results.tmp.jsonl").write_text("the user's")  # nor one that only looks like a temporary
     assert "did not write" in OutputFolder(tmp_path, "infer").problems()[0]

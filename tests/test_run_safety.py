@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moss.errors import ConfigError
-from moss.outputs import FolderLock
+from moss.outputs import lock_folder
 from moss.training.run_checkpoint import checkpoint_problem
 from tests.conftest import REPO, compose_train
 from tests.test_cli import run
@@ -96,9 +96,10 @@ def test_a_training_run_on_a_full_disk_stops_with_one_line_and_every_checkpoint_
 
 def test_two_runs_of_one_name_never_share_the_folder(tmp_path):
     cfg = compose_train(tmp_path, ["debug=fast_dev_run", *FAST])
-    with FolderLock(cfg.paths.output_dir, "training run"):  # the other run, started a moment earlier
-        with pytest.raises(ConfigError, match="being written by another training run"):
-            train(cfg)
+    other = lock_folder(cfg.paths.output_dir, "training run")  # the other run, started a moment earlier
+    with pytest.raises(ConfigError, match="being written by another training run"):
+        train(cfg)
+    other.release()
     assert not (tmp_path / "out" / "checkpoints").exists()
     train(cfg)  # once it has ended, the name is free (its outputs would then be refused as usual)
     with pytest.raises(ConfigError, match="already holds a run"):

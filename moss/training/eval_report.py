@@ -44,7 +44,7 @@ def write_eval_report(gate: QualityGate, cfg: DictConfig, config, export_dir: Pa
         run["checkpoint"] = sources[label]
     report["comparison"] = comparison(report["checkpoints"])
     report["history"] = gate.history()
-    folder = OutputFolder(export_dir, "export", overwrite=True, patterns=("*",))
+    folder = OutputFolder(export_dir, "export", resumable=True)
     paths = {}
     (export_dir / AUDIO).mkdir(parents=True, exist_ok=True)
     for (label, index), wave in sorted(audio.items()):

@@ -3,6 +3,7 @@ characters, audio cut short in every format; legal files it must accept (FLAC wi
 run-level guards (a second run into one folder, an input changing mid-run, 100k lines in flat time and memory)."""
 
 import json
+import os
 import random
 import resource
 import time
@@ -15,7 +16,7 @@ from data_pipelines.preprocess import preprocess
 from data_pipelines.records import Limits, Record, RecordError, _load, check_transcript
 from moss.audio import AudioError, read_audio
 from moss.errors import ConfigError
-from moss.outputs import FolderLock
+from moss.outputs import lock_folder
 from tests.data_pipelines.conftest import pipeline_cfg, tone, write_good_corpus
 
 WHITESPACE = [" ", "\t", "\n", "\u3000", "\u00a0", ""]
@@ -100,9 +101,10 @@ def test_a_flac_without_a_length_in_its_header_is_read_to_its_end(tmp_path):
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, codec_files):
     jsonl = write_good_corpus(tmp_path / "raw", n=2)
     cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out", cpu_workers=1)
-    with FolderLock(tmp_path / "out", "preprocessing run"):  # the first run, still going
-        with pytest.raises(ConfigError, match="being written by another preprocessing run"):
-            preprocess(cfg)
+    first = lock_folder(tmp_path / "out", "preprocess run")  # the first run, still going
+    with pytest.raises(ConfigError, match="being written by another preprocess run"):
+        preprocess(cfg)
+    first.release()
     assert preprocess(cfg)["samples"] == 2
 
 
@@ -110,10 +112,10 @@ def test_a_folder_of_other_files_is_refused(tmp_path, codec_files):
     jsonl = write_good_corpus(tmp_path / "raw", n=2)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
-    with pytest.raises(ConfigError, match="mine.txt.*overwrite=true"):
+    with pytest.raises(ConfigError, match="mine.txt.*choose a new or empty folder"):
         preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "out", cpu_workers=1))
-    summary = preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "out", cpu_workers=1, overwrite=True))
-    assert summary["samples"] == 2 and (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    assert os.listdir(tmp_path / "out") == ["mine.txt"] and (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    assert preprocess(pipeline_cfg(codec_files, [jsonl], tmp_path / "new", cpu_workers=1))["samples"] == 2
 
 
 def test_an_input_that_changes_mid_run_stops_it_before_a_shard_is_done(tmp_path, codec_files, monkeypatch):
@@ -136,7 +138,7 @@ def test_an_input_that_changes_mid_run_stops_it_before_a_shard_is_done(tmp_path,
     cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out", cpu_workers=1, records_per_shard=2)
     with pytest.raises(ConfigError, match="changed while it was being preprocessed"):
         preprocess(cfg)
-    assert not list((tmp_path / "out").glob("*-*.json")), "no shard was marked done"
+    assert not list((tmp_path / "out").glob("[0-9]*-*.json")), "no shard was marked done"
     assert not list((tmp_path / "out").glob("*.tar")), "no readable shard of the changed input was left"
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="other sources"):  # the rerun does not mix old and new lines
