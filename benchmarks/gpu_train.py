@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from moss.data.collate import PaddingCollator
+from moss.data.examples import Example
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.model import MossTTSD, MossTTSDConfig
 from moss.model.lora import apply_lora, use_fused_lora
@@ -54,7 +55,7 @@ def reference_examples(n: int, config: MossTTSDConfig, rng: np.random.Generator,
         ids = np.stack([rng.integers(0, v, rows) for v in config.channel_vocab_sizes], axis=1).astype(np.int64)
         labels = ids.copy()
         labels[: min(text, rows)] = -100
-        out.append({"key": str(i), "rows": rows, "input_ids": ids, "labels": labels})
+        out.append(Example(str(i), rows, ids, labels))
     return out
 
 
@@ -62,9 +63,9 @@ def layouts(examples: list[dict], budget: int, pad_id: int) -> dict[str, list[di
     """The same samples as packed micro-batches, padded batches of 4 and single samples."""
     packer = BestFitPacker(budget, window=len(examples), min_fill=0.0)
     packs = [p for e in examples for p in packer.add(e)] + packer.flush()
-    packs.sort(key=lambda p: -sum(e["rows"] for e in p))
+    packs.sort(key=lambda p: -sum(e.rows for e in p))
     collate = PaddingCollator(pad_id, max_length=budget)
-    ordered = sorted(examples, key=lambda e: -e["rows"])  # longest first: a warm-up that sees peak memory
+    ordered = sorted(examples, key=lambda e: -e.rows)  # longest first: a warm-up that sees peak memory
     return {
         "packed": [collate_packs([p], budget, text_pad_id=pad_id) for p in packs],
         "bs4": [collate(examples[i : i + 4]) for i in range(0, len(examples), 4)],

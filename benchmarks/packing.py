@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from moss.audio import FRAME_RATE
 from moss.data.collate import PaddingCollator
 from moss.data.dataset import ShardStream, expand_shards
-from moss.data.examples import ExampleBuilder
+from moss.data.examples import Example, ExampleBuilder
 from moss.data.packing import BestFitPacker, collate_packs
 from moss.data.schema import ShardSample
 from moss.data.writer import write_shards
@@ -59,12 +59,15 @@ def reference_samples(n: int, tokenizer, rng: np.random.Generator) -> list[Shard
     return samples
 
 
+NONE = np.zeros((0, 8), np.int32)  # the packer looks at rows only
+
+
 def efficiency_table(n: int, budget: int, rng: np.random.Generator) -> dict:
     frames, text_rows = reference_lengths(n, rng)
     rows = frames + text_rows + 8
     packer = BestFitPacker(budget)
-    packs = [p for r in rows for p in packer.add({"rows": int(r)})]
-    steady = sum(it["rows"] for p in packs for it in p) / (len(packs) * budget)  # a training stream never ends
+    packs = [p for r in rows for p in packer.add(Example("", int(r), NONE, NONE))]
+    steady = sum(it.rows for p in packs for it in p) / (len(packs) * budget)  # a training stream never ends
     packs += packer.flush()
     packed = rows.sum() / (len(packs) * budget)
     batches = [rows[i : i + 4] for i in range(0, n, 4)]

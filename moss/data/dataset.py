@@ -35,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from moss.data import tar_reader
 from moss.data.batch import PackedBatch
 from moss.data.collate import PaddingCollator
-from moss.data.examples import ExampleBuilder
+from moss.data.examples import Example, ExampleBuilder
 from moss.data.mixing import Mixer, Source, source_counts
 from moss.data.packing import collate_packs
 from moss.data.schema import MANIFEST
@@ -316,7 +316,7 @@ class ShardStream(IterableDataset):
         ids = np.full((prompt.channels, prompt.channels), prompt.speech_pad, dtype=np.int64)
         ids[:, 0] = self.builder.text_pad_id
         labels = np.full_like(ids, IGNORE_INDEX)
-        placeholder = {"key": "placeholder", "rows": len(ids), "input_ids": ids, "labels": labels}
+        placeholder = Example("placeholder", len(ids), ids, labels)
         return self.padder([placeholder], {"reader": -1, "skipped": dict(self.skipped)})
 
     @property
@@ -329,7 +329,7 @@ class ShardStream(IterableDataset):
         Its reader, that reader's skip counts so far (the callbacks' skip report) and its samples per source.
         """
         examples = [ex for unit in group for ex in (unit if self.packer_args else [unit])]
-        counts = source_counts((ex["loc"] for ex in examples), [s.name for s in self.sources])
+        counts = source_counts((ex.loc for ex in examples), [s.name for s in self.sources])
         origin = {"reader": reader, "skipped": dict(self.skipped), "sources": counts}
         if not self.packer_args:
             return self.padder(group, origin)

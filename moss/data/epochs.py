@@ -98,7 +98,7 @@ def rows_per_frame(urls: list[str], builder: ExampleBuilder, probe: int = 64) ->
                 example = builder(sample)
             except ValueError:  # a bad sample (SampleError) is skipped in training too
                 continue
-            rows, frames, seen = rows + example["rows"], frames + max(sample.frames, 1), seen + 1
+            rows, frames, seen = rows + example.rows, frames + max(sample.frames, 1), seen + 1
             if seen >= probe:
                 return rows / frames
     if not seen:

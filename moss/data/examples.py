@@ -1,17 +1,30 @@
 """Shard samples -> delayed training examples, refusing what the model cannot take.
 
-An example is `{"key", "rows", "input_ids", "labels"}` with int32 `[T + C - 1, C]` grids: the prompt grid of
-`moss.text.prompt` (or an imported grid as stored), delayed per channel. Samples the model cannot take raise a
+An `Example` holds int32 `[T + C - 1, C]` grids: the prompt grid of `moss.text.prompt` (or an imported grid as
+stored), delayed per channel. Samples the model cannot take raise a
 `SampleError` subclass, so the stream counts each kind under its own reason.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from moss.data.schema import SampleError, ShardSample
 from moss.model.delay import apply_delay_pattern, apply_delay_pattern_labels
 from moss.text.prompt import PromptBuilder
+
+
+@dataclass(frozen=True)
+class Example:
+    """One delayed training example; `loc` is where its sample sits in the stream (what a resume restores)."""
+
+    key: str
+    rows: int
+    input_ids: np.ndarray  # int32 [rows, C]
+    labels: np.ndarray  # int32 [rows, C]
+    loc: tuple | None = None
 
 
 class OverLongSample(SampleError):
@@ -23,7 +36,7 @@ class OutOfVocabulary(SampleError):
 
 
 class ExampleBuilder:
-    """Shard sample -> delayed example `{"key", "rows", "input_ids", "labels"}` (int32 `[T + C - 1, C]`)."""
+    """Shard sample -> delayed `Example` (int32 `[T + C - 1, C]`)."""
 
     def __init__(
         self,
@@ -49,7 +62,7 @@ class ExampleBuilder:
             if ids.min(initial=0) < 0 or ids.max(initial=0) >= limit or targets.max(initial=0) >= limit:
                 raise OutOfVocabulary(f"{key}: ids outside the model's vocabulary ({limit} for channels {columns})")
 
-    def __call__(self, sample: ShardSample) -> dict:
+    def __call__(self, sample: ShardSample, loc: tuple | None = None) -> Example:
         if sample.grid is not None:  # imported from the original preprocessing: the grid as stored
             grid, labels = sample.grid, sample.grid_labels
             if grid.shape[1] != self.prompt.channels:
@@ -64,4 +77,4 @@ class ExampleBuilder:
             if not self.truncate:
                 raise OverLongSample(f"{sample.key}: {rows} rows exceed the limit of {self.max_rows}")
             input_ids, labels, rows = input_ids[: self.max_rows], labels[: self.max_rows], self.max_rows
-        return {"key": sample.key, "rows": rows, "input_ids": input_ids, "labels": labels}
+        return Example(sample.key, rows, input_ids, labels, loc)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from moss.data.batch import BatchStats, PackedBatch
+from moss.data.examples import Example
 from moss.model.loss import IGNORE_INDEX
 from moss.settings import Count, Probability, Required, Rows, TypedDict, strict
 
@@ -59,34 +60,34 @@ class BestFitPacker:
             that would emit nothing, or a sample in it has waited `max_rounds` rounds.
         max_rounds: bound on how long a sample may wait (keeps the stream moving, bounds state).
 
-    Items are dicts with an int `rows`; the packer does not look at anything else.
+    Items are `Example`s; the packer looks at nothing but their `rows`.
     """
 
     def __init__(self, budget: int, window: int = 256, min_fill: float = 0.995, max_rounds: int = 16):
         if budget < 1 or window < 1:
             raise ValueError(f"budget and window must be positive, got budget={budget}, window={window}")
         self.budget, self.window, self.min_fill, self.max_rounds = budget, window, min_fill, max_rounds
-        self.pending: list[dict] = []
+        self.pending: list[Example] = []
         self.ages: list[int] = []
 
-    def add(self, item: dict) -> list[list[dict]]:
+    def add(self, item: Example) -> list[list[Example]]:
         """Queue one sample; returns the packs that became ready (possibly none)."""
-        if item["rows"] > self.budget:
-            raise ValueError(f"sample of {item['rows']} rows exceeds the pack budget of {self.budget}")
+        if item.rows > self.budget:
+            raise ValueError(f"sample of {item.rows} rows exceeds the pack budget of {self.budget}")
         self.pending.append(item)
         self.ages.append(0)
         return self._round(final=False) if len(self.pending) >= self.window else []
 
-    def flush(self) -> list[list[dict]]:
+    def flush(self) -> list[list[Example]]:
         """Pack everything still waiting (end of a finite stream)."""
         return self._round(final=True) if self.pending else []
 
-    def _round(self, final: bool) -> list[list[dict]]:
-        order = sorted(range(len(self.pending)), key=lambda i: -self.pending[i]["rows"])
+    def _round(self, final: bool) -> list[list[Example]]:
+        order = sorted(range(len(self.pending)), key=lambda i: -self.pending[i].rows)
         bins: list[Bin] = []
         members: list[list[int]] = []
         for i in order:
-            rows = self.pending[i]["rows"]
+            rows = self.pending[i].rows
             best, best_free = -1, self.budget + 1
             for b, candidate in enumerate(bins):
                 free = self.budget - candidate.rows
@@ -116,7 +117,7 @@ class BestFitPacker:
 
 
 def collate_packs(
-    packs: list[list[dict]],
+    packs: list[list[Example]],
     budget: int,
     text_pad_id: int,
     speech_pad: int = 1024,
@@ -140,18 +141,18 @@ def collate_packs(
     for b, pack in enumerate(packs):
         start = 0
         for item in pack:
-            n = item["rows"]
-            input_ids[b, start : start + n] = item["input_ids"]
-            labels[b, start : start + n] = item["labels"]
+            n = item.rows
+            input_ids[b, start : start + n] = item.input_ids
+            labels[b, start : start + n] = item.labels
             position_ids[b, start : start + n] = np.arange(n)
             lengths.append(n)
-            keys.append(item["key"])
+            keys.append(item.key)
             start += n
         if start < budget:  # the pad tail is a segment of its own, attended by nothing real
             position_ids[b, start:] = np.arange(budget - start)
             lengths.append(budget - start)
     label_counts = (labels[:, 1:] != IGNORE_INDEX).sum(axis=(0, 1))
-    rows = [item["rows"] for pack in packs for item in pack]
+    rows = [item.rows for pack in packs for item in pack]
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         labels=torch.from_numpy(labels),

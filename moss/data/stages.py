@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from moss.data import tar_reader
 from moss.data.batch import PackedBatch
-from moss.data.examples import ExampleBuilder, OverLongSample
+from moss.data.examples import Example, ExampleBuilder, OverLongSample
 from moss.data.packing import BestFitPacker
 from moss.data.schema import SampleError, ShardSample
 
@@ -200,14 +200,14 @@ class ShardReader:
 class Restore:
     """The samples and examples a restored stage needs again, looked up by location."""
 
-    def __init__(self, samples: dict[Location, ShardSample], build: Callable[[ShardSample, Location], dict]):
+    def __init__(self, samples: dict[Location, ShardSample], build: Callable[[ShardSample, Location], Example]):
         self.samples, self.build = samples, build
 
     def sample(self, loc) -> Item:
         loc = tuple(loc)
         return loc, self.samples[loc]
 
-    def example(self, loc) -> dict:
+    def example(self, loc) -> Example:
         return self.build(self.samples[tuple(loc)], tuple(loc))
 
 
@@ -255,10 +255,10 @@ class Examples:
     def __init__(self, builder: ExampleBuilder, skips: SkipLog, liveness: list[Liveness]):
         self.builder, self.skips, self.liveness = builder, skips, liveness
 
-    def build(self, sample: ShardSample, loc: Location) -> dict:
-        return {**self.builder(sample), "loc": loc}
+    def build(self, sample: ShardSample, loc: Location) -> Example:
+        return self.builder(sample, loc)
 
-    def __call__(self, items: Iterable[Item]) -> Iterator[dict]:
+    def __call__(self, items: Iterable[Item]) -> Iterator[Example]:
         for loc, sample in items:
             liveness = self.liveness[loc[0]]
             liveness.attempted += 1
@@ -279,9 +279,9 @@ class PackStage:
 
     def __init__(self, **packer):
         self.packer = BestFitPacker(**packer)
-        self.out: deque[list[dict]] = deque()
+        self.out: deque[list[Example]] = deque()
 
-    def __call__(self, examples: Iterable[dict]) -> Iterator[list[dict]]:
+    def __call__(self, examples: Iterable[Example]) -> Iterator[list[Example]]:
         for example in examples:
             self.out.extend(self.packer.add(example))
             while self.out:
@@ -295,9 +295,9 @@ class PackStage:
 
     def state_dict(self) -> dict:
         return {
-            "pending": [list(ex["loc"]) for ex in self.packer.pending],
+            "pending": [list(ex.loc) for ex in self.packer.pending],
             "ages": list(self.packer.ages),
-            "out": [[list(ex["loc"]) for ex in pack] for pack in self.out],
+            "out": [[list(ex.loc) for ex in pack] for pack in self.out],
         }
 
     def load_state_dict(self, state: dict, restore: Restore) -> None:
@@ -328,8 +328,8 @@ class Batcher:
 
     def state_dict(self) -> dict:
         if self.packed:
-            return {"group": [[list(ex["loc"]) for ex in pack] for pack in self.group]}
-        return {"group": [list(ex["loc"]) for ex in self.group]}
+            return {"group": [[list(ex.loc) for ex in pack] for pack in self.group]}
+        return {"group": [list(ex.loc) for ex in self.group]}
 
     def load_state_dict(self, state: dict, restore: Restore) -> None:
         if self.packed:

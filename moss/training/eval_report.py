@@ -46,7 +46,6 @@ def write_eval_report(gate: QualityGate, cfg: DictConfig, config, export_dir: Pa
     report["history"] = gate.history()
     folder = OutputFolder(export_dir, "export", resumable=True)
     paths = {}
-    (export_dir / AUDIO).mkdir(parents=True, exist_ok=True)
     for (label, index), wave in sorted(audio.items()):
         name = f"{AUDIO}/{label}_{index:04d}.wav"
         folder.put(name, lambda tmp, wave=wave: sf.write(tmp, wave, SAMPLE_RATE, format="WAV"))

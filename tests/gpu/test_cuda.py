@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from moss.data.examples import Example
 from moss.data.packing import collate_packs
 from moss.generation import GenerationConfig, generate
 from moss.model import MossTTSD, MossTTSDConfig, speedups, varlen
@@ -53,7 +54,7 @@ def examples(config: MossTTSDConfig, lengths=LENGTHS, seed: int = 0) -> list[dic
         ids = np.stack([rng.integers(0, v, n) for v in config.channel_vocab_sizes], axis=1)
         labels = ids.copy()
         labels[:8] = -100  # a prompt: the first rows of a sample are never scored
-        out.append({"key": str(i), "rows": n, "input_ids": ids, "labels": labels})
+        out.append(Example(str(i), n, ids, labels))
     return out
 
 
@@ -73,13 +74,13 @@ def test_packed_logits_equal_each_sample_alone_in_bf16(config, attn):
         packed = model(**inputs, output_logits=True).logits
         start = 0
         for sample in samples:
-            alone = reference(torch.from_numpy(sample["input_ids"]).to(CUDA)[None], output_logits=True).logits
+            alone = reference(torch.from_numpy(sample.input_ids).to(CUDA)[None], output_logits=True).logits
             for c in range(config.channels):
-                a, b = packed[c][0, start : start + sample["rows"]].float(), alone[c][0].float()
+                a, b = packed[c][0, start : start + sample.rows].float(), alone[c][0].float()
                 torch.testing.assert_close(a, b, atol=0.06, rtol=0.05)
                 agree += int((a.argmax(-1) == b.argmax(-1)).sum())
                 total += a.shape[0]
-            start += sample["rows"]
+            start += sample.rows
     print(f"\n{attn}: argmax agreement packed vs alone {agree}/{total} = {agree / total:.4%}")
     # flex_attention's block-mask kernel orders its bf16 sums differently from the flash kernels; random weights
     # have near-tied logits, so a few more ties flip there (0.3 % on CPU).
@@ -176,7 +177,7 @@ def test_lora_step_with_gradient_checkpointing_matches_without(config):
 
 def test_generation_with_cache_equals_full_recompute(config):
     model = MossTTSD.from_config(config, seed=3, attn_implementation="sdpa").to(CUDA).eval()
-    prompt = torch.from_numpy(examples(config, [40, 25])[0]["input_ids"]).to(CUDA)
+    prompt = torch.from_numpy(examples(config, [40, 25])[0].input_ids).to(CUDA)
     ids = torch.stack([prompt, prompt.roll(5, 0)])
     mask = torch.ones(ids.shape[:2], dtype=torch.long, device=CUDA)
     mask[1, :6] = 0  # left padding in the second row

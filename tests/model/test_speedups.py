@@ -7,6 +7,7 @@ from torch._dynamo.backends.debugging import aot_eager
 from transformers.models.qwen3 import modeling_qwen3
 
 from moss.config_checks import validate
+from moss.data.examples import Example
 from moss.data.packing import collate_packs
 from moss.errors import ConfigError
 from moss.model import MossTTSD, MossTTSDConfig, speedups
@@ -26,7 +27,7 @@ def pack(seed: int) -> dict:
         ids[:, 0], ids[:, 1:] = rng.integers(0, 300, n), rng.integers(0, 1024, (n, 7))
         labels = ids.copy()
         labels[:2] = -100  # a prompt row or two, as real samples have
-        items.append({"rows": n, "input_ids": ids, "labels": labels, "key": f"s{seed}-{len(items)}"})
+        items.append(Example(f"s{seed}-{len(items)}", n, ids, labels))
         rows += n
     return collate_packs([items], BUDGET, text_pad_id=0)
 

@@ -90,7 +90,7 @@ def reference_gradients(exs):
     model.freeze_unused_token_table()
     sums, counts = 0, 0
     for e in exs:
-        out = model(torch.from_numpy(e["input_ids"]).long()[None], labels=torch.from_numpy(e["labels"]).long()[None])
+        out = model(torch.from_numpy(e.input_ids).long()[None], labels=torch.from_numpy(e.labels).long()[None])
         sums, counts = sums + out.channel_loss_sums.double(), counts + out.channel_label_counts
     (normalized_weights([8, 2, 1, 1, 1, 1, 1, 1]).double() * sums / counts).sum().backward()
     return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
@@ -113,7 +113,7 @@ def reference(exs):
 
 
 def pack(*groups, exs):
-    budget = max(sum(exs[i]["rows"] for i in g) for g in groups) + 3
+    budget = max(sum(exs[i].rows for i in g) for g in groups) + 3
     return collate_packs([[exs[i] for i in g] for g in groups], budget, text_pad_id=368)
 
 
@@ -180,7 +180,7 @@ def test_pack_sums_are_the_sums_of_its_samples(exs):
         hidden = model(batch.input_ids, position_ids=batch.position_ids).last_hidden_state
         packed = channel_cross_entropy(hidden, [h.weight for h in model.lm_heads], batch.labels)
         alone = [
-            model(torch.from_numpy(e["input_ids"]).long()[None], labels=torch.from_numpy(e["labels"]).long()[None])
+            model(torch.from_numpy(e.input_ids).long()[None], labels=torch.from_numpy(e.labels).long()[None])
             for e in exs
         ]
     assert torch.equal(packed.counts, batch.label_counts)
