@@ -21,7 +21,7 @@ from peft import PeftModel
 from moss.cli import command, run
 from moss.config_checks import run_problems, validate
 from moss.errors import ConfigError
-from moss.outputs import OutputFolder, lock_folder
+from moss.outputs import OutputFolder, lock_folder, unlock_folder
 from moss.training.callbacks import build_callbacks
 from moss.training.data_card import data_card, write_data_card
 from moss.training.export import TRAINING_CONFIG, export_hf, save_adapter, unsharded
@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     with contextlib.ExitStack() as held:
         held.enter_context(restored_signals())
         if not relaunched_rank():
-            held.callback(own_run_folder(cfg, output_dir).release)
+            held.callback(unlock_folder, own_run_folder(cfg, output_dir))
             for stage in stages:
                 preprocess_raw(cfg, stage)
         plan = plan_run(cfg, fit_workers=bool(stages))
@@ -122,7 +122,7 @@ def own_run_folder(cfg: DictConfig, output_dir: Path) -> filelock.BaseFileLock:
     """
     lock = lock_folder(output_dir, "training run (same paths.root and name)")
     if problems := run_problems(cfg):
-        lock.release()
+        unlock_folder(lock)
         raise ConfigError("\n".join(problems))
     return lock
 

@@ -315,3 +315,11 @@ def lock_folder(path: str | Path, what: str) -> filelock.BaseFileLock:
     except filelock.Timeout:
         raise ConfigError(f"{path} is being written by another {what} right now; wait for it to end") from None
     return lock
+
+
+def unlock_folder(lock: filelock.BaseFileLock) -> None:
+    """Let go of `lock_folder`'s lock; a folder left holding only the lock file goes with it (a failed start)."""
+    lock.release()
+    folder = Path(lock.lock_file).parent
+    if folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK]:
+        shutil.rmtree(folder, ignore_errors=True)
