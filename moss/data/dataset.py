@@ -32,7 +32,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from moss.data import tar_reader
+from moss.data import storage, tar_reader
 from moss.data.batch import PackedBatch
 from moss.data.collate import PaddingCollator
 from moss.data.examples import Example, ExampleBuilder
@@ -51,7 +51,8 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     """Resolve a shard spec to a sorted list of URLs.
 
     Accepts a directory (its `*.tar`), a glob, a brace list (`shard-{000000..000009}.tar`), a list of any of
-    these, or remote URLs (`pipe:`, `s3://`, `https://`: passed through).
+    these, the same in a store (`s3://bucket/set/`, `s3://bucket/set/*.tar`: listed through its API; `https://`
+    taken as given), or `pipe:` commands.
 
     Raises:
         FileNotFoundError: nothing matches, with the override that fixes it.
@@ -60,8 +61,10 @@ def expand_shards(spec: str | list[str], name: str = "data.train_shards") -> lis
     urls: list[str] = []
     for item in specs:
         for url in wds.shardlists.expand_urls(str(item)):
-            if "://" in url or url.startswith("pipe:"):
+            if url.startswith("pipe:"):
                 urls.append(url)
+            elif storage.is_remote(url):
+                urls.extend(storage.list_objects(url))
             elif os.path.isdir(url):
                 urls.extend(sorted(glob.glob(os.path.join(url, "*.tar"))))
             else:
@@ -91,19 +94,21 @@ def readers_problem(shards: int, ranks: int, workers: int, name: str = "data.tra
 
 
 def manifest_entries(urls: list[str]) -> list[dict] | None:
-    """The manifest entry of every shard of a local shard set (None: remote shards, or no manifest at all).
+    """The manifest entry of every shard of a shard set, local or in a store (None: no manifest covers it).
 
-    A folder may hold one `manifest.json` or one `manifest-<slot>.json` per preprocessing rank.
+    A folder (or prefix) may hold one `manifest.json` or one `manifest-<slot>.json` per preprocessing rank.
     A manifest is a claim, not a fact: each entry is checked against its tar (types, per-sample frames, and
     whether a file of that size can hold that many samples); a wrong one is reported and replaced by a count
     of the tar itself, so plans are made from verified numbers.
     """
-    paths = {Path(u).name: Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")}
+    paths = {u.rsplit("/", 1)[-1]: u for u in urls if not u.startswith(("pipe:", "http://", "https://"))}
     entries: dict[str, dict] = {}
-    for folder in sorted({p.parent for p in paths.values()}):
-        for file in sorted(folder.glob(MANIFEST.replace(".json", "*.json"))):
+    for folder in sorted({u.rsplit("/", 1)[0] for u in paths.values()}):
+        pattern = f"{folder}/{MANIFEST.replace('.json', '*.json')}"
+        for file in storage.list_objects(pattern) if storage.is_remote(folder) else sorted(glob.glob(pattern)):
             try:
-                listed = json.loads(file.read_text())["shards"]
+                listed = json.loads(storage.read_bytes(file) if storage.is_remote(file) else Path(file).read_text())
+                listed = listed["shards"]
             except (OSError, ValueError, KeyError, TypeError) as err:
                 log.warning(
                     "manifest %s is unreadable (%s: %s); its shards are counted instead", file, type(err).__name__, err
@@ -126,7 +131,7 @@ def manifest_entries(urls: list[str]) -> list[dict] | None:
 MIN_SAMPLE_BYTES = 1024  # a sample's json member alone takes a header block and a data block
 
 
-def manifest_problem(entry: dict, path: Path) -> str | None:
+def manifest_problem(entry: dict, path: str) -> str | None:
     """What is wrong with a manifest entry for the shard at `path` (None: plausible)."""
     samples, frames, per = entry.get("samples"), entry.get("frames"), entry.get("sample_frames")
     for key, value in (("samples", samples), ("frames", frames)):
@@ -138,7 +143,7 @@ def manifest_problem(entry: dict, path: Path) -> str | None:
         if any(not isinstance(f, int) or isinstance(f, bool) or f < 0 for f in per) or sum(per) != frames:
             return "its manifest's sample_frames are not counts adding up to its frames"
     try:
-        size = path.stat().st_size
+        size = storage.size(path) if storage.is_remote(path) else os.path.getsize(path)
     except OSError as err:
         return f"unreadable ({err})"
     if samples * MIN_SAMPLE_BYTES + frames * 16 > size:
@@ -146,7 +151,7 @@ def manifest_problem(entry: dict, path: Path) -> str | None:
     return None
 
 
-def count_shard(path: Path) -> dict:
+def count_shard(path: str) -> dict:
     """A manifest entry made by reading the shard.
 
     Samples, and frames (target + reference) from the codes' `.npy` headers, or from the json of legacy grid
@@ -156,7 +161,7 @@ def count_shard(path: Path) -> dict:
     wanted = {"json", "codes.npy", "ref_codes.npy"}
     for raw in tar_reader.samples(str(path), handler=lambda err: True, fields=wanted.__contains__):
         per.append(_rows(raw.get("codes.npy")) + _rows(raw.get("ref_codes.npy")) or _json_frames(raw.get("json")))
-    return {"shard": path.name, "samples": len(per), "frames": sum(per), "sample_frames": per}
+    return {"shard": str(path).rsplit("/", 1)[-1], "samples": len(per), "frames": sum(per), "sample_frames": per}
 
 
 def _rows(npy: bytes | None) -> int:

@@ -27,7 +27,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
-import webdataset as wds
+from moss.data import storage
 
 BLOCK = 512
 MAX_MEMBER_BYTES = 64 << 20  # codes of 4 h of audio are 2.9 MB; anything near this is not ours
@@ -146,10 +146,10 @@ def _raw_read(stream) -> tuple[Callable[[int], bytes], Callable[[], None]]:
 
     A file descriptor is read with `os.read` on a copy of its own: a thread blocked in a buffered read would hold
     the buffer's lock (closing the stream would wait for the stalled source), and a thread still reading the
-    original number after the stream closed could read a file that number was given to next. A WebDataset
-    pipe (curl, gsutil) wraps the process's stdout as `.stream`.
+    original number after the stream closed could read a file that number was given to next. A `pipe:` command
+    is read from its stdout.
     """
-    source = stream.stream if hasattr(stream, "proc") and hasattr(stream, "stream") else stream
+    source = stream.stream if isinstance(stream, _Command) else stream
     try:
         fd = os.dup(source.fileno())
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -229,9 +229,6 @@ class _Reader:
             return
         if isinstance(self.stream, _Command):
             self.stream.kill()
-        elif (proc := getattr(self.stream, "proc", None)) is not None and proc.poll() is None:
-            proc.kill()  # a WebDataset pipe (curl, gsutil): its exit status now says nothing
-            self.stream.ignore_errors = True
 
 
 def members(
@@ -364,11 +361,11 @@ class _Command:
 
 
 def open_shard(url: str):
-    """A binary stream of a shard: a local path, a `pipe:` command, or any URL WebDataset opens (`https://`)."""
+    """A binary stream of a shard: a local path, a `pipe:` command, or a store's URL (`moss.data.storage`)."""
     if url.startswith("pipe:"):
         return _Command(url[len("pipe:") :])
-    if "://" in url:
-        return wds.gopen(url)
+    if storage.is_remote(url):
+        return storage.ObjectStream(url)
     return open(url, "rb")
 
 
