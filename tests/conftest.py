@@ -97,7 +97,7 @@ class BatchRecorder(__import__("lightning").Callback):
     """Test helper: appends (step, keys, loss) of every optimiser step to a JSONL file.
 
     `loss` is the logged `train/loss` of the step (log every step to see each one); keys are its samples' keys,
-    micro-batch after micro-batch.
+    micro-batch after micro-batch, and passes the pass each was read in.
     """
 
     def __init__(self, path: str):
@@ -109,8 +109,9 @@ class BatchRecorder(__import__("lightning").Callback):
         path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
         with open(path, "a") as f:
             keys = [key for stats in batch.stats for key in stats.keys]
+            passes = [p for stats in batch.stats for p in stats.passes]
             loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-            f.write(json.dumps({"step": trainer.global_step, "keys": keys, "loss": loss}))
+            f.write(json.dumps({"step": trainer.global_step, "keys": keys, "passes": passes, "loss": loss}))
             f.write("\n")
 
 

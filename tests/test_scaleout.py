@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 
@@ -93,6 +94,37 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_finishes(tmp_path):
     )
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
     assert sorted(records(tmp_path / "b.jsonl")) == [stopped + 1, stopped + 2, stopped + 3]
+
+
+@pytest.mark.slow  # three multi-process training runs (about 90 s); CI runs it
+def test_a_run_resumed_on_one_rank_then_three_trains_on_each_sample_of_its_passes_once(tmp_path):
+    """2 ranks -> 1 -> 3 (gloo, one loader worker each): the samples of every pass the first two layouts began are
+    trained on exactly once, as in an uninterrupted run; the model, optimiser and step carry over."""
+    from moss.data.synthetic import generate_samples
+    from moss.data.writer import write_shards
+
+    write_shards(generate_samples(48, seed=4), tmp_path / "set", prefix="set", max_samples=4)  # 12 shards
+    common = [*COMMON, "callbacks.model_checkpoint.every_n_train_steps=1", "data.num_workers=1", "strategy=ddp"]
+    common += ["data.shuffle_buffer=4", "data.packing.window=4", "data.packing.budget=512"]  # little held back
+    common += [
+        f"paths.root={tmp_path}",
+        "name=elastic",
+        f"data.train_shards={tmp_path / 'set'}",
+        "data.val_shards=null",
+    ]
+    for devices, stop, extra in [("2", 3, []), ("1", 6, ["resume=auto"]), ("3", 20, ["resume=auto"])]:
+        log = tmp_path / f"ranks{devices}.jsonl"
+        stopper = f"+callbacks.stop={{_target_: tests.conftest.StopAtStep, step: {stop}}}"
+        run = cli([*common, f"trainer.devices={devices}", *extra, stopper, recorder(log), "trainer.max_steps=20"])
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-3000:]
+    records = [json.loads(line) for path in tmp_path.glob("ranks*.jsonl*") for line in path.read_text().splitlines()]
+    assert sorted(r["step"] for r in records) == sorted(
+        [1, 2, 3] * 2 + [4, 5, 6] + list(range(7, 21)) * 3
+    )
+    seen = Counter(pair for r in records for pair in zip(r["passes"], r["keys"], strict=True))
+    assert max(seen.values()) == 1  # no sample twice in any pass
+    first = [key for pass_, key in seen if pass_ == 0]
+    assert len(first) == 48  # the first pass, read by all three layouts: every sample, once
 
 
 @pytest.mark.slow  # a 2-job sweep of 2-process runs (about 30 s); CI runs it

@@ -25,6 +25,7 @@ class BatchStats:
         sum_sq_rows: sum of the squared sample lengths (attention FLOPs).
         num_samples: samples in the micro-batch.
         keys: the samples' keys.
+        passes: the pass over its source each sample was read in (a key comes again in the next pass).
         reader: which reader (rank x worker slot) made it; -1 for a placeholder.
         skipped: that reader's skip counts so far, by reason.
         sources: samples per data source (`data.sources`; one source is named "train").
@@ -34,6 +35,7 @@ class BatchStats:
     sum_sq_rows: int
     num_samples: int
     keys: tuple[str, ...] = ()
+    passes: tuple[int, ...] = ()
     reader: int = 0
     skipped: Mapping[str, int] = field(default_factory=dict)
     sources: Mapping[str, int] = field(default_factory=dict)

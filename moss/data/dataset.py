@@ -233,6 +233,7 @@ class ShardStream(IterableDataset):
         self.padder = PaddingCollator(pad, builder.prompt.speech_pad, max_length=builder.max_rows or 10**9)
         self.skipped: Counter = Counter()
         self._restored: dict | None = None
+        self._elsewhere: list[dict] | None = None
         self._state: dict = {}
 
     def _slot(self) -> tuple[int, int]:
@@ -288,13 +289,48 @@ class ShardStream(IterableDataset):
             "batcher": Batcher(self._group, functools.partial(self._collate, reader=slot), bool(self.packer_args)),
         }
         stages = {name: stage for name, stage in stages.items() if stage is not None}
-        if self._restored:
+        if self._elsewhere:
+            self._share_out(stages, self._elsewhere, slot, slots)
+            self._elsewhere = None
+        elif self._restored:
             self._restore(stages, self._restored, examples)
             self._restored = None
         units = examples(stages["buffer"](stages["reader"]))
         for batch in stages["batcher"](stages["packer"](units) if "packer" in stages else units):
             self._state = {name: stage.state_dict() for name, stage in stages.items()}
             yield batch
+
+    def resume_elsewhere(self, states: list[dict]) -> None:
+        """Continue from the stream states of every reader of another layout (other ranks x loader workers).
+
+        What they left unfinished of their passes is shared out among this layout's readers, each sample once
+        (`ShardReader.unfinished`); then every reader starts the next pass. The skip counts go to reader 0.
+        """
+        self._elsewhere, self._restored = list(states), None
+
+    def _share_out(self, stages: dict, states: list[dict], slot: int, slots: int) -> None:
+        names = [s.name for s in self.sources]
+        for state in states:
+            if set(state) - {"skipped"} != set(stages) or list(state["reader"]["sources"]) != names:
+                raise ConfigError(
+                    f"the saved data streams have stages {sorted(set(state) - {'skipped'})} over the sources "
+                    f"{list(state['reader']['sources'])}, this run {sorted(stages)} over {names}: resume with the same "
+                    f"data.packing and data.sources to continue the data"
+                )
+        for source, reader in enumerate(stages["reader"].readers):
+            old = []
+            for k, state in enumerate(states):
+                old.append(ShardReader(reader.urls, k, len(states), self.shuffle, self.seed, True, None, None))
+                old[-1].load_state_dict(state["reader"]["readers"][source])
+            last = max(r.current_pass for r in old)
+            items = []
+            for r, state in zip(old, states, strict=True):
+                held = [loc for name, stage in stages.items() for loc in stage.locations(state[name])]
+                items += r.unfinished([tuple(loc[1:]) for loc in held if loc[0] == source], last)
+            reader.prelude = items[slot::slots]
+            reader.position = (last + 1, -1 if reader.prelude else 0, 0)
+        if slot == 0:
+            self.skipped = sum((Counter(state.get("skipped", {})) for state in states), Counter())
 
     @staticmethod
     def _restore(stages: dict, state: dict, examples: Examples) -> None:
@@ -336,6 +372,7 @@ class ShardStream(IterableDataset):
         examples = [ex for unit in group for ex in (unit if self.packer_args else [unit])]
         counts = source_counts((ex.loc for ex in examples), [s.name for s in self.sources])
         origin = {"reader": reader, "skipped": dict(self.skipped), "sources": counts}
+        origin["passes"] = tuple(ex.loc[1] for ex in examples)
         if not self.packer_args:
             return self.padder(group, origin)
         prompt = self.builder.prompt

@@ -13,6 +13,7 @@ checkpoint, so the state of *every* rank's stream is gathered into it, and each 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from moss.data.batch import PackedBatch, StepBatch
 from moss.distributed import is_initialized, rank_and_world
-from moss.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class StepLoader:
@@ -75,26 +77,35 @@ class StepLoader:
         return {"ranks": states}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore this rank's stream.
+        """Restore this rank's stream; from a checkpoint of another layout, continue every reader's unfinished work.
 
-        Raises:
-            ConfigError: the checkpoint was written by a different number of ranks or loader workers (a stream
-                position belongs to one reader layout).
+        Same ranks and loader workers: each stream continues exactly where it stopped (bit-exact). Other counts:
+        what all the saved readers left unfinished of their passes is shared out among this run's readers, each
+        sample once, and every reader then starts the next pass (`ShardStream.resume_elsewhere`).
         """
         ranks = state["ranks"]
         rank, world = rank_and_world()
-        if len(ranks) != world:
-            raise ConfigError(
-                f"the checkpoint's data streams come from {len(ranks)} ranks, this run has {world}; resume with "
-                f"the same trainer.devices x trainer.num_nodes (and data.num_workers) to continue the data exactly"
-            )
-        workers = ranks[rank].get("workers")  # None: a checkpoint from before it was recorded
-        if workers is not None and workers != self.loader.num_workers:
-            raise ConfigError(
-                f"the checkpoint's data streams were read by {workers} loader workers per rank, this run has "
-                f"{self.loader.num_workers}; resume with data.num_workers={workers} to continue the data exactly"
-            )
-        self.loader.load_state_dict(ranks[rank]["loader"])
+        layout = [r.get("workers", self.loader.num_workers) for r in ranks]
+        if layout == [self.loader.num_workers] * world:
+            self.loader.load_state_dict(ranks[rank]["loader"])
+            return
+        readers = [stream for saved in ranks for stream in _stream_states(saved["loader"])]
+        log.warning(
+            "the checkpoint's data was read by %d ranks x %s loader workers, this run has %d x %d: what its %d "
+            "readers left of their passes is shared out among the %d new ones (each sample once), then the next "
+            "pass starts",
+            len(ranks), "/".join(map(str, sorted(set(layout)))), world, self.loader.num_workers, len(readers),
+            world * max(1, self.loader.num_workers),
+        )  # fmt: skip
+        self.loader.dataset.resume_elsewhere(readers)
+
+
+def _stream_states(loader_state: dict) -> list[dict]:
+    """Each loader worker's stream state in a saved `StatefulDataLoader` (its layout in torchdata 0.11)."""
+    if "_snapshot" not in loader_state:  # no worker processes: the stream ran in the rank itself
+        return [loader_state["dataset_state"]]
+    workers = loader_state["_snapshot"]["_worker_snapshots"]
+    return [workers[f"worker_{i}"]["dataset_state"] for i in range(len(workers))]
 
 
 class EvenBatches:

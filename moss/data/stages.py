@@ -28,7 +28,8 @@ from moss.data.packing import BestFitPacker
 from moss.data.schema import SampleError, ShardSample
 
 log = logging.getLogger(__name__)
-Location = tuple[int, int, int]  # (pass, position of the shard in the reader's order, sample index in it)
+Location = tuple[int, int, int]  # (pass, position of the shard in the reader's order, sample index in it);
+# a negative position -1 - i is item i of the reader's prelude (`ShardReader.prelude`)
 Item = tuple[tuple[int, ...], ShardSample]  # a sample and its location in the stream (source first)
 IDLE_PASSES = 3  # whole passes in a row without one usable example end a training stream with an error
 
@@ -104,8 +105,11 @@ class ShardReader:
         self.urls, self.slot, self.slots = list(urls), slot, slots
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
         self.skips, self.liveness = skips, liveness
-        self.position = (0, 0, 0)
+        self.position = (0, 0, 0)  # a negative shard position: in the prelude
         self.seen: set[str] | None = None  # sample keys read in this pass (a key seen again is skipped)
+        # Read before the pass of `position`: this reader's share of the passes a run on another reader layout
+        # left unfinished (`unfinished`), as [shard index in urls, first sample, only these samples or None, pass].
+        self.prelude: list[list] = []
 
     def shards(self, epoch: int) -> list[str]:
         order = list(self.urls)
@@ -113,8 +117,21 @@ class ShardReader:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order[self.slot :: self.slots]
 
+    def shard_url(self, epoch: int, pos: int) -> str:
+        return self.urls[self.prelude[-1 - pos][0]] if pos < 0 else self.shards(epoch)[pos]
+
     def __iter__(self) -> Iterator[Item]:
         epoch, shard, index = self.position
+        for pos in range(-1 - shard, len(self.prelude)) if shard < 0 else ():
+            url, start, only, pass_ = self.prelude[pos]
+            for i, sample in self._read(self.urls[url], max(start, index), pass_, only, unique=False):
+                self.position = (epoch, -1 - pos, i + 1)
+                if sample is not None:
+                    yield (pass_, -1 - pos, i), sample
+            self.position, index = (epoch, -2 - pos, 0), 0
+        if shard < 0:
+            shard, index = 0, 0
+            self.position = (epoch, 0, 0)
         while True:
             shards = self.shards(epoch)
             whole = shard == 0 and index == 0
@@ -139,8 +156,14 @@ class ShardReader:
             if not self.repeat:
                 return
 
-    def _read(self, url: str, start: int, epoch: int) -> Iterator[tuple[int, ShardSample | None]]:
-        """(index, sample, or None when it is bad) for every sample of one shard from `start` on."""
+    def _read(
+        self, url: str, start: int, epoch: int, only=None, unique=True
+    ) -> Iterator[tuple[int, ShardSample | None]]:
+        """(index, sample, or None when it is bad) for every sample of one shard from `start` on.
+
+        `only`: the sample indices wanted (None: all). `unique`: a key read before in this pass is skipped (a
+        prelude spans passes, so it does not check).
+        """
 
         def unreadable(err: Exception) -> bool:
             stalled = isinstance(err, tar_reader.ShardStalled)
@@ -148,14 +171,15 @@ class ShardReader:
             return True
 
         for index, raw in enumerate(tar_samples(url, unreadable)):
-            if index < start:
+            if index < start or (only is not None and index not in only):
                 continue
             key = raw["__key__"]
-            if key in self.seen:
+            if unique and key in self.seen:
                 self.skips("duplicate key", f"{url}:{key}: a sample with this key was read before in this pass", epoch)
                 yield index, None
                 continue
-            self.seen.add(key)
+            if unique:
+                self.seen.add(key)
             try:
                 yield index, ShardSample.from_wds(raw)
             except SampleError as err:
@@ -182,7 +206,7 @@ class ShardReader:
             wanted.setdefault((epoch, pos), set()).add(index)
         found = {}
         for (epoch, pos), indices in wanted.items():
-            for index, raw in enumerate(tar_samples(self.shards(epoch)[pos])):
+            for index, raw in enumerate(tar_samples(self.shard_url(epoch, pos))):
                 if index in indices:
                     found[(epoch, pos, index)] = ShardSample.from_wds(raw)
         return found
@@ -191,10 +215,43 @@ class ShardReader:
         return []
 
     def state_dict(self) -> dict:
-        return dict(zip(("epoch", "shard", "index"), self.position, strict=True))
+        state = dict(zip(("epoch", "shard", "index"), self.position, strict=True))
+        return {**state, "prelude": self.prelude} if self.prelude else state
 
     def load_state_dict(self, state: dict, restore: Restore | None = None) -> None:
         self.position = (state["epoch"], state["shard"], state["index"])
+        self.prelude = [list(item) for item in state.get("prelude", [])]
+
+    def unfinished(self, held: Iterable[Location], last_pass: int) -> list[list]:
+        """Prelude items for what this (restored) reader has not handed on of its passes up to `last_pass`.
+
+        Its prelude's rest, the rest of its passes, and the samples `held` in the stages after it (read, not yet
+        trained on). `last_pass` is set by the caller: every reader of the old layout finishes that pass.
+        """
+        epoch, shard, index = self.position
+        where = {url: i for i, url in enumerate(self.urls)}
+        items = []
+        for pos in range(-1 - shard, len(self.prelude)) if shard < 0 else ():
+            url, start, only, pass_ = self.prelude[pos]
+            start = max(start, index) if pos == -1 - shard else start
+            items.append([url, start, None if only is None else [i for i in only if i >= start], pass_])
+        if shard < 0:
+            shard, index = 0, 0
+        for pass_ in range(epoch, last_pass + 1):
+            shards = self.shards(pass_)
+            for pos in range(shard if pass_ == epoch else 0, len(shards)):
+                items.append([where[shards[pos]], index if (pass_, pos) == (epoch, shard) else 0, None, pass_])
+        taken: dict[tuple[int, int], list[int]] = {}
+        for pass_, pos, i in held:
+            taken.setdefault((where[self.shard_url(pass_, pos)], pass_), []).append(i)
+        items += [[url, 0, sorted(indices), pass_] for (url, pass_), indices in sorted(taken.items())]
+        return [item for item in items if item[2] is None or item[2]]
+
+    @property
+    def current_pass(self) -> int:
+        """The last pass this reader has begun (-1: none)."""
+        epoch, shard, index = self.position
+        return epoch - 1 if shard < 0 or (shard, index) == (0, 0) else epoch
 
 
 class Restore:

@@ -1,25 +1,58 @@
-"""A step loader's saved position belongs to one reader layout: another is refused in one line, naming it."""
+"""A step loader's saved position: the same reader layout continues exactly, another shares out the rest.
+
+The streams' states are read out of torchdata's saved `StatefulDataLoader` (with and without worker processes),
+so this also pins the layout of that state.
+"""
+
+from collections import Counter
 
 import pytest
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from moss.data.dataset import ShardStream, expand_shards
+from moss.data.examples import ExampleBuilder
 from moss.data.loader import StepLoader
-from moss.errors import ConfigError
+from moss.data.synthetic import generate_samples
+from moss.data.writer import write_shards
+from moss.text import PromptBuilder
 
 
-def loader(workers: int) -> StepLoader:
-    return StepLoader(StatefulDataLoader(list(range(12)), batch_size=2, num_workers=workers), accumulate=1, steps=6)
+@pytest.fixture
+def stream(tmp_path, tiny_tokenizer):
+    write_shards(generate_samples(24, seed=8), tmp_path / "set", prefix="set", max_samples=4)  # 6 shards
+    builder = ExampleBuilder(PromptBuilder(tiny_tokenizer, speech_offset=384), text_pad_id=368)
+    urls = expand_shards(str(tmp_path / "set"))
+    return lambda: ShardStream(urls, builder, repeat=True, shuffle=True, seed=2, shuffle_buffer=4, batch_size=2)
 
 
-def test_a_position_saved_with_other_loader_workers_is_refused_naming_both():
-    saved = loader(2)
+def loader(stream, workers: int) -> StepLoader:
+    inner = StatefulDataLoader(stream(), batch_size=None, num_workers=workers, collate_fn=lambda batch: batch)
+    return StepLoader(inner, accumulate=1, steps=100)
+
+
+def pairs(steps, count: int) -> list[tuple[int, str]]:
+    out = []
+    for _ in range(count):
+        stats = next(steps).micro[0].stats
+        out += zip(stats.passes, stats.keys, strict=True)
+    return out
+
+
+def test_a_position_saved_by_two_workers_continues_on_one_process_each_sample_once(stream, caplog):
+    saved = loader(stream, 2)
     steps = iter(saved)
-    next(steps)
+    before = pairs(steps, 3)
     state = saved.state_dict()
     assert state["ranks"][0]["workers"] == 2
-    with pytest.raises(ConfigError, match="read by 2 loader workers per rank, this run has 0.*data.num_workers=2"):
-        loader(0).load_state_dict(state)
-    again = loader(2)
-    again.load_state_dict(state)
-    assert [int(b.micro[0][0]) for b in again] == [2, 4, 6, 8, 10]
     saved.close()
+    again = loader(stream, 2)  # the same layout: exactly what the first would have gone on with
+    again.load_state_dict(state)
+    reference = pairs(iter(again), 12)
+    again.close()
+    other = loader(stream, 0)
+    other.load_state_dict(state)
+    assert "1 ranks x 2 loader workers, this run has 1 x 0" in caplog.text
+    after = pairs(iter(other), 30)
+    first = Counter(key for pass_, key in before + after if pass_ == 0)
+    assert sorted(first.values()) == [1] * 24  # the first pass: every sample once, none lost, none twice
+    assert {key for _, key in before + reference if _ == 0} <= set(first)
