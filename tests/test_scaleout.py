@@ -118,9 +118,7 @@ def test_a_run_resumed_on_one_rank_then_three_trains_on_each_sample_of_its_passe
         run = cli([*common, f"trainer.devices={devices}", *extra, stopper, recorder(log), "trainer.max_steps=20"])
         assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-3000:]
     records = [json.loads(line) for path in tmp_path.glob("ranks*.jsonl*") for line in path.read_text().splitlines()]
-    assert sorted(r["step"] for r in records) == sorted(
-        [1, 2, 3] * 2 + [4, 5, 6] + list(range(7, 21)) * 3
-    )
+    assert sorted(r["step"] for r in records) == sorted([1, 2, 3] * 2 + [4, 5, 6] + list(range(7, 21)) * 3)
     seen = Counter(pair for r in records for pair in zip(r["passes"], r["keys"], strict=True))
     assert max(seen.values()) == 1  # no sample twice in any pass
     first = [key for pass_, key in seen if pass_ == 0]
