@@ -37,11 +37,13 @@ from pydantic import Field
 from tqdm import tqdm
 
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
+from data_pipelines.to_store import Publisher, store_problems, work_folder
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import FRAME_RATE
 from moss.cli import command, fail, require, run, stop_signals_interrupt
 from moss.codec.checkpoint import codec_problems
 from moss.config_schema import check_mapping
+from moss.data import storage
 from moss.data.schema import SampleError, ShardSample
 from moss.data.writer import write_manifest, write_shard
 from moss.distributed import launcher_rank
@@ -50,6 +52,7 @@ from moss.outputs import OutputFolder, atomic_write
 from moss.settings import Count, Seconds, Size, TypedDict, Workers
 
 log = logging.getLogger(__name__)
+OmegaConf.register_new_resolver("moss_work_dir", work_folder, replace=True)  # hydra.run.dir of a remote output_dir
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -457,6 +460,12 @@ def preprocess(cfg: DictConfig) -> dict:
     SIGTERM and SIGUSR1 stop it as Ctrl-C does; finished shards stand and a rerun continues after them.
     """
     check_arguments(cfg)
+    if storage.is_remote(cfg.output_dir):  # written in a local work folder, each finished shard uploaded
+        local = OmegaConf.merge(cfg, {"output_dir": work_folder(cfg.output_dir, cfg.get("work_dir"))})
+        with Publisher(str(cfg.output_dir), Path(local.output_dir)):
+            summary = preprocess(local)
+        print(f"published to {cfg.output_dir} (made in {local.output_dir}, where a rerun on this machine continues)")
+        return summary
     rank, world, local_rank = launcher_rank()
     with contextlib.ExitStack() as held:
         # ranks of one job share output_dir by design (each its own slots): one process alone locks it
@@ -499,6 +508,7 @@ class PreprocessSettings(TypedDict, total=False):
 
     inputs: str | list[str]
     output_dir: str
+    work_dir: str | None
     base_path: str | None
     devices: Literal["auto", "cpu"] | list[Size]
     cpu_workers: Literal["auto"] | Workers  # 0: audio is loaded in the encoder process
@@ -525,7 +535,10 @@ def check_arguments(cfg: DictConfig) -> None:
         ]
     problems += codec_problems(cfg.codec)
     if not OmegaConf.is_missing(cfg, "output_dir") and cfg.output_dir is not None:
-        problems += OutputFolder(cfg.output_dir, "preprocess", resumable=True).problems()
+        if storage.is_remote(cfg.output_dir):
+            problems += store_problems(str(cfg.output_dir))
+        else:
+            problems += OutputFolder(cfg.output_dir, "preprocess", resumable=True).problems()
     fail("invalid preprocessing command", problems)
 
 

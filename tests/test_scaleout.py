@@ -206,6 +206,11 @@ def test_fsdp_lora_on_cpu_adapter_round_trip_and_sharded_resume(tmp_path):
     resumed = cli([*run[:-1], "resume=auto", "trainer.max_steps=6", "export.enabled=false"])
     assert resumed.wait() == 0, resumed.stderr.read().decode()[-3000:]
     assert (out / "checkpoints" / "step_0000006.ckpt").is_dir()
+    # on one rank: the sharded checkpoint is re-sharded, the data shared out (README, "Resuming on other hardware")
+    alone = cli([*run[:-1], "trainer.devices=1", "resume=auto", "trainer.max_steps=8", "export.enabled=false"])
+    assert alone.wait() == 0, alone.stderr.read().decode()[-3000:]
+    assert (out / "checkpoints" / "step_0000008.ckpt").exists()
+    assert "2 ranks x 0 loader workers, this run has 1 x 0" in (out / "train.log").read_text()
 
 
 @pytest.mark.slow  # two FSDP processes (about 40 s); CI runs it

@@ -89,19 +89,22 @@ class ObjectStream(io.RawIOBase):
         self.url, self.block, self.retries = url, block or BLOCK, retries
         self.fs, self.path = _fs(url)
         self.size = retrying(lambda: self.fs.size(self.path), f"{url}: size", retries)
-        self.offset, self.buffer = 0, b""  # the next byte to request, and what came and is not yet read
+        self.offset, self.buffer, self.at = 0, b"", 0  # the next byte to request; the last block; read up to
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if not self.buffer and (self.size is None or self.offset < self.size):
+        if self.at == len(self.buffer) and (self.size is None or self.offset < self.size):
             end = self.offset + self.block if self.size is None else min(self.size, self.offset + self.block)
             what = f"{self.url}: bytes {self.offset}-{end}"
             self.buffer = retrying(lambda: self.fs.cat_file(self.path, start=self.offset, end=end), what, self.retries)
-            self.offset += len(self.buffer)
-        size = len(self.buffer) if size is None or size < 0 else size
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
+            if len(self.buffer) > end - self.offset:
+                raise OSError(f"{what}: the server sent {len(self.buffer)} bytes; it does not answer ranged requests")
+            self.offset, self.at = self.offset + len(self.buffer), 0
+        size = len(self.buffer) - self.at if size is None or size < 0 else size
+        data = self.buffer[self.at : self.at + size]
+        self.at += len(data)
         return data
 
     read1 = read
@@ -127,8 +130,14 @@ def size(url: str) -> int:
 
 def write_object(url: str, write: Callable[[Path], None]) -> None:
     """Write `url` through `write(local_path)`, then upload it in one request: it appears whole or not at all."""
-    fs, path = _fs(url)
+    path = url.rsplit("/", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="moss-upload-") as folder:
         local = Path(folder) / Path(path).name
         write(local)
-        retrying(lambda: fs.put_file(str(local), path), f"uploading {url}")
+        upload(local, url)
+
+
+def upload(path: str | Path, url: str) -> None:
+    """Upload the local file `path` to `url` in one request: the object appears whole or not at all."""
+    fs, target = _fs(url)
+    retrying(lambda: fs.put_file(str(path), target), f"uploading {url}")

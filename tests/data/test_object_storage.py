@@ -48,12 +48,15 @@ def test_a_prefix_a_glob_and_a_brace_range_list_the_same_shards_as_the_local_fol
     assert len(expected) == 6
 
 
-def test_an_object_reads_as_the_file_does_in_any_block_size(remote_shards):
+def test_an_object_reads_as_the_file_does_in_any_block_size_over_s3_and_https(remote_shards, s3):
     local, urls = remote_shards
-    for block in (511, 4096, 1 << 20):
-        with storage.ObjectStream(urls[1], block=block) as stream:
-            data = b"".join(iter(lambda: stream.read(1000), b""))
-        assert data == (local / urls[1].rsplit("/", 1)[1]).read_bytes()
+    bucket, key = urls[1].removeprefix("s3://").split("/", 1)
+    over_http = f"http://127.0.0.1:{s3.filer}/buckets/{bucket}/{key}"  # the store's own HTTP server, no credentials
+    for url in (urls[1], over_http):
+        for block in (511, 4096, 1 << 20):
+            with storage.ObjectStream(url, block=block) as stream:
+                data = b"".join(iter(lambda stream=stream: stream.read(1000), b""))
+            assert data == (local / urls[1].rsplit("/", 1)[1]).read_bytes(), (url, block)
 
 
 def test_a_stream_from_the_store_yields_what_the_local_one_does(remote_shards, builder):
@@ -134,3 +137,12 @@ def test_a_run_trains_from_the_store_and_records_no_secret(s3, tmp_path):
         if path.is_file():
             data = path.read_bytes()
             assert s3.env["AWS_SECRET_ACCESS_KEY"].encode() not in data and b"MOSSTESTKEY" not in data, path
+
+
+@pytest.mark.slow  # starts its own server (about 20 s)
+def test_the_object_storage_benchmark_runs():
+    from tests.training.test_throughput import run_benchmark
+
+    result = run_benchmark("object_storage.py", "--samples", "200", "--repeats", "1", "--fail-every", "3")
+    assert set(result["rows_per_s"]) == {"local disk", "S3 server"} and result["s3_over_local"] > 0
+    assert result["requests"]["failing"] > result["requests"]["clean"]  # the failed requests were made again
