@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -46,6 +48,7 @@ def test_the_contract_catches_an_upward_import_inside_a_function_and_an_unlisted
     assert done.returncode != 0 and "no import cycles inside a package BROKEN" in done.stdout, done.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers (9 s)
 def test_inference_of_a_model_folder_needs_neither_lightning_nor_hydra(tmp_path, tiny_tokenizer):
     from moss.model import MossTTSD, MossTTSDConfig
 

@@ -23,6 +23,8 @@ GROUPS = {
     if group.is_dir() and group.name not in SKIPPED_GROUPS
 }
 EXPERIMENTS = [None, *sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))]
+# The default suite composes the defaults; each experiment (5-8 s each) runs with the slow tests (CI runs them).
+WITH_SLOW_EXPERIMENTS = [e if e is None else pytest.param(e, marks=pytest.mark.slow) for e in EXPERIMENTS]
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 # Combinations that make no sense; the checks must refuse them with a message naming the setting.
 REFUSED = {
@@ -52,7 +54,7 @@ def test_every_group_is_covered():
     assert all(GROUPS.values())
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", WITH_SLOW_EXPERIMENTS)
 def test_every_option_composes_validates_and_instantiates(
     experiment, tmp_path, tiny_shards, tiny_tokenizer, real_layout_checkpoint
 ):

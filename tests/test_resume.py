@@ -15,7 +15,7 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("accumulate", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, accumulate):
     common = [
         "trainer.max_steps=8",
@@ -57,7 +57,9 @@ def metrics_rows(path):
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
 
 
-@pytest.mark.parametrize("signalled", [4, 5])  # saved at step 5 (no validation due), at step 6 (one due)
+@pytest.mark.parametrize(
+    "signalled", [4, pytest.param(5, marks=pytest.mark.slow)]
+)  # saved at step 5 (no validation due), at step 6 (one due)
 @pytest.mark.usefixtures("ctrl_c_interrupts")
 def test_a_preempted_and_resumed_run_logs_the_same_curve_as_an_uninterrupted_one(tmp_path, signalled):
     """metrics.csv is appended across a resume (Lightning's CSV logger deleted it), at the same step numbers (they

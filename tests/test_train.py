@@ -104,7 +104,9 @@ def test_tiny_lora_saves_an_adapter_and_resumes(tmp_path):
         torch.testing.assert_close(from_ckpt(ids).logits, exported(ids).logits)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize(
+    "experiment", [e if e == "lora_v05" else pytest.param(e, marks=pytest.mark.slow) for e in EXPERIMENTS]
+)
 def test_every_experiment_composes_and_builds(tmp_path, experiment, real_layout_checkpoint, tiny_shards):
     cfg = compose_train(
         tmp_path,
@@ -218,6 +220,7 @@ def test_every_entry_point_names_a_config_that_composes():
         assert len(cfg) > 0, script  # composed from conf/<name>.yaml and its defaults
 
 
+@pytest.mark.slow  # a training run (9 s); the reader's skips are in tests/data/test_bad_samples.py
 def test_corrupt_shard_is_skipped_and_reported_while_training_continues(tmp_path):
     from moss.data.synthetic import write_synthetic_corpus
 

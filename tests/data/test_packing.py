@@ -63,7 +63,9 @@ def _module(model):
 ATTENTION = ["sdpa", "eager", "flex_attention", "varlen_sdpa"]
 
 
-@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize(
+    "attn", [pytest.param(a, marks=pytest.mark.slow) if a == "flex_attention" else a for a in ATTENTION]
+)
 def test_logits_inside_a_pack_equal_logits_alone(examples, tiny_config, tmp_path, attn):
     MossTTSD.from_config(tiny_config, seed=2).save_pretrained(tmp_path)
     model = MossTTSD.from_pretrained(tmp_path, attn_implementation=attn).eval()

@@ -59,6 +59,7 @@ def gate_settings(tmp_path, tiny_asr, tiny_speaker_model) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a training run with the gate (5 s)
 def test_gate_metrics_are_logged_at_each_validation_and_can_choose_the_best_checkpoint(tmp_path, gate_settings):
     from train import train
 
