@@ -217,7 +217,11 @@ class OutputFolder:
             self.held.callback(lock_folder(self.path, f"{self.tool} run").release)
         self.path.mkdir(parents=True, exist_ok=True)
         self.files = self._recorded()
-        self.check()  # another run may have written here since the first check
+        try:
+            self.check()  # another run may have written here since the first check
+        except ConfigError:
+            self.release()
+            raise
         for leftover in (STAGING, REPLACED):  # a killed run's: the lock says no one else writes here
             shutil.rmtree(self.path / leftover, ignore_errors=True)
         if clear and self.overwrite and not self.resumable:

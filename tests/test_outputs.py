@@ -127,6 +127,13 @@ def test_a_second_writer_of_the_same_folder_is_refused_while_the_first_writes(tm
         OutputFolder(tmp_path, "infer", overwrite=True).open()
     first.release()
     OutputFolder(tmp_path, "infer", overwrite=True).open().release()
+    # checked before, written by another run since: refused at the first write, and the lock let go
+    late = OutputFolder(tmp_path / "new", "infer").check()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="did not write \\(mine.txt\\)"):
+        late.put_text("results.jsonl", "")
+    lock_folder(tmp_path / "new", "check").release()  # not held any more
 
 
 @pytest.mark.parametrize("setting", ["file", "read-only", "under-a-file"])
