@@ -66,7 +66,7 @@ class S3Server:
             f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}",
             "-s3", f"-s3.port={self.s3}", f"-s3.config={self.folder / 's3.json'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64", "-volume.max=64",
+            "-master.volumeSizeLimitMB=64", "-volume.max=1000",  # each bucket takes several volumes
         ]  # fmt: skip
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - the server's for its life
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
