@@ -45,7 +45,7 @@ CONFIGS = {
 }
 
 
-def reference_examples(n: int, config: MossTTSDConfig, rng: np.random.Generator, max_rows: int) -> list[dict]:
+def reference_examples(n: int, config: MossTTSDConfig, rng: np.random.Generator, max_rows: int) -> list[Example]:
     """Delayed-grid-shaped random samples with the reference lengths (prompt rows unlabelled)."""
     out = []
     for i in range(n):
@@ -59,7 +59,7 @@ def reference_examples(n: int, config: MossTTSDConfig, rng: np.random.Generator,
     return out
 
 
-def layouts(examples: list[dict], budget: int, pad_id: int) -> dict[str, list[dict]]:
+def layouts(examples: list[Example], budget: int, pad_id: int) -> dict[str, list]:
     """The same samples as packed micro-batches, padded batches of 4 and single samples."""
     packer = BestFitPacker(budget, window=len(examples), min_fill=0.0)
     packs = [p for e in examples for p in packer.add(e)] + packer.flush()

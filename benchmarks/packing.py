@@ -82,7 +82,7 @@ def efficiency_table(n: int, budget: int, rng: np.random.Generator) -> dict:
     }
 
 
-def train_throughput(examples: list[dict], budget: int) -> dict:
+def train_throughput(examples: list[Example], budget: int) -> dict:
     """Real frames/s of training steps over the same examples, laid out three ways."""
     layouts = {}
     packer = BestFitPacker(budget, window=len(examples), min_fill=0.0)
@@ -158,7 +158,7 @@ def main() -> None:
     base = thr["padded bs4 (sdpa)"]["real_frames_per_s"]
     print(
         f"\n2. training throughput, tiny model, CPU, {len(examples)} samples "
-        f"({sum(e['rows'] for e in examples)} real rows)"
+        f"({sum(e.rows for e in examples)} real rows)"
     )
     print(f"   {'layout':<24}{'steps':>7}{'efficiency':>12}{'real frames/s':>15}{'vs padded4':>12}")
     for name, r in thr.items():

@@ -110,3 +110,12 @@ def test_a_mask_or_cache_sneaking_in_is_caught(examples, tiny_config):
         cached = model(batch.input_ids, position_ids=batch.position_ids, use_cache=True).last_hidden_state[0, second]
     torch.testing.assert_close(isolated, alone, atol=2e-5, rtol=1e-5)
     assert (masked - alone).abs().max() > 1e-3 and (cached - alone).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # a smoke run of the benchmark script (about 30 s)
+def test_the_packing_benchmark_runs():
+    from tests.training.test_throughput import run_benchmark
+
+    result = run_benchmark("packing.py", "--samples", "300", "--train-samples", "4", "--loader-samples", "100")
+    assert result["packed_efficiency"] > result["padded4_efficiency"] > 0
+    assert set(result["loader_rows_per_s"]) == {"1 worker", "2 workers"}
