@@ -309,14 +309,8 @@ class ShardStream(IterableDataset):
         self._elsewhere, self._restored = list(states), None
 
     def _share_out(self, stages: dict, states: list[dict], slot: int, slots: int) -> None:
-        names = [s.name for s in self.sources]
         for state in states:
-            if set(state) - {"skipped"} != set(stages) or list(state["reader"]["sources"]) != names:
-                raise ConfigError(
-                    f"the saved data streams have stages {sorted(set(state) - {'skipped'})} over the sources "
-                    f"{list(state['reader']['sources'])}, this run {sorted(stages)} over {names}: resume with the same "
-                    f"data.packing and data.sources to continue the data"
-                )
+            self._refuse_other_layout(stages, state)
         for source, reader in enumerate(stages["reader"].readers):
             old = []
             for k, state in enumerate(states):
@@ -333,13 +327,20 @@ class ShardStream(IterableDataset):
             self.skipped = sum((Counter(state.get("skipped", {})) for state in states), Counter())
 
     @staticmethod
-    def _restore(stages: dict, state: dict, examples: Examples) -> None:
-        """Put every stage back as it was, re-reading the samples their buffers held."""
-        if set(state) != set(stages):
+    def _refuse_other_layout(stages: dict, state: dict) -> None:
+        """A saved stream of other stages (packed or padded) or other sources cannot be continued: refused."""
+        saved = sorted(name for name in state if name != "skipped")
+        if saved != sorted(stages):
             raise ConfigError(
-                f"the saved data stream has stages {sorted(state)}, this one {sorted(stages)}: resume with the "
+                f"the saved data stream has stages {saved}, this one {sorted(stages)}: resume with the "
                 f"same data.packing setting (packed or padded) to continue the data exactly"
             )
+        stages["reader"].refuse_other_sources(state["reader"])
+
+    @staticmethod
+    def _restore(stages: dict, state: dict, examples: Examples) -> None:
+        """Put every stage back as it was, re-reading the samples their buffers held."""
+        ShardStream._refuse_other_layout(stages, state)
         locations = [tuple(loc) for name, stage in stages.items() for loc in stage.locations(state[name])]
         restore = Restore(stages["reader"].fetch(locations), examples.build)
         for name, stage in stages.items():

@@ -151,12 +151,16 @@ class Mixer:
             "readers": [reader.state_dict() for reader in self.readers],
         }
 
-    def load_state_dict(self, state: dict, restore: Restore | None = None) -> None:
+    def refuse_other_sources(self, state: dict) -> None:
+        """A saved stream of other sources (names or order) would put positions on other shards: refused."""
         if list(state["sources"]) != self.names:
             raise ConfigError(
                 f"the saved data stream reads the sources {list(state['sources'])}, this run {self.names}: resume "
                 f"with the same data.sources (names and order) to continue the data exactly"
             )
+
+    def load_state_dict(self, state: dict, restore: Restore | None = None) -> None:
+        self.refuse_other_sources(state)
         if [float(w) for w in state["weights"]] != [float(w) for w in self.weights]:
             log.warning(
                 "data.sources weights changed since the checkpoint (%s -> %s): the mix follows the new weights",

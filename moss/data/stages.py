@@ -124,7 +124,8 @@ class ShardReader:
         epoch, shard, index = self.position
         for pos in range(-1 - shard, len(self.prelude)) if shard < 0 else ():
             url, start, only, pass_ = self.prelude[pos]
-            for i, sample in self._read(self.urls[url], max(start, index), pass_, only, unique=False):
+            wanted = None if only is None else set(only)
+            for i, sample in self._read(self.urls[url], max(start, index), pass_, wanted, unique=False):
                 self.position = (epoch, -1 - pos, i + 1)
                 if sample is not None:
                     yield (pass_, -1 - pos, i), sample
@@ -226,7 +227,7 @@ class ShardReader:
         """Prelude items for what this (restored) reader has not handed on of its passes up to `last_pass`.
 
         Its prelude's rest, the rest of its passes, and the samples `held` in the stages after it (read, not yet
-        trained on). `last_pass` is set by the caller: every reader of the old layout finishes that pass.
+        trained on). `last_pass`: the furthest pass any reader of the old layout began, which all of them finish.
         """
         epoch, shard, index = self.position
         where = {url: i for i, url in enumerate(self.urls)}

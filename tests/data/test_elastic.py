@@ -78,3 +78,13 @@ def test_the_same_layout_still_resumes_exactly(shards, builder):
     first, state = read(shards, builder, PACKED, 1, 2, 3)
     rest, _ = read(shards, builder, PACKED, 1, 2, 6, state=state)
     assert first + rest == read(shards, builder, PACKED, 1, 2, 9)[0]
+
+
+def test_states_of_another_packing_setting_are_refused_by_the_check_exact_resume_uses(shards, builder):
+    from moss.errors import ConfigError
+
+    _, packed = read(shards, builder, PACKED, 0, 2, 2)
+    with pytest.raises(ConfigError, match="same data.packing setting"):
+        read(shards, builder, PADDED, 0, 3, 1, elsewhere=[packed, packed])
+    with pytest.raises(ConfigError, match="same data.packing setting"):
+        read(shards, builder, PADDED, 0, 2, 1, state=packed)
