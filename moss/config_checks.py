@@ -37,7 +37,7 @@ LOGGED = ("val/loss", "train/loss", "train/grad_norm", "train/lr", "step", "epoc
 
 @strict
 class SanityCheck(TypedDict, total=False):
-    """`sanity_check`: the check of the first training samples before training (`moss.training.sanity`)."""
+    """`sanity_check`: the check of the first training samples before training (`moss.data.sanity`)."""
 
     samples: Size
     normalize: Literal["v0.5", "v0.7"] | None

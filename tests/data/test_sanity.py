@@ -12,8 +12,8 @@ from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from moss.errors import ConfigError
 from moss.evaluation.speech_models import Transcript
-from moss.training import sanity
-from moss.training.sanity import check_training_data
+from moss.data import sanity
+from moss.data.sanity import check_training_data
 from tests.conftest import compose_train
 
 
