@@ -4,7 +4,8 @@ r"""Raw dialogue JSONL + audio -> WebDataset shards of XY-Tokenizer codes, in pa
         codec.config=xy_tokenizer_32k_config.yaml codec.checkpoint=xy_tokenizer.ckpt
 
 Work is split into *slots*: slot s owns records s, s + S, s + 2S, ... (S slots, fixed at the first run in
-`plan.json`) and writes shards `{s:05d}-{k:06d}.tar`, shard k holding its records k*R .. (k+1)*R - 1.
+`plan.json`: `data_pipelines.journal`) and writes shards `{s:05d}-{k:06d}.tar`, shard k holding its records
+k*R .. (k+1)*R - 1.
 A shard is written to a temporary name and renamed, then its metadata `<shard>.json` (counts and skips) is
 written the same way; a shard counts as done only when that file exists. So a rerun after a crash anywhere
 redoes exactly the unfinished shards and the final set has the samples of an uninterrupted run.
@@ -17,7 +18,6 @@ workers that validate records and read, down-mix and resample audio, while it en
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import Field
 from tqdm import tqdm
 
+from data_pipelines.journal import Journal, file_digest, file_stamp
 from data_pipelines.records import Limits, Loaded, Record, RecordIndex, Skip, load
 from data_pipelines.to_store import Publisher, store_problems, work_folder
 from data_pipelines.workers import WorkerFailure, WorkerPool
@@ -67,31 +68,25 @@ def local_devices(setting, local_rank: int | None) -> list[str]:
     return [f"cuda:{int(i)}" for i in setting]
 
 
-def load_plan(output_dir: Path, inputs: list[str], processes: int, records_per_shard: int, sources: dict) -> dict:
-    """The partition of the work, fixed at the first run so reruns with other device counts agree.
+def journal(cfg: DictConfig) -> Journal:
+    """The output folder's journal; its shards are made from the inputs, the codec files, the shard size, the limits.
 
-    `sources` (`fingerprint`) is recorded too: a rerun over changed inputs, another codec or other limits
-    would mix two different shard sets, so it is refused with what changed.
+    The inputs count by content (SHA-256); a rerun made from anything else is refused (`stale_reason`).
     """
-    path = output_dir / "plan.json"
-    plan = {"inputs": resolve_inputs(inputs), "records_per_shard": records_per_shard, "num_slots": processes}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["inputs"] != plan["inputs"] or saved["records_per_shard"] != records_per_shard:
-            raise ConfigError(
-                f"{output_dir} holds a run over other inputs or shard size ({path}); use a new output_dir or the "
-                f"same inputs and records_per_shard={saved['records_per_shard']}"
-            )
-        changed = fingerprint_changes(saved.get("sources"), sources)
-        if changed:
-            raise ConfigError(
-                f"{output_dir} was written from other sources ({'; '.join(changed)}): its shards would mix with "
-                f"new ones; use a new output_dir, or delete {output_dir} to start again"
-            )
-        return saved
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps({**plan, "sources": sources}, indent=1) + "\n"))
-    return plan
+    codec = OmegaConf.to_container(cfg.codec, resolve=True)
+    for key in ("config", "checkpoint"):  # the files themselves: a checkpoint replaced under the same name
+        if isinstance(codec.get(key), str) and Path(codec[key]).is_file():
+            codec[key] = file_stamp(codec[key])
+    made = {
+        "inputs": {file: file_digest(file) for file in resolve_inputs(list(cfg.inputs))},
+        "records_per_shard": int(cfg.records_per_shard),
+        "codec": codec,
+        "limits": OmegaConf.to_container(cfg.limits, resolve=True),
+        "base_path": cfg.get("base_path"),
+    }
+    if encoder_dtype(cfg) is not None:  # float32 leaves no key: shard sets made before the setting still resume
+        made["codec_dtype"] = str(cfg.codec_dtype)
+    return Journal(cfg.output_dir, made)
 
 
 def resolve_inputs(inputs: list[str]) -> list[str]:
@@ -108,52 +103,15 @@ def resolve_inputs(inputs: list[str]) -> list[str]:
     return resolved
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    """What a shard set is made from: the inputs' contents (SHA-256), the codec files and the limits."""
-    inputs = {}
-    for file in resolve_inputs(list(cfg.inputs)):
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        inputs[file] = digest.hexdigest()
-    codec = OmegaConf.to_container(cfg.codec, resolve=True)
-    for key in ("config", "checkpoint"):  # the files themselves: a checkpoint replaced under the same name
-        if isinstance(codec.get(key), str) and Path(codec[key]).is_file():
-            stat = Path(codec[key]).stat()
-            codec[key] = {"path": str(Path(codec[key]).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    limits = OmegaConf.to_container(cfg.limits, resolve=True)
-    made = {"inputs": inputs, "codec": codec, "limits": limits, "base_path": cfg.get("base_path")}
-    if encoder_dtype(cfg) is not None:  # float32 leaves no key: shard sets made before the setting still resume
-        made["codec_dtype"] = str(cfg.codec_dtype)
-    return made
-
-
 def encoder_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The codec encoder's autocast dtype (`codec_dtype`); None for float32, the reference."""
     name = str(cfg.get("codec_dtype") or "float32")  # one of PreprocessSettings.codec_dtype, checked at start
     return None if name == "float32" else getattr(torch, name)
 
 
-def fingerprint_changes(saved: dict | None, now: dict) -> list[str]:
-    """What differs between two fingerprints, in words (nothing for a folder written before they existed)."""
-    if saved is None:
-        return []
-    changed = [f"{Path(f).name} changed" for f, digest in now["inputs"].items() if saved["inputs"].get(f) != digest]
-    changed += [key for key in ("codec", "codec_dtype", "limits", "base_path") if saved.get(key) != now.get(key)]
-    return changed
-
-
 def stale_reason(cfg: DictConfig) -> str | None:
     """Why the shard set in `cfg.output_dir` cannot be continued with `cfg` (None: absent, or resumable)."""
-    path = Path(cfg.output_dir) / "plan.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved["inputs"] != resolve_inputs(list(cfg.inputs)) or saved["records_per_shard"] != cfg.records_per_shard:
-        return "other inputs or shard size"
-    changed = fingerprint_changes(saved.get("sources"), fingerprint(cfg))
-    return "; ".join(changed) or None
+    return "; ".join(journal(cfg).changes()) or None
 
 
 def preprocess_config(inputs: list[str], output_dir: str | Path, codec, **settings) -> DictConfig:
@@ -478,9 +436,14 @@ def _preprocess(cfg: DictConfig, rank: int, world: int, local_rank: int | None) 
     devices = local_devices(cfg.devices, local_rank)
     cores = os.cpu_count() or 1
     workers = int(cfg.cpu_workers) if cfg.cpu_workers != "auto" else max(1, cores // len(devices) - 1)
-    output_dir = Path(cfg.output_dir)
-    plan = load_plan(output_dir, list(cfg.inputs), world * len(devices), int(cfg.records_per_shard), fingerprint(cfg))
-    processes = world * len(devices)
+    output_dir, processes, made = Path(cfg.output_dir), world * len(devices), journal(cfg)
+    if changed := made.changes():
+        raise ConfigError(
+            f"{output_dir} was written from other sources ({'; '.join(changed)}): its shards would mix with "
+            f"new ones; use a new output_dir, or delete {output_dir} to start again"
+        )
+    plan = {**made.begin({"num_slots": processes}), "inputs": list(made.made_from["inputs"])}
+    plan["records_per_shard"] = made.made_from["records_per_shard"]
     assignments = [
         (d, list(range(rank * len(devices) + i, plan["num_slots"], processes))) for i, d in enumerate(devices)
     ]

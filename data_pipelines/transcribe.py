@@ -18,8 +18,8 @@ Output (`output_dir`):
 * `skipped.jsonl` (one line per dropped stretch or file: `input`, `stage`, `start`, `end`, `reason`) and `report.json`
   (hours in and out, records, reasons counted);
 * `audio/` (the windows), `parts/` (one result per recording: a rerun skips recordings already done, so an
-  interrupted run resumes and a finished one is not redone, unless a model or setting changed; the outputs are
-  rebuilt from the parts in input order).
+  interrupted run resumes and a finished one is not redone; other models or settings, recorded in `plan.json`
+  (`data_pipelines.journal`), start it again; the outputs are rebuilt from the parts in input order).
 
 Recordings go to `workers` processes (each loads the models once, on `devices` in turn); a worker that crashes or
 hangs on a recording costs that recording (reported, retried by the next run), not the run.
@@ -34,6 +34,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,7 @@ from pydantic import Field
 
 from data_pipelines.dialogue_windows import Dropped, WindowSettings, assemble
 from data_pipelines.diarisation import DiarisationSettings, EmbeddingDiariser, SileroVad, VadSettings
+from data_pipelines.journal import Journal
 from data_pipelines.workers import WorkerFailure, WorkerPool
 from moss.audio import SAMPLE_RATE, AudioLimits, read_audio
 from moss.cli import command, fail, require, run
@@ -248,13 +250,18 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
         named = {"asr_model": cfg.asr_model, "speaker_model": cfg.speaker_model}
         fail("the models cannot be loaded", [p for key, name in named.items() if (p := model_problem(str(name), key))])
     folder.open()  # made, locked and recorded after the checks: a refused command leaves no folder
+    made = journal(cfg)
+    if made.saved is None or made.changes():  # a new folder, or other models or settings: everything again
+        for sub in ("audio", "parts"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    made.begin()
     for sub in ("audio", "parts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    settings = fingerprint(cfg)
-    todo = [p for p in paths if _done(out, p, settings) is None]
+    todo = [p for p in paths if made.done(_part_name(p)) is None]
     log.info("%d recordings, %d already done, %d to transcribe", len(paths), len(paths) - len(todo), len(todo))
-    for path in todo:  # a part made with other settings: its windows' audio goes with it
-        _forget(out, path)
+    for path in todo:  # a killed run's window audio of a recording not done
+        for stale in (out / "audio").glob(f"{recording_id(path)}-*.wav"):
+            stale.unlink()
     for path, part in _results(cfg, todo, out, models):
         if "refused" in part:
             code, name = part["refused"]
@@ -262,42 +269,20 @@ def transcribe(cfg: DictConfig, models=None) -> dict:
         if any(s["reason"].startswith("failed:") for s in part["skipped"]):
             log.warning("%s: %s (retried by the next run)", path, part["skipped"][0]["reason"])
             continue
-        part["settings"] = settings
-        name = out / "parts" / f"{recording_id(path)}.json"
-        atomic_write(name, lambda tmp, part=part: tmp.write_text(json.dumps(part, ensure_ascii=False)))
-    return _finish(cfg, folder, paths, out)
+        made.finish(_part_name(path), part)
+    return _finish(cfg, folder, paths, made)
 
 
-def fingerprint(cfg: DictConfig) -> str:
-    """What a recording's part depends on: the models and every setting of the steps (a change redoes the part)."""
+def journal(cfg: DictConfig) -> Journal:
+    """The output folder's journal: its parts are made from the models and every setting of the steps."""
     keys = ("asr_model", "asr_language", "speaker_model", "vad", "diarisation", "windows", "loudness_lufs")
-    settings = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
-    settings["method"] = METHOD
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    made = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
+    return Journal(cfg.output_dir, {**made, "method": METHOD})
 
 
-def _done(out: Path, path: Path, settings: str) -> dict | None:
-    """The recording's part when it was made with `settings`, else None."""
-    name = out / "parts" / f"{recording_id(path)}.json"
-    try:
-        part = json.loads(name.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return part if isinstance(part, dict) and part.get("settings") == settings else None
-
-
-def _forget(out: Path, path: Path) -> None:
-    """Remove a recording's part and the window audio it lists (made with other settings, or half-written)."""
-    name = out / "parts" / f"{recording_id(path)}.json"
-    try:
-        part = json.loads(name.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        part = {}
-    for entry in [*part.get("records", []), *part.get("monologues", [])]:
-        (out / entry["file_path"]).unlink(missing_ok=True)
-    for stale in (out / "audio").glob(f"{recording_id(path)}-*.wav"):  # also a killed run's, not yet listed
-        stale.unlink()
-    name.unlink(missing_ok=True)
+def _part_name(path: Path) -> str:
+    """The record of a done recording: its records, monologues, dropped stretches and hours."""
+    return f"parts/{recording_id(path)}.json"
 
 
 def _results(cfg: DictConfig, todo: list[Path], out: Path, models):
@@ -338,10 +323,10 @@ def _devices(cfg: DictConfig) -> list[str]:
     return [str(d) for d in (devices if isinstance(devices, list) or OmegaConf.is_list(devices) else [devices])]
 
 
-def _finish(cfg: DictConfig, folder: OutputFolder, paths: list[Path], out: Path) -> dict:
+def _finish(cfg: DictConfig, folder: OutputFolder, paths: list[Path], made: Journal) -> dict:
     """The outputs rebuilt from every done recording's part, in input order."""
-    settings = fingerprint(cfg)
-    parts = [part for path in paths if (part := _done(out, path, settings)) is not None]
+    out = made.folder
+    parts = [part for path in paths if (part := made.done(_part_name(path))) is not None]
     lines = {
         key: [json.dumps(r, ensure_ascii=False) for p in parts for r in p[key]]
         for key in ("records", "monologues", "skipped")

@@ -188,7 +188,7 @@ def test_rerun_is_idempotent_and_a_different_plan_is_refused(tmp_path, codec_fil
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
     cfg.records_per_shard = 5
 
-    with pytest.raises(ValueError, match="other inputs or shard size"):
+    with pytest.raises(ValueError, match=r"written from other sources \(records_per_shard\)"):
         preprocess(cfg)
 
 
@@ -336,12 +336,12 @@ def test_a_group_sigterm_stops_cleanly_and_the_rerun_loses_and_repeats_nothing(t
 
 
 def test_the_encoder_dtype_is_part_of_the_shard_set(tmp_path, codec_files):
-    from data_pipelines.preprocess import check_arguments, fingerprint, stale_reason
+    from data_pipelines.preprocess import check_arguments, journal, stale_reason
     from moss.errors import ConfigError
 
     jsonl = write_good_corpus(tmp_path / "raw", n=3)
     cfg = pipeline_cfg(codec_files, [jsonl], tmp_path / "out")
-    assert "codec_dtype" not in fingerprint(cfg)  # float32: the fingerprint of sets made before the setting
+    assert "codec_dtype" not in journal(cfg).made_from  # float32: as sets made before the setting
     preprocess(cfg)
     cfg.codec_dtype = "bfloat16"
     assert "codec_dtype" in stale_reason(cfg)
