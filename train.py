@@ -20,10 +20,11 @@ from peft import PeftModel
 
 from moss.cli import command, run
 from moss.config_checks import run_problems, validate
+from moss.data.data_card import data_card, write_data_card
+from moss.data.sanity import check_training_data
 from moss.errors import ConfigError
 from moss.outputs import OutputFolder, lock_folder, unlock_folder
 from moss.training.callbacks import build_callbacks
-from moss.data.data_card import data_card, write_data_card
 from moss.training.export import TRAINING_CONFIG, export_hf, save_adapter, unsharded
 from moss.training.launch import (
     quiet_known_warnings,
@@ -36,7 +37,6 @@ from moss.training.plan import RawStage, RunPlan, plan_run, plan_sources, world_
 from moss.training.preemption import cluster_plugins
 from moss.training.quality_gate import GATE_METRICS
 from moss.training.run_checkpoint import AtomicCheckpointIO, load_best, read_position
-from moss.data.sanity import check_training_data
 
 log = logging.getLogger("train")
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moss.data.batch import PackedBatch, StepBatch
 from moss.distributed import is_initialized, rank_and_world
+from moss.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,21 @@ class StepLoader:
 
 
 def _stream_states(loader_state: dict) -> list[dict]:
-    """Each loader worker's stream state in a saved `StatefulDataLoader` (its layout in torchdata 0.11)."""
-    if "_snapshot" not in loader_state:  # no worker processes: the stream ran in the rank itself
-        return [loader_state["dataset_state"]]
-    workers = loader_state["_snapshot"]["_worker_snapshots"]
-    return [workers[f"worker_{i}"]["dataset_state"] for i in range(len(workers))]
+    """Each loader worker's stream state in a saved `StatefulDataLoader` (its layout in torchdata 0.11).
+
+    The one reading of torchdata's own layout: only its snapshot holds the state of a worker that has not
+    handed out a batch since the run (re)started. A layout it no longer has is refused by name.
+    """
+    try:
+        if "_snapshot" not in loader_state:  # no worker processes: the stream ran in the rank itself
+            return [loader_state["dataset_state"]]
+        workers = loader_state["_snapshot"]["_worker_snapshots"]
+        return [workers[f"worker_{i}"]["dataset_state"] for i in range(len(workers))]
+    except (KeyError, TypeError) as err:
+        raise ConfigError(
+            f"the checkpoint's loader state is not in the layout this build reads (torchdata 0.11; missing "
+            f"{err}); resume on the same number of ranks and data.num_workers, which needs no reading of it"
+        ) from None
 
 
 class EvenBatches:

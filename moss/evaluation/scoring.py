@@ -14,7 +14,7 @@ import numpy as np
 
 from moss.evaluation.metrics import Errors, cosine, errors, mean
 from moss.evaluation.speech_models import Transcriber, Transcript, VoiceEmbedder
-from moss.evaluation.turns import Span, Turn, script_turns, turn_spans
+from moss.evaluation.turns import script_turns, turn_spans
 
 # The aggregate metrics compared between checkpoints, and how each improves: down, up, or towards 1.
 DIRECTION = {
@@ -94,11 +94,6 @@ def score_dialogues(
     ]
     items.sort(key=lambda r: r["index"])
     return {"aggregate": _aggregate(items, total, asr is not None, voices is not None), "items": items}
-
-
-def _turn_record(turn: Turn, span: Span) -> dict:
-    start, end = round(span.start, 3), round(span.end, 3)
-    return {"speaker": turn.speaker, "text": turn.text, "start_s": start, "end_s": end, "cut": span.method}
 
 
 def _length_record(dialogue: Dialogue, sample_rate: int, limit_seconds: float | None) -> dict:

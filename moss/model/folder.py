@@ -64,11 +64,6 @@ def weight_map(file: Path) -> dict[str, str]:
     return mapping
 
 
-def stored_keys(path: Path) -> set[str]:
-    """The parameter names a checkpoint folder stores (see `stored_shapes`)."""
-    return set(stored_shapes(path))
-
-
 def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The parameters a checkpoint folder stores and their shapes, read from file headers (`.bin` memory-mapped).
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from moss.data.data_card import data_card, write_data_card
 from moss.data.examples import ExampleBuilder
 from moss.data.schema import ShardSample
 from moss.data.writer import write_shards
 from moss.text import PromptBuilder
-from moss.data.data_card import data_card, write_data_card
 
 
 def sample(key: str, text: str, frames: int, seed: int) -> ShardSample:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from moss.data import sanity
+from moss.data.sanity import check_training_data
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
 from moss.errors import ConfigError
 from moss.evaluation.speech_models import Transcript
-from moss.data import sanity
-from moss.data.sanity import check_training_data
 from tests.conftest import compose_train
 
 

@@ -14,6 +14,7 @@ from moss.data.examples import ExampleBuilder
 from moss.data.loader import StepLoader
 from moss.data.synthetic import generate_samples
 from moss.data.writer import write_shards
+from moss.errors import ConfigError
 from moss.text import PromptBuilder
 
 
@@ -56,3 +57,15 @@ def test_a_position_saved_by_two_workers_continues_on_one_process_each_sample_on
     first = Counter(key for pass_, key in before + after if pass_ == 0)
     assert sorted(first.values()) == [1] * 24  # the first pass: every sample once, none lost, none twice
     assert {key for _, key in before + reference if _ == 0} <= set(first)
+
+
+def test_a_loader_state_of_another_torchdata_layout_is_refused_by_name(stream):
+    saved = loader(stream, 2)
+    steps = iter(saved)
+    pairs(steps, 1)
+    state = saved.state_dict()
+    saved.close()
+    state["ranks"][0]["loader"] = {"snapshot": state["ranks"][0]["loader"]["_snapshot"]}  # a renamed key
+    other = loader(stream, 0)
+    with pytest.raises(ConfigError, match="not in the layout this build reads .*same number of ranks"):
+        other.load_state_dict(state)
