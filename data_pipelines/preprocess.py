@@ -138,7 +138,7 @@ def _load(args: tuple[Record, Limits]) -> Loaded | Skip:
     return load(*args)
 
 
-class EncodeJournal:
+class EncoderCrashes:
     """`<shard>.encoding`: the records being encoded, so an encoder crash is not repeated by every rerun.
 
     Such a crash is one of the encoder process itself (killed for memory, a fault in the codec), which no
@@ -155,7 +155,7 @@ class EncodeJournal:
             if len(records) == 1:
                 self.solo_crashes[records[0]] = int(saved.get("solo", 0))
         except (ValueError, KeyError, TypeError, AttributeError):
-            records = []  # a journal cut short by the crash: nothing to learn from it
+            records = []  # a record cut short by the crash: nothing to learn from it
         self.suspects = set(records)
         if records:
             log.warning(
@@ -232,17 +232,17 @@ class ShardEncoder:
             return Skip(item.record, f"not storable ({err})", item.paths[-1], stage="write")
         return sample
 
-    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: dict, journal: EncodeJournal) -> None:
+    def _encode(self, batch: list[tuple[int, Loaded]], outcomes: dict, crashes: EncoderCrashes) -> None:
         """Encode a batch (each record alone if the batch fails, so one bad clip costs only itself)."""
         clips = [x.audio for _, x in batch] + [x.ref_audio for _, x in batch if x.ref_audio is not None]
-        journal.begin([x.record for _, x in batch])
+        crashes.begin([x.record for _, x in batch])
         try:
             encoded = self.codec.encode(clips, batch_size=self.cfg.max_batch, dtype=encoder_dtype(self.cfg))
         except Exception as err:  # noqa: BLE001 - retried record by record below
             if len(batch) > 1:
                 log.warning("a batch of %d records failed to encode (%s); encoding them one by one", len(batch), err)
                 for entry in batch:
-                    self._encode([entry], outcomes, journal)
+                    self._encode([entry], outcomes, crashes)
                 return
             position, item = batch[0]
             outcomes[position] = Skip(item.record, f"encoding failed ({type(err).__name__}: {err})", stage="encode")
@@ -254,7 +254,7 @@ class ShardEncoder:
         self.audio_seconds += sum(len(c) for c in clips) / 16000
 
     def shard(
-        self, records: list[Record], progress, skips: list[Skip], journal: EncodeJournal
+        self, records: list[Record], progress, skips: list[Skip], crashes: EncoderCrashes
     ) -> Iterator[ShardSample]:
         """The samples of one shard in record order, yielded as soon as they are encoded; skips go to `skips`.
 
@@ -279,20 +279,20 @@ class ShardEncoder:
         for position, result in self._loaded(records):
             if isinstance(result, Skip):
                 outcomes[position] = result
-            elif journal.fatal(result.record):
+            elif crashes.fatal(result.record):
                 reason = "the encoder process died twice while encoding this record alone"
                 outcomes[position] = Skip(result.record, reason, result.paths[-1], stage="encode")
-            elif journal.key(result.record) in journal.suspects:
-                self._encode([(position, result)], outcomes, journal)
+            elif crashes.key(result.record) in crashes.suspects:
+                self._encode([(position, result)], outcomes, crashes)
             else:
                 batch.append((position, result))
                 if sum(x.samples for _, x in batch) >= budget:
-                    self._encode(batch, outcomes, journal)
+                    self._encode(batch, outcomes, crashes)
                     batch = []
             progress.update(1)
             yield from in_order()
         if batch:
-            self._encode(batch, outcomes, journal)
+            self._encode(batch, outcomes, crashes)
         yield from in_order()
         assert done == len(records) and not outcomes, "every record is encoded or skipped, once"
 
@@ -356,13 +356,13 @@ def _write_one_shard(output_dir, name, chunks, first, per, encoder, records, bar
     """Encode chunks from `first` into shard `name` until it holds `per` samples; returns the next chunk."""
     skips, end = [], first
     (output_dir / name).unlink(missing_ok=True)  # a killed run's shard, never marked done
-    journal = EncodeJournal(output_dir / f"{name}.encoding")
+    crashes = EncoderCrashes(output_dir / f"{name}.encoding")
 
     def samples():
         nonlocal end
         held = 0
         while end < len(chunks) and held < per:
-            for sample in encoder.shard(records.take(chunks[end]), bar, skips, journal):
+            for sample in encoder.shard(records.take(chunks[end]), bar, skips, crashes):
                 held += 1
                 yield sample
             end += 1
@@ -372,7 +372,7 @@ def _write_one_shard(output_dir, name, chunks, first, per, encoder, records, bar
         (output_dir / name).unlink()
     entry.update(chunks=[first, end], skipped=[s.to_json() for s in skips])
     atomic_write(output_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(entry) + "\n"))  # done
-    journal.close()
+    crashes.close()
     return end
 
 
