@@ -442,8 +442,8 @@ def _preprocess(cfg: DictConfig, rank: int, world: int, local_rank: int | None) 
             f"{output_dir} was written from other sources ({'; '.join(changed)}): its shards would mix with "
             f"new ones; use a new output_dir, or delete {output_dir} to start again"
         )
-    plan = {**made.begin({"num_slots": processes}), "inputs": list(made.made_from["inputs"])}
-    plan["records_per_shard"] = made.made_from["records_per_shard"]
+    split = made.begin({"num_slots": processes})  # fixed by the first run
+    plan = {**split, "inputs": list(made.made_from["inputs"]), "records_per_shard": made.made_from["records_per_shard"]}
     assignments = [
         (d, list(range(rank * len(devices) + i, plan["num_slots"], processes))) for i, d in enumerate(devices)
     ]
